@@ -1,0 +1,1 @@
+"""Networks: the course's own (cnn, mlp) and, later, library zoos."""

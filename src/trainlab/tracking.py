@@ -1,0 +1,163 @@
+"""MLflow: one run per training job, with its config, metrics, checkpoints and model."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import subprocess
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from trainlab.errors import TrainlabError
+
+log = logging.getLogger(__name__)
+
+PARAM_VALUE_LIMIT = 6000  # MLflow rejects longer param values
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}``; lists stay whole values."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def git_commit(cwd: str | Path = ".") -> str | None:
+    """The commit checked out at ``cwd``, or None outside a git work tree."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+class MlflowTracker:
+    """Owns one MLflow run: opens it, logs to it in batches, and always closes it with a status."""
+
+    def __init__(
+        self,
+        tracking_uri: str | None = None,
+        experiment_name: str = "trainlab",
+        log_every_n_steps: int = 10,
+        log_model: bool = True,
+        log_checkpoints: bool = True,
+    ) -> None:
+        self.tracking_uri = tracking_uri
+        self.experiment_name = experiment_name
+        self.log_every_n_steps = int(log_every_n_steps)
+        self.log_model_enabled = log_model
+        self.log_checkpoints = log_checkpoints
+        self.run_id: str | None = None
+
+    # --------------------------------------------------------------- lifecycle
+    def connect(self) -> str:
+        """Point MLflow at the store and make sure it answers; returns the experiment id."""
+        if self.tracking_uri:
+            mlflow.set_tracking_uri(self.tracking_uri)
+        uri = mlflow.get_tracking_uri()
+        if uri.startswith(("http://", "https://")):
+            self._check_server(uri)
+        return self._experiment_id()
+
+    def _check_server(self, uri: str) -> None:
+        import requests
+
+        try:
+            requests.get(f"{uri.rstrip('/')}/health", timeout=5).raise_for_status()
+        except requests.RequestException as err:
+            raise TrainlabError(
+                f"MLflow tracking server {uri} is unreachable ({type(err).__name__}). Start it "
+                "(`mlflow server`), or set logger.tracking_uri to a reachable server or to a "
+                "sqlite:///FILE.db store."
+            ) from err
+
+    def _experiment_id(self) -> str:
+        """Get or create the experiment; tolerates a parallel job creating it first."""
+        client = MlflowClient()
+        experiment = client.get_experiment_by_name(self.experiment_name)
+        if experiment is None:
+            try:
+                return client.create_experiment(self.experiment_name)
+            except MlflowException:
+                experiment = client.get_experiment_by_name(self.experiment_name)
+                if experiment is None:
+                    raise
+        if experiment.lifecycle_stage == "deleted":
+            client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+
+    @contextlib.contextmanager
+    def run(self, run_name: str, tags: Mapping[str, str]) -> Iterator[MlflowTracker]:
+        """A run that ends FINISHED, FAILED (exception) or KILLED (Ctrl-C), whatever happens."""
+        experiment_id = self.connect()
+        # A run left active by an earlier job in this process must not swallow this one.
+        while mlflow.active_run() is not None:
+            mlflow.end_run()
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=dict(tags))
+        self.run_id = run.info.run_id
+        log.info("MLflow run %s (%s) in %s", run_name, self.run_id, mlflow.get_tracking_uri())
+        status = "FAILED"
+        try:
+            yield self
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            try:
+                mlflow.flush_async_logging()
+            finally:
+                mlflow.end_run(status=status)
+
+    # ----------------------------------------------------------------- logging
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log params in one batched call, long values truncated to MLflow's limit."""
+        clean = {key: str(value)[:PARAM_VALUE_LIMIT] for key, value in params.items()}
+        mlflow.log_params(clean)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """One batched, asynchronous call for all ``metrics`` at ``step``."""
+        mlflow.log_metrics(dict(metrics), step=step, synchronous=False)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        mlflow.set_tags({key: str(value) for key, value in tags.items()})
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        mlflow.log_text(text, artifact_file)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        mlflow.log_artifact(str(path), artifact_path)
+
+    def log_artifacts(self, folder: str | Path, artifact_path: str | None = None) -> None:
+        if Path(folder).is_dir():
+            mlflow.log_artifacts(str(folder), artifact_path)
+
+    def log_model(self, model: Any, input_example: Any) -> None:
+        """Log the model so ``mlflow.pytorch.load_model("runs:/<id>/model")`` brings it back.
+
+        Requirements are given explicitly: inferring them costs several seconds per run.
+        """
+        import torch
+
+        if not self.log_model_enabled:
+            return
+        import mlflow.pytorch
+
+        mlflow.pytorch.log_model(
+            model,
+            name="model",
+            input_example=input_example,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        )

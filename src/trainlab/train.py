@@ -1,0 +1,122 @@
+"""`trainlab train`: compose the config, build every part, fit, and track it all in MLflow.
+
+Only hydra/omegaconf are imported at module level so `trainlab train --help` and
+`--cfg job` answer without loading torch or mlflow.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from trainlab.errors import TrainlabError
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = os.environ.get(
+    "TRAINLAB_CONFIG_DIR", str(Path(__file__).resolve().parents[2] / "conf")
+)
+
+
+def run_name_and_tags(hydra_cfg: DictConfig) -> tuple[str, dict[str, str]]:
+    """A run is named by its overrides (``loss=dice,optimizer.lr=0.01``), or ``default``."""
+    from trainlab.tracking import git_commit
+
+    overrides = list(hydra_cfg.overrides.task)
+    name = hydra_cfg.job.override_dirname or "default"
+    tags = {
+        "trainlab.overrides": " ".join(overrides) or "(none)",
+        "trainlab.output_dir": str(Path(hydra_cfg.runtime.output_dir).resolve()),
+        "trainlab.command": " ".join(["trainlab", "train", *overrides]),
+    }
+    commit = git_commit(hydra_cfg.runtime.cwd)
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return name, tags
+
+
+def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig):
+    """Build data → model → loss → optimizer → scheduler → runner, then train."""
+    from trainlab.components import build
+    from trainlab.data.loaders import build_loaders
+    from trainlab.distributed import select_device
+    from trainlab.schedulers import build_scheduler
+
+    device = select_device(cfg.trainer.accelerator)
+    splits = build(cfg.data.dataset, "data", choices.get("data"))
+    train_loader, val_loader = build_loaders(splits, cfg.data, int(cfg.seed), device)
+    model = build(cfg.model, "model", choices.get("model"))
+    loss = build(cfg.loss, "loss", choices.get("loss"))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build(cfg.optimizer, "optimizer", choices.get("optimizer"))(trainable)
+    scheduler = build_scheduler(cfg.scheduler, optimizer, choices.get("scheduler"))
+    precision = build(cfg.precision, "precision", choices.get("precision"))
+    runner = build(cfg.trainer, "trainer", choices.get("trainer"))(
+        model=model,
+        loss=loss,
+        optimizer=optimizer,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        tracker=tracker,
+        checkpoint_dir=output_dir / "checkpoints",
+        precision=precision,
+        scheduler=scheduler,
+        device=device,
+    )
+    try:
+        result = runner.fit()
+    finally:
+        if tracker.log_checkpoints:
+            tracker.log_artifacts(output_dir / "checkpoints", "checkpoints")
+    log_best_model(runner, tracker, output_dir / "checkpoints" / "best.pt", val_loader)
+    return result
+
+
+def log_best_model(runner, tracker, best_path: Path, val_loader) -> None:
+    """Log the weights of the best epoch as the run's MLflow model."""
+    from trainlab.checkpoint import load_checkpoint
+
+    model = runner.model
+    if best_path.is_file():
+        model.load_state_dict(load_checkpoint(best_path)["model"])
+    example = next(iter(val_loader))[0][:2].cpu()
+    tracker.log_model(model.cpu().eval(), example.numpy())
+    tracker.set_tags({"trainlab.model_epoch": runner.best_epoch + 1})
+
+
+def run(cfg: DictConfig) -> float:
+    """One training job; returns the best value of ``trainer.monitor`` for sweepers."""
+    from trainlab.components import build
+    from trainlab.seeding import seed_everything
+    from trainlab.tracking import flatten
+
+    hydra_cfg = HydraConfig.get()
+    output_dir = Path(hydra_cfg.runtime.output_dir)
+    seed_everything(int(cfg.seed), bool(cfg.trainer.deterministic))
+    tracker = build(cfg.logger, "logger", hydra_cfg.runtime.choices.get("logger"))
+    run_name, tags = run_name_and_tags(hydra_cfg)
+    with tracker.run(run_name, tags):
+        tracker.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
+        tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        tracker.log_artifacts(output_dir / ".hydra", ".hydra")
+        result = fit(cfg, tracker, output_dir, hydra_cfg.runtime.choices)
+    log.info("best %s = %.4f (epoch %d)", cfg.trainer.monitor, result.best, result.best_epoch + 1)
+    return result.best
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float:
+    try:
+        return run(cfg)
+    except TrainlabError as err:
+        print(f"error: {err}", file=sys.stderr)
+        if HydraConfig.get().mode == RunMode.RUN:
+            raise SystemExit(1) from None
+        raise  # in a sweep: the job fails, the others go on
