@@ -13,7 +13,7 @@ from trainlab.errors import TrainlabError
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``state`` to ``path`` via a temp file and rename, so a crash never leaves half a file."""
+    """Write ``state`` via a temp file and rename: a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -2,44 +2,51 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
+
+# name → (module, function, one-line help). Each function takes the remaining arguments.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "train": ("trainlab.train", "cli", "train a model: trainlab train [-m] [group=option ...]"),
+}
 
 USAGE = """\
 usage: trainlab COMMAND [overrides...]
 
 commands:
-  train    train a model: trainlab train [-m] [group=option ...] [key=value ...]
-           e.g. trainlab train model=mlp optimizer.lr=1e-2
-                trainlab train -m optimizer.lr=1e-3,1e-2      (a sweep)
-                trainlab train --help                          (config groups and options)
+{commands}
+
+examples:
+  trainlab train model=mlp optimizer.lr=1e-2
+  trainlab train -m optimizer.lr=1e-3,1e-2        (a sweep: one MLflow run per job)
+  trainlab train --help                            (config groups and their options)
 
 Runs are tracked in MLflow (sqlite:///mlflow.db here by default): `mlflow ui` shows them.
 """
 
 
-def _train(args: list[str]) -> int:
-    from trainlab.train import main as train_main
-
-    sys.argv = ["trainlab-train", *args]
-    train_main()
+def run_hydra_app(app, name: str, args: list[str]) -> int:
+    """Call a ``@hydra.main`` function with ``args`` as its command line."""
+    sys.argv = [f"trainlab-{name}", *args]
+    app()
     return 0
-
-
-COMMANDS = {"train": _train}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     if not args or args[0] in ("-h", "--help", "help"):
-        print(USAGE, end="")
+        width = max(map(len, COMMANDS))
+        lines = "\n".join(f"  {name:<{width}}  {text}" for name, (_, _, text) in COMMANDS.items())
+        print(USAGE.format(commands=lines), end="")
         return 0
     command, rest = args[0], args[1:]
     if command not in COMMANDS:
         print(f"trainlab: unknown command {command!r}; choose one of {sorted(COMMANDS)}",
               file=sys.stderr)
         return 2
+    module, function, _ = COMMANDS[command]
     try:
-        return COMMANDS[command](rest)
+        return getattr(importlib.import_module(module), function)(rest) or 0
     except KeyboardInterrupt:
         print("trainlab: interrupted", file=sys.stderr)
         return 130

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager
+from contextlib import AbstractContextManager
 
 import torch
 
@@ -24,7 +24,7 @@ class Precision:
     def setup(self, device: torch.device) -> None:
         self.device = device
 
-    def autocast(self) -> ContextManager:
+    def autocast(self) -> AbstractContextManager:
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:

@@ -120,3 +120,10 @@ def main(cfg: DictConfig) -> float:
         if HydraConfig.get().mode == RunMode.RUN:
             raise SystemExit(1) from None
         raise  # in a sweep: the job fails, the others go on
+
+
+def cli(args: list[str]) -> int:
+    """`trainlab train ARGS`."""
+    from trainlab.cli import run_hydra_app
+
+    return run_hydra_app(main, "train", args)

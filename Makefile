@@ -1,0 +1,32 @@
+# Every target sets up .venv itself on a fresh machine (python3 -m venv + pip install -e .[dev]).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: install run test test-fast bench lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)              ## train the default experiment (digits, CNN) on CPU
+	$(VENV)/bin/trainlab train $(ARGS)
+
+test: $(STAMP)             ## the whole suite, slow tests included
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)        ## everything but the tests marked slow
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: $(STAMP)            ## speed benchmarks, written to tests/benchmarks/RESULTS.md
+	$(PY) tests/benchmarks/run.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests
+
+clean:
+	rm -rf outputs multirun mlruns mlflow.db .pytest_cache

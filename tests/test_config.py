@@ -1,0 +1,97 @@
+"""Every config group option composes and builds; bad choices fail with clear messages."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from conftest import QUICK
+from trainlab.components import build
+from trainlab.errors import TrainlabError
+
+GROUP_OPTIONS = {
+    "model": ["cnn", "mlp"],
+    "optimizer": ["adam", "sgd"],
+    "scheduler": ["none", "steplr"],
+}
+
+
+@pytest.mark.parametrize("model", GROUP_OPTIONS["model"])
+def test_models_are_sized_from_the_data(compose, model):
+    cfg = compose(f"model={model}")
+    net = instantiate(cfg.model)
+    logits = net(torch.zeros(4, cfg.data.in_channels, *cfg.data.image_size))
+    assert logits.shape == (4, cfg.data.num_classes)
+
+
+@pytest.mark.parametrize("optimizer", GROUP_OPTIONS["optimizer"])
+@pytest.mark.parametrize("scheduler", GROUP_OPTIONS["scheduler"])
+def test_optimizer_and_scheduler_build_from_partials(compose, optimizer, scheduler):
+    from trainlab.schedulers import build_scheduler
+
+    cfg = compose(f"optimizer={optimizer}", f"scheduler={scheduler}")
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    opt = instantiate(cfg.optimizer)(params)
+    assert opt.param_groups[0]["lr"] == cfg.optimizer.lr
+    sched = build_scheduler(cfg.scheduler, opt)
+    assert (sched is None) == (scheduler == "none")
+
+
+def test_experiment_preset_is_on_the_search_path(compose):
+    cfg = compose("experiment=digits_cnn")
+    assert cfg.scheduler._target_.endswith("StepLR")
+    assert cfg.logger.experiment_name == "digits_cnn"
+
+
+def test_digits_split_is_seeded_and_disjoint(compose):
+    cfg = compose()
+    first, again = build(cfg.data.dataset, "data"), build(cfg.data.dataset, "data")
+    assert torch.equal(first.train.tensors[0], again.train.tensors[0])
+    assert len(first.train) + len(first.val) == 1797
+    other = build(compose("seed=7").data.dataset, "data")
+    assert not torch.equal(first.val.tensors[1], other.val.tensors[1])
+
+
+def test_unimportable_target_names_the_config_file(compose):
+    cfg = compose("loss._target_=torch.nn.NoSuchLoss")
+    expected = r"conf/loss/ce\.yaml: _target_ 'torch\.nn\.NoSuchLoss'"
+    with pytest.raises(TrainlabError, match=expected):
+        build(cfg.loss, "loss", "ce")
+
+
+def test_unknown_group_option_lists_the_available_ones(run_trainlab):
+    proc = run_trainlab("train", "loss=nope", check=False)
+    assert proc.returncode != 0
+    assert "Could not find 'loss/nope'" in proc.stderr
+    assert "Available options in 'loss'" in proc.stderr
+    assert "ce" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_target_is_one_line_not_a_traceback(run_trainlab):
+    proc = run_trainlab("train", "loss._target_=torch.nn.NoSuchLoss", *QUICK, check=False)
+    assert proc.returncode == 1
+    assert "conf/loss/ce.yaml: _target_ 'torch.nn.NoSuchLoss' cannot be imported" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_help_lists_groups(run_trainlab):
+    proc = run_trainlab("train", "--help")
+    assert "loss: ce" in proc.stdout
+    assert "model: cnn, mlp" in proc.stdout
+
+
+def test_printing_the_config_does_not_import_torch_or_mlflow(tmp_path):
+    probe = (
+        "import sys; from trainlab.cli import main; main(['train', '--cfg', 'job']); "
+        "heavy = [m for m in ('torch', 'mlflow') if m in sys.modules]; "
+        "print('HEAVY', heavy)"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert "_target_: trainlab.runner.Runner" in proc.stdout
+    assert "HEAVY []" in proc.stdout
