@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,7 @@ class Runner:
         deterministic: bool = False,
         progress_bar: bool = True,
         device: torch.device | None = None,
+        callbacks: Sequence[Any] = (),
     ) -> None:
         if monitor_mode not in ("min", "max"):
             raise TrainlabError(f"trainer.monitor_mode={monitor_mode!r}; choose 'min' or 'max'")
@@ -81,6 +83,8 @@ class Runner:
         self.epoch = 0
         self.best = math.inf if monitor_mode == "min" else -math.inf
         self.best_epoch = -1
+        self.callbacks = list(callbacks)
+        self.should_stop = False  # set by a callback (early stopping, pruning) to end fit
 
     # ------------------------------------------------------------------ public
     def fit(self) -> FitResult:
@@ -107,6 +111,10 @@ class Runner:
             self.tracker.log_metrics(metrics, step=self.global_step)
             history.append(metrics)
             self._print_epoch(epoch, metrics, time.perf_counter() - started, improved)
+            for callback in self.callbacks:
+                callback.on_epoch_end(self, epoch, metrics)
+            if self.should_stop:
+                break
         return FitResult(best=self.best, best_epoch=self.best_epoch, history=history)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:

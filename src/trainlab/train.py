@@ -42,7 +42,7 @@ def run_name_and_tags(hydra_cfg: DictConfig) -> tuple[str, dict[str, str]]:
     return name, tags
 
 
-def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig):
+def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbacks=()):
     """Build data → model → loss → optimizer → scheduler → runner, then train."""
     from trainlab.components import build
     from trainlab.data.loaders import build_loaders
@@ -69,6 +69,7 @@ def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig):
         precision=precision,
         scheduler=scheduler,
         device=device,
+        callbacks=callbacks,
     )
     try:
         result = runner.fit()
