@@ -18,11 +18,12 @@ class ClassificationTotals:
         self.count = 0
         self._read = (0.0, 0)
 
-    @torch.no_grad()
     def update(self, loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor) -> None:
+        # Called every training step: detached inputs instead of a no_grad context, and
+        # in-place ops, because on a small model each extra op or context costs ~1 % of a step.
         n = target.shape[0]
-        self.loss_sum += loss.detach() * n
-        self.correct += (logits.argmax(dim=1) == target).sum()
+        self.loss_sum.add_(loss.detach(), alpha=n)
+        self.correct.add_(logits.detach().argmax(dim=1).eq_(target).sum())
         self.count += n
 
     def compute(self) -> dict[str, float]:

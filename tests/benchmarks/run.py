@@ -1,0 +1,414 @@
+"""trainlab's speed, measured against the loops it replaces; writes tests/benchmarks/RESULTS.md.
+
+Run with `make bench` (a few minutes on 2 CPU cores). Every training loop is timed in this
+one process, the loops interleaved round by round (their order rotating) so that a busy
+machine slows them alike; the tables give medians, and each ratio is the median of the
+per-round ratios.
+
+- pure compute: one shuffled index per epoch, batches sliced from tensors, no DataLoader,
+  nothing measured or logged: the floor any loop can reach.
+- course loop: a DataLoader over a TensorDataset and ``loss.item()`` every step.
+- trainlab: the Runner composed and built as `trainlab train` builds it, progress bar on,
+  logging to MLflow (a temporary sqlite store).
+- Lightning: a Trainer with logger, checkpoints and progress bar off (only when the
+  optional ``bench`` extra is installed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import io
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "src"))  # measure this checkout, whatever is installed
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader, Dataset, TensorDataset  # noqa: E402
+
+from trainlab.components import build  # noqa: E402
+from trainlab.data.datasets import DataSplits  # noqa: E402
+from trainlab.data.loaders import build_loaders  # noqa: E402
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+BATCH = 64
+LOG_EVERY = 10  # logger.log_every_n_steps of conf/logger/mlflow.yaml
+DEVICE = torch.device("cpu")
+
+
+# ------------------------------------------------------------------------ the loops
+class Workload:
+    """One model on synthetic in-memory data, and a fresh model/optimizer per timed epoch."""
+
+    def __init__(self, name: str, model_option: str, image_size: int, steps: int) -> None:
+        self.name, self.steps = name, steps
+        generator = torch.Generator().manual_seed(0)
+        n = steps * BATCH
+        self.x = torch.rand(n, 1, image_size, image_size, generator=generator)
+        self.y = torch.randint(0, 10, (n,), generator=generator)
+        self.overrides = [f"model={model_option}", f"data.image_size=[{image_size},{image_size}]"]
+
+    def config(self, tracking_uri: str):
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            return compose("train", [*self.overrides, f"logger.tracking_uri={tracking_uri}"])
+
+    def fresh(self, cfg) -> tuple[nn.Module, torch.optim.Optimizer, nn.Module]:
+        model = build(cfg.model, "model").to(DEVICE)
+        return model, build(cfg.optimizer, "optimizer")(model.parameters()), nn.CrossEntropyLoss()
+
+
+def pure_compute(work: Workload, cfg) -> float:
+    model, optimizer, loss_fn = work.fresh(cfg)
+    model.train()
+    started = time.perf_counter()
+    order = torch.randperm(len(work.y))
+    x, y = work.x[order], work.y[order]
+    for start in range(0, len(y), BATCH):
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model(x[start : start + BATCH]), y[start : start + BATCH]).backward()
+        optimizer.step()
+    return work.steps / (time.perf_counter() - started)
+
+
+def course_loop(work: Workload, cfg) -> float:
+    model, optimizer, loss_fn = work.fresh(cfg)
+    loader = DataLoader(TensorDataset(work.x, work.y), batch_size=BATCH, shuffle=True)
+    model.train()
+    started = time.perf_counter()
+    train_loss = 0.0
+    for data, label in loader:
+        data, label = data.to(DEVICE), label.to(DEVICE)
+        optimizer.zero_grad()
+        loss = loss_fn(model(data), label)
+        loss.backward()
+        optimizer.step()
+        train_loss += loss.item() * data.size(0)
+    return work.steps / (time.perf_counter() - started)
+
+
+class TrainlabLoop:
+    """The Runner of `trainlab train` (same config, same builders), one epoch per call."""
+
+    def __init__(self, work: Workload, cfg, tracker, folder: Path) -> None:
+        self.work, self.cfg, self.tracker, self.folder = work, cfg, tracker, folder
+        splits = DataSplits(TensorDataset(work.x, work.y), TensorDataset(work.x[:BATCH], work.y[:BATCH]))
+        self.loaders = build_loaders(splits, cfg.data, int(cfg.seed), DEVICE)
+        self.epoch = 0
+
+    def __call__(self, work: Workload, cfg) -> float:
+        model, optimizer, loss_fn = work.fresh(cfg)
+        runner = build(cfg.trainer, "trainer")(
+            model=model, loss=loss_fn, optimizer=optimizer, train_loader=self.loaders[0],
+            val_loader=self.loaders[1], tracker=self.tracker, checkpoint_dir=self.folder,
+            device=DEVICE,
+        )
+        self.epoch += 1
+        with contextlib.redirect_stderr(io.StringIO()):  # the progress bar stays on, unseen
+            started = time.perf_counter()
+            runner.train_epoch(self.epoch)
+            return work.steps / (time.perf_counter() - started)
+
+
+def lightning_loop() -> Callable[[Workload, object], float] | None:
+    """A Lightning Trainer fitting one epoch, timed from epoch start to end; None without it."""
+    try:
+        import lightning as L
+    except ImportError:
+        return None
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="lightning")
+
+    class Module(L.LightningModule):
+        def __init__(self, model, optimizer, loss_fn) -> None:
+            super().__init__()
+            self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+
+        def training_step(self, batch, batch_idx):
+            inputs, targets = batch
+            return self.loss_fn(self.model(inputs), targets)
+
+        def configure_optimizers(self):
+            return self.optimizer
+
+    class EpochTimer(L.Callback):
+        def on_train_epoch_start(self, trainer, module) -> None:
+            self.started = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer, module) -> None:
+            self.seconds = time.perf_counter() - self.started
+
+    def run(work: Workload, cfg) -> float:
+        timer = EpochTimer()
+        trainer = L.Trainer(
+            max_epochs=1, accelerator="cpu", devices=1, logger=False, callbacks=[timer],
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            num_sanity_val_steps=0,
+        )
+        loader = DataLoader(TensorDataset(work.x, work.y), batch_size=BATCH, shuffle=True)
+        trainer.fit(Module(*work.fresh(cfg)), train_dataloaders=loader)
+        return work.steps / timer.seconds
+
+    return run
+
+
+def time_loops(work: Workload, loops: dict[str, Callable], cfg, rounds: int) -> dict[str, list]:
+    """steps/s of every loop, ``rounds`` times, interleaved with a rotating order."""
+    for loop in loops.values():  # warm-up: first-call allocations and lazy imports
+        loop(work, cfg)
+    names = list(loops)
+    speeds: dict[str, list] = {name: [] for name in names}
+    for index in range(rounds):
+        for name in names[index % len(names) :] + names[: index % len(names)]:
+            speeds[name].append(loops[name](work, cfg))
+    return speeds
+
+
+def ratio(speeds: dict[str, list], a: str, b: str) -> float:
+    return statistics.median(x / y for x, y in zip(speeds[a], speeds[b], strict=True))
+
+
+# --------------------------------------------------------------------- other figures
+def mlflow_costs(tracker) -> list[tuple[str, float]]:
+    """Milliseconds per logging call of {train/loss, lr}, and what it adds to each step."""
+    import mlflow
+
+    calls = 200
+    rows = []
+
+    def timed(log: Callable[[int], None], drain: Callable[[], None]) -> float:
+        started = time.perf_counter()
+        for step in range(calls):
+            log(step)
+        drain()
+        return (time.perf_counter() - started) / calls * 1e3
+
+    metrics = {"train/loss": 0.5, "lr": 1e-3}
+    rows.append(("mlflow.log_metrics, synchronous",
+                 timed(lambda s: mlflow.log_metrics(metrics, step=s), lambda: None)))
+    rows.append(("mlflow.log_metrics, synchronous=False (drained)",
+                 timed(lambda s: mlflow.log_metrics(metrics, step=s, synchronous=False),
+                       mlflow.flush_async_logging)))
+    rows.append(("trainlab MlflowTracker.log_metrics (queued, one batch)",
+                 timed(lambda s: tracker.log_metrics(metrics, step=s), tracker.flush)))
+    return rows
+
+
+def imgaug_throughput(images: int = 1024) -> tuple[str, list[tuple[str, int, float]]]:
+    """Images/s of the light and strong pipelines: per sample in 0 or 2 workers, per batch."""
+    pipelines, source = augment_pipelines()
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, (images, 28, 28, 1), dtype=np.uint8)
+    rows = []
+    for name, pipeline in pipelines.items():
+        for workers in (0, 2):
+            loader = DataLoader(Augmented(data, pipeline), batch_size=BATCH, num_workers=workers)
+            started = time.perf_counter()
+            for _ in loader:
+                pass
+            rows.append((name, f"{workers} workers, per sample",
+                         images / (time.perf_counter() - started)))
+        started = time.perf_counter()
+        for start in range(0, images, BATCH):
+            pipeline(images=data[start : start + BATCH])
+        rows.append((name, "in process, whole batches", images / (time.perf_counter() - started)))
+    return source, rows
+
+
+class Augmented(Dataset):
+    def __init__(self, images: np.ndarray, pipeline) -> None:
+        self.images, self.pipeline = images, pipeline
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(self.pipeline(image=self.images[index]).copy())
+
+
+def augment_pipelines():
+    """Light and strong imgaug pipelines on 28x28 grayscale images."""
+    try:
+        from trainlab.data.imgaug_compat import iaa
+    except ImportError:  # imgaug on NumPy 2 needs the aliases it reads at import
+        if not hasattr(np, "sctypes"):
+            np.sctypes = {"int": [np.int8, np.int16, np.int32, np.int64],
+                          "uint": [np.uint8, np.uint16, np.uint32, np.uint64],
+                          "float": [np.float16, np.float32, np.float64],
+                          "complex": [np.complex64, np.complex128], "others": [bool, object]}
+        np.bool, np.complex = np.bool_, np.complex128
+        import imgaug.augmenters as iaa
+    light = iaa.Sequential([iaa.Fliplr(0.5), iaa.Affine(rotate=(-10, 10), mode="edge")])
+    strong = iaa.Sequential([
+        iaa.Fliplr(0.5),
+        iaa.Affine(rotate=(-20, 20), scale=(0.9, 1.1), translate_percent=(-0.1, 0.1),
+                   shear=(-8, 8), mode="edge"),
+        iaa.SomeOf((1, 2), [iaa.GaussianBlur((0, 1.0)), iaa.AdditiveGaussianNoise(scale=(0, 12)),
+                            iaa.LinearContrast((0.75, 1.25))]),
+        iaa.CoarseDropout(0.05, size_percent=0.2),
+    ])
+    return {"light": light, "strong": strong}, "imgaug pipelines defined in this benchmark"
+
+
+def startup_seconds(repeats: int = 3) -> list[tuple[str, float]]:
+    """Wall time of the `trainlab` commands that must not load torch or mlflow."""
+    trainlab = Path(sys.executable).with_name("trainlab")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    rows = []
+    for args in (["--help"], ["train", "--cfg", "job"]):
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            subprocess.run([str(trainlab), *args], env=env, capture_output=True, check=True)
+            times.append(time.perf_counter() - started)
+        rows.append(("trainlab " + " ".join(args), statistics.median(times)))
+    return rows
+
+
+def gpu_precisions() -> str:
+    """fp32 / bf16 / fp16 / channels_last steps/s of the course CNN, on a CUDA GPU only."""
+    if not torch.cuda.is_available():
+        return "No CUDA GPU on this machine: fp32/bf16/fp16 and channels_last figures skipped.\n"
+    from trainlab.models.cnn import CourseCNN
+
+    lines = ["| CNN 28×28 on " + torch.cuda.get_device_name() + " | steps/s |", "| --- | ---: |"]
+    x = torch.rand(BATCH, 1, 28, 28, device="cuda")
+    y = torch.randint(0, 10, (BATCH,), device="cuda")
+    for label, dtype, memory_format in [
+        ("fp32", None, torch.contiguous_format), ("bf16 autocast", torch.bfloat16,
+        torch.contiguous_format), ("fp16 autocast + GradScaler", torch.float16,
+        torch.contiguous_format), ("fp16 + channels_last", torch.float16, torch.channels_last),
+    ]:
+        model = CourseCNN().cuda().to(memory_format=memory_format)
+        optimizer = torch.optim.Adam(model.parameters())
+        scaler = torch.amp.GradScaler("cuda", enabled=dtype is torch.float16)
+        inputs = x.to(memory_format=memory_format)
+        for step in range(250):  # the first 50 warm up
+            if step == 50:
+                torch.cuda.synchronize()
+                started = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
+                loss = nn.functional.cross_entropy(model(inputs), y)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        torch.cuda.synchronize()
+        lines.append(f"| {label} | {200 / (time.perf_counter() - started):,.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------- report
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def speed_table(work: Workload, speeds: dict[str, list]) -> str:
+    lines = [f"| {work.name} loop | steps/s (median) | range |", "| --- | ---: | ---: |"]
+    for name, values in speeds.items():
+        lines.append(f"| {name} | {statistics.median(values):,.0f} | "
+                     f"{min(values):,.0f}–{max(values):,.0f} |")
+    pairs = [("trainlab", "pure compute"), ("trainlab", "course loop"), ("trainlab", "Lightning")]
+    lines += ["", "| ratio (median of per-round ratios) | value |", "| --- | ---: |"]
+    for a, b in pairs:
+        if b in speeds:
+            lines.append(f"| {a} / {b} | {ratio(speeds, a, b):.2f}× |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    torch.manual_seed(0)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    load_before = os.getloadavg()[0]
+    began = time.perf_counter()
+    sections = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        mlp = Workload("MLP, 64 features", "mlp", 8, steps=200)
+        cnn = Workload("course CNN, 28×28", "cnn", 28, steps=6)
+        tracker = build(mlp.config(uri).logger, "logger")
+        lightning = lightning_loop()
+        with tracker.run("benchmark", {}):
+            per_step_overhead = None
+            for work, rounds in ((mlp, 9), (cnn, 3)):
+                cfg = work.config(uri)
+                loops = {"pure compute": pure_compute, "course loop": course_loop,
+                         "trainlab": TrainlabLoop(work, cfg, tracker, tmp_path / work.name)}
+                if lightning is not None and work is mlp:
+                    loops["Lightning"] = lightning
+                print(f"timing {work.name}: {', '.join(loops)} × {rounds} rounds", flush=True)
+                speeds = time_loops(work, loops, cfg, rounds)
+                sections.append(f"### {work.name}, batch {BATCH}, Adam, "
+                                f"{work.steps} steps per epoch\n\n{speed_table(work, speeds)}")
+                if work is mlp:
+                    per_step_overhead = (1 / statistics.median(speeds["trainlab"])
+                                         - 1 / statistics.median(speeds["pure compute"]))
+                else:
+                    cnn_step = 1 / statistics.median(speeds["pure compute"])
+                    sections[-1] += (
+                        f"\ntrainlab's own work per step, measured on the MLP "
+                        f"({per_step_overhead * 1e6:,.0f} µs), is "
+                        f"{per_step_overhead / cnn_step:.2%} of a CNN step here "
+                        f"({cnn_step * 1e3:,.0f} ms).\n"
+                    )
+            if lightning is None:
+                sections.append("Lightning is not installed (`pip install -e .[bench]`): "
+                                "its column is skipped.\n")
+            print("timing MLflow logging", flush=True)
+            rows = mlflow_costs(tracker)
+        lines = [f"### MLflow logging ({{train/loss, lr}} every {LOG_EVERY} steps, sqlite)\n",
+                 "| call | ms per call | µs per training step |", "| --- | ---: | ---: |"]
+        lines += [f"| {name} | {ms:.3f} | {ms * 1e3 / LOG_EVERY:,.1f} |" for name, ms in rows]
+        sections.append("\n".join(lines) + "\n")
+
+    print("timing imgaug pipelines", flush=True)
+    source, rows = imgaug_throughput()
+    lines = [f"### imgaug throughput, 28×28 grayscale ({source})\n",
+             "| pipeline | how | images/s |", "| --- | --- | ---: |"]
+    lines += [f"| {name} | {how} | {speed:,.0f} |" for name, how, speed in rows]
+    sections.append("\n".join(lines) + "\n")
+
+    print("timing start-up", flush=True)
+    lines = ["### Start-up (no torch, no mlflow imported)\n", "| command | seconds (median of 3) |",
+             "| --- | ---: |"]
+    lines += [f"| `{cmd}` | {seconds:.2f} |" for cmd, seconds in startup_seconds()]
+    sections.append("\n".join(lines) + "\n")
+    sections.append("### GPU precisions\n\n" + gpu_precisions())
+
+    header = (
+        "# trainlab benchmarks\n\n"
+        f"Written by `make bench` on {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, "
+        f"in {time.perf_counter() - began:.0f} s.\n\n"
+        f"Machine: {machine()}, Python {platform.python_version()}; load average "
+        f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after (other work on the machine "
+        "slows every loop alike but widens the ranges).\n"
+    )
+    RESULTS.write_text("\n".join([header, *sections]))
+    print(RESULTS.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
