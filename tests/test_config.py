@@ -85,13 +85,18 @@ def test_help_lists_groups(run_trainlab):
     assert "model: cnn, mlp" in proc.stdout
 
 
-def test_printing_the_config_does_not_import_torch_or_mlflow(tmp_path):
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [(["--help"], "usage: trainlab COMMAND"),
+     (["train", "--cfg", "job"], "_target_: trainlab.runner.Runner")],
+)
+def test_help_and_printing_the_config_do_not_import_torch_or_mlflow(tmp_path, args, expected):
     probe = (
-        "import sys; from trainlab.cli import main; main(['train', '--cfg', 'job']); "
+        f"import sys; from trainlab.cli import main; main({args!r}); "
         "heavy = [m for m in ('torch', 'mlflow') if m in sys.modules]; "
         "print('HEAVY', heavy)"
     )
     proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,
                           text=True, timeout=60)
-    assert "_target_: trainlab.runner.Runner" in proc.stdout
+    assert expected in proc.stdout
     assert "HEAVY []" in proc.stdout

@@ -1,0 +1,58 @@
+"""The hot loop's helpers: metrics reach MLflow in batches, totals stay off the autograd graph."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainlab.metrics import ClassificationTotals
+from trainlab.tracking import MlflowTracker
+
+
+def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+
+
+def test_queued_metrics_arrive_in_one_batch_when_the_run_ends(tracking_uri, mlflow_client):
+    tracker = MlflowTracker(tracking_uri, flush_every_s=3600)
+    with tracker.run("queued", {}):
+        for step in range(1, 26):
+            tracker.log_metrics({"train/loss": 1.0 / step, "lr": 0.1}, step=step)
+        assert history(mlflow_client, tracker.run_id, "train/loss") == []  # nothing sent yet
+    logged = history(mlflow_client, tracker.run_id, "train/loss")
+    assert [step for step, _ in logged] == list(range(1, 26))
+    assert logged[4][1] == pytest.approx(0.2)
+    assert len(history(mlflow_client, tracker.run_id, "lr")) == 25
+
+
+def test_metrics_are_sent_while_training_once_the_flush_interval_passed(
+    tracking_uri, mlflow_client
+):
+    tracker = MlflowTracker(tracking_uri, flush_every_s=0)
+    with tracker.run("live", {}):
+        tracker.log_metrics({"train/loss": 0.5}, step=10)
+        assert history(mlflow_client, tracker.run_id, "train/loss") == [(10, 0.5)]
+
+
+def test_a_failed_run_keeps_the_metrics_logged_before_the_failure(tracking_uri, mlflow_client):
+    tracker = MlflowTracker(tracking_uri, flush_every_s=3600)
+    with pytest.raises(RuntimeError), tracker.run("fails", {}):
+        tracker.log_metrics({"train/loss": 0.7}, step=3)
+        raise RuntimeError("diverged")
+    run = mlflow_client.get_run(tracker.run_id)
+    assert run.info.status == "FAILED"
+    assert history(mlflow_client, tracker.run_id, "train/loss") == [(3, 0.7)]
+
+
+def test_training_totals_are_exact_and_hold_no_autograd_graph():
+    totals = ClassificationTotals()
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0]], requires_grad=True)
+    targets = torch.tensor([0, 0, 0])
+    loss = torch.nn.functional.cross_entropy(logits, targets)
+    totals.update(loss, logits, targets)
+    totals.update(loss, logits[:1], targets[:1])
+    assert not totals.loss_sum.requires_grad and not totals.correct.requires_grad
+    result = totals.compute()
+    assert result["acc"] == pytest.approx(3 / 4)
+    assert result["loss"] == pytest.approx(loss.item())
+    assert logits.grad is None
