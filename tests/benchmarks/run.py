@@ -365,7 +365,7 @@ def main() -> int:
         lightning = lightning_loop()
         with tracker.run("benchmark", {}):
             per_step_overhead = None
-            for work, rounds in ((mlp, 15), (cnn, 5)):
+            for work, rounds in ((mlp, 21), (cnn, 7)):
                 cfg = work.config(uri)
                 loops = {"pure compute": pure_compute, "course loop": course_loop,
                          "trainlab": TrainlabLoop(work, cfg, tracker, tmp_path / work.name)}
