@@ -108,7 +108,7 @@ class TrainlabLoop:
     """The Runner of `trainlab train` (same config, same builders), one epoch per call."""
 
     def __init__(self, work: Workload, cfg, tracker, folder: Path) -> None:
-        self.work, self.cfg, self.tracker, self.folder = work, cfg, tracker, folder
+        self.tracker, self.folder = tracker, folder
         val = TensorDataset(work.x[:BATCH], work.y[:BATCH])
         splits = DataSplits(TensorDataset(work.x, work.y), val)
         self.loaders = build_loaders(splits, cfg.data, int(cfg.seed), DEVICE)
