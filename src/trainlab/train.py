@@ -47,16 +47,23 @@ def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbac
     from trainlab.components import build
     from trainlab.data.loaders import build_loaders
     from trainlab.distributed import select_device
+    from trainlab.losses import build_loss
+    from trainlab.metrics import TaskMetrics
+    from trainlab.optim import build_optimizer
     from trainlab.schedulers import build_scheduler
 
+    metrics = TaskMetrics(cfg.data.task, cfg.data.num_classes, cfg.data.get("ignore_index"))
+    metrics.check_monitor(cfg.trainer.monitor)  # before any data is loaded
     device = select_device(cfg.trainer.accelerator)
     splits = build(cfg.data.dataset, "data", choices.get("data"))
     train_loader, val_loader = build_loaders(splits, cfg.data, int(cfg.seed), device)
     model = build(cfg.model, "model", choices.get("model"))
-    loss = build(cfg.loss, "loss", choices.get("loss"))
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build(cfg.optimizer, "optimizer", choices.get("optimizer"))(trainable)
-    scheduler = build_scheduler(cfg.scheduler, optimizer, choices.get("scheduler"))
+    loss = build_loss(cfg.loss, choices.get("loss"), cfg.data)
+    optimizer = build_optimizer(cfg.optimizer, model, choices.get("optimizer"))
+    scheduler = build_scheduler(
+        cfg.scheduler, optimizer, choices.get("scheduler"),
+        steps_per_epoch=len(train_loader), max_epochs=int(cfg.trainer.max_epochs),
+    )
     precision = build(cfg.precision, "precision", choices.get("precision"))
     runner = build(cfg.trainer, "trainer", choices.get("trainer"))(
         model=model,
@@ -68,6 +75,7 @@ def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbac
         checkpoint_dir=output_dir / "checkpoints",
         precision=precision,
         scheduler=scheduler,
+        metrics=metrics,
         device=device,
         callbacks=callbacks,
     )
