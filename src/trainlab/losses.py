@@ -255,6 +255,8 @@ def check_loss(loss: Any, name: str, task: str, num_classes: int) -> None:
         )
     if isinstance(loss, nn.NLLLoss):
         logits = torch.log_softmax(logits, dim=1)  # NLL takes log-probabilities
+    elif isinstance(loss, nn.BCELoss):
+        logits = torch.sigmoid(logits)  # BCE takes probabilities
     try:
         value = loss(logits, targets)
     except (RuntimeError, ValueError, IndexError, TypeError) as err:
