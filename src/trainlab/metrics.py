@@ -46,7 +46,11 @@ class TaskMetrics:
 
     def names(self) -> list[str]:
         """Every metric a run of this task logs per epoch (the valid ``trainer.monitor`` values)."""
-        val = ["loss", *_val_metrics(self, self.num_classes or 2)]
+        if self.task == "segmentation":
+            val = ["loss", "dice", "iou", "acc"]
+        else:
+            top5 = ["acc_top5"] if (self.num_classes or 0) > 5 else []
+            val = ["loss", "acc", *top5, "f1_macro"]
         return [f"train/{name}" for name in ("loss_epoch", self.main)] + [
             f"val/{name}" for name in val
         ]

@@ -7,6 +7,7 @@ a ``null`` ``T_max`` (cosine) the number of times the scheduler will step.
 
 from __future__ import annotations
 
+import ast
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -99,13 +100,19 @@ def chain(
 
 def expression(source: str | float, variable: str) -> Callable[[int], float]:
     """``"0.1 ** (epoch // 30)"`` → a function of ``epoch``; only arithmetic and ``math``."""
-    code = compile(str(source), "<scheduler lr_lambda>", "eval")
-    names = set(code.co_names) - {"math", variable}
+    try:
+        tree = ast.parse(str(source), mode="eval")
+    except SyntaxError as err:
+        raise TrainlabError(f"scheduler.lr_lambda={source!r} is not an expression: {err}") from None
+    names = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)} - {"math", variable}
+    names |= {f".{node.attr}" for node in ast.walk(tree)
+              if isinstance(node, ast.Attribute) and node.attr.startswith("_")}
     if names:
         raise TrainlabError(
             f"scheduler.lr_lambda={source!r} uses {sorted(names)}; it may only use "
             f"'{variable}', numbers, operators and math.*"
         )
+    code = compile(tree, "<scheduler lr_lambda>", "eval")
 
     def factor(value: int) -> float:
         return eval(code, {"__builtins__": {}, "math": math}, {variable: value})
