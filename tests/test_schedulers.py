@@ -56,6 +56,10 @@ class Recorder:
         for key, value in metrics.items():
             self.metrics.setdefault(key, []).append((step, value))
 
+    def log_metric_series(self, rows):
+        for step, metrics in rows:
+            self.log_metrics(metrics, step)
+
     def log_artifact(self, path, artifact_path=None):
         self.artifacts.append(str(path))
 

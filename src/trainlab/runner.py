@@ -190,8 +190,9 @@ class Runner:
     def _log_lr_changes(self) -> None:
         """Log every lr change since the last call, each at the step it took effect."""
         names = lr_names(self.optimizer)
-        for step, lrs in self._lr_pending:
-            self.tracker.log_metrics(dict(zip(names, lrs, strict=True)), step=step)
+        self.tracker.log_metric_series(
+            [(step, dict(zip(names, lrs, strict=True))) for step, lrs in self._lr_pending]
+        )
         self._lr_pending.clear()
 
     def _log_plots(self) -> None:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import subprocess
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -18,6 +20,7 @@ from trainlab.errors import TrainlabError
 log = logging.getLogger(__name__)
 
 PARAM_VALUE_LIMIT = 6000  # MLflow rejects longer param values
+METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch call
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -130,6 +133,16 @@ class MlflowTracker:
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """One batched, asynchronous call for all ``metrics`` at ``step``."""
         mlflow.log_metrics(dict(metrics), step=step, synchronous=False)
+
+    def log_metric_series(self, rows: Sequence[tuple[int, Mapping[str, float]]]) -> None:
+        """Metrics of many steps (``(step, {name: value})`` rows) in few asynchronous calls."""
+        stamp = int(time.time() * 1000)
+        metrics = [Metric(key, float(value), stamp, step)
+                   for step, values in rows for key, value in values.items()]
+        client = MlflowClient()
+        for start in range(0, len(metrics), METRICS_PER_BATCH):
+            batch = metrics[start:start + METRICS_PER_BATCH]
+            client.log_batch(self.run_id, metrics=batch, synchronous=False)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         mlflow.set_tags({key: str(value) for key, value in tags.items()})
