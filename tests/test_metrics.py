@@ -138,3 +138,41 @@ def test_metrics_sum_over_ddp_ranks(tmp_path):
         assert results["train"]["dice"] == pytest.approx(dice, rel=1e-5)
         assert results["val"]["loss"] == pytest.approx(loss)
         assert results["train"]["loss"] == pytest.approx(loss)
+
+
+def test_a_segmentation_run_monitors_dice(compose, tmp_path):
+    """The runner on hand-made masks: dice/iou logged, plateau fed with val/dice."""
+    from torch import nn
+
+    from trainlab.losses import DiceLoss
+    from trainlab.runner import Runner
+    from trainlab.schedulers import build_scheduler
+
+    logits, targets = segmentation_data(c=3)
+    images = logits[:, :1]  # one input channel the model can learn from
+    loader = list(zip(split(images), split(targets), strict=True))
+    model = nn.Conv2d(1, 3, 1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    cfg = compose("scheduler=plateau", "trainer.monitor=val/dice")
+    logged = {}
+
+    class Tracker:  # keeps the last value of each metric (the tracker is not under test)
+        log_every_n_steps = 1
+
+        def log_metrics(self, metrics, step):
+            logged.update(metrics)
+
+        def log_metric_series(self, rows):
+            pass
+
+        def log_artifact(self, path, artifact_path=None):
+            pass
+
+    result = Runner(
+        model, DiceLoss(ignore_index=255), optimizer, loader, loader, Tracker(), tmp_path,
+        scheduler=build_scheduler(cfg.scheduler, optimizer, "plateau"), max_epochs=2,
+        monitor="val/dice", progress_bar=False,
+        metrics=TaskMetrics("segmentation", 3, ignore_index=255),
+    ).fit()
+    assert {"train/dice", "val/dice", "val/iou", "val/acc"} <= set(logged)
+    assert result.best == max(epoch["val/dice"] for epoch in result.history)

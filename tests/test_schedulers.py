@@ -153,3 +153,10 @@ def test_lr_lambda_expressions_are_arithmetic_only():
     assert math.isclose(expression(0.95, "epoch")(3), 0.95)
     with pytest.raises(TrainlabError, match=r"uses \['open'\]"):
         expression("open('x')", "epoch")
+
+
+def test_plateau_cannot_step_per_batch(compose):
+    cfg = compose("scheduler=plateau", "+scheduler.interval=step")
+    optimizer = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    with pytest.raises(TrainlabError, match="set scheduler.interval=epoch"):
+        build_scheduler(cfg.scheduler, optimizer, "plateau")

@@ -64,7 +64,13 @@ def build_scheduler(
     scheduler = build(OmegaConf.create(options), "scheduler", choice)(optimizer)
     if interval is None:
         interval = "step" if type(scheduler).__name__ in PER_BATCH else "epoch"
-    return ScheduledLR(scheduler, interval)
+    scheduled = ScheduledLR(scheduler, interval)
+    if scheduled.needs_metric and interval == "step":
+        raise TrainlabError(
+            f"scheduler={choice or options['_target_']} reads trainer.monitor, which is only "
+            "computed after each epoch's validation; set scheduler.interval=epoch"
+        )
+    return scheduled
 
 
 def warmup_cosine(
