@@ -110,6 +110,8 @@ class Runner:
                 self.best, self.best_epoch = metrics[self.monitor], epoch
             self._save_checkpoints(metrics, improved)
             metrics["epoch"] = epoch
+            if self.lr_history[-1][0] != self.global_step:  # else logged as a change just now
+                metrics.update(zip(lr_names(self.optimizer), self.lr_history[-1][1], strict=True))
             self.tracker.log_metrics(metrics, step=self.global_step)
             self._log_lr_changes()
             history.append(metrics)
