@@ -213,6 +213,7 @@ def plot_confusion(matrix: torch.Tensor, path: str | Path) -> Path:
     ax.imshow(matrix.numpy(), cmap="Blues")
     if classes <= 30:  # counts stay readable up to here
         half = matrix.max().item() / 2
+        ax.set(xticks=range(classes), yticks=range(classes))
         for row in range(classes):
             for col in range(classes):
                 count = int(matrix[row, col])
