@@ -110,13 +110,15 @@ class TrainTotals:
         self.count = 0
         self._read = (0.0, 0)
 
-    @torch.no_grad()
     def update(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        # Called every training step: detached inputs and in-place ops rather than a no_grad
+        # context, since on a small model each extra op or context is a visible share of a step.
         n = targets.shape[0]
-        self.loss_sum += loss.detach() * n
+        self.loss_sum.add_(loss.detach(), alpha=n)
         self.count += n
+        logits = logits.detach()
         if self.spec.task == "classification":
-            self.hits += (logits.argmax(dim=1) == targets).sum()
+            self.hits.add_(logits.argmax(dim=1).eq_(targets).sum())
             return
         if logits.dim() == targets.dim() or logits.shape[1] == 1:  # binary: sigmoid > 0.5
             self.binary = True
