@@ -13,7 +13,7 @@ from trainlab.errors import TrainlabError
 from trainlab.metrics import TaskMetrics
 from trainlab.optim import build_optimizer
 from trainlab.runner import Runner
-from trainlab.schedulers import build_scheduler, expression
+from trainlab.schedulers import build_scheduler, expression, simulate
 
 EPOCHS, BATCHES = 7, 3
 TOTAL = EPOCHS * BATCHES
@@ -122,6 +122,12 @@ def test_runner_steps_each_scheduler_as_torch_does(compose, tmp_path, option):
     logged = tracker.metrics["lr"]
     assert {(step, lrs[0]) for step, lrs in runner.lr_history} <= set(logged)
     assert len({step for step, _ in logged}) == len(logged)
+    if option != "plateau":  # lr-plot steps the same schedule without training
+        cfg = compose(f"scheduler={option}", f"trainer.max_epochs={EPOCHS}", *overrides)
+        fresh = torch.optim.Adam(nn.Linear(4, 3).parameters(), lr=1e-3)
+        scheduled = build_scheduler(cfg.scheduler, fresh, option, BATCHES, EPOCHS)
+        simulated = [lrs[0] for lrs in simulate(scheduled, fresh, BATCHES, EPOCHS)]
+        assert simulated == pytest.approx(expected, rel=1e-9)
     first_epoch = got[:BATCHES]
     assert (len(set(first_epoch)) > 1) == (option in PER_BATCH)
     assert any(path.endswith("lr_curve.png") for path in tracker.artifacts)
