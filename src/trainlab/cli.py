@@ -8,6 +8,7 @@ import sys
 # name → (module, function, one-line help). Each function takes the remaining arguments.
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("trainlab.train", "cli", "train a model: trainlab train [-m] [group=option ...]"),
+    "preview": ("trainlab.data.preview", "cli", "augmented-images grid: preview data=X augment=Y"),
 }
 
 USAGE = """\

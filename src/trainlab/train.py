@@ -46,12 +46,16 @@ def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbac
     """Build data → model → loss → optimizer → scheduler → runner, then train."""
     from trainlab.components import build
     from trainlab.data.loaders import build_loaders
+    from trainlab.data.preview import write_preview
     from trainlab.distributed import select_device
     from trainlab.schedulers import build_scheduler
 
     device = select_device(cfg.trainer.accelerator)
     splits = build(cfg.data.dataset, "data", choices.get("data"))
-    train_loader, val_loader = build_loaders(splits, cfg.data, int(cfg.seed), device)
+    augmentation = build(cfg.augment, "augment", choices.get("augment"))
+    train_loader, val_loader = build_loaders(splits, cfg.data, int(cfg.seed), device, augmentation)
+    preview = write_preview(splits, augmentation, output_dir / "augment_preview.png", seed=cfg.seed)
+    tracker.log_artifact(preview, "preview")
     model = build(cfg.model, "model", choices.get("model"))
     loss = build(cfg.loss, "loss", choices.get("loss"))
     trainable = [p for p in model.parameters() if p.requires_grad]
