@@ -78,7 +78,8 @@ def write_pixel_csv(path: Path, labels, rng) -> Path:
 def test_fashion_mnist_csv_splits_by_seed_and_checks_labels(compose, tmp_path):
     rng = np.random.default_rng(0)
     train = write_pixel_csv(tmp_path / "train.csv", np.arange(30) % 10, rng)
-    args = ["data=fashion_mnist_csv", f"data.dataset.train_csv={train}", "data.dataset.val_csv=null"]
+    args = ["data=fashion_mnist_csv", f"data.dataset.train_csv={train}",
+            "data.dataset.val_csv=null"]
     cfg, splits = build_data(compose, *args)
     assert (len(splits.train), len(splits.val)) == (24, 6)
     images, _ = first_batch(splits, cfg)
@@ -181,8 +182,8 @@ def test_segmentation_folder_binarises_and_resizes_masks_by_nearest(compose, tmp
 def test_segmentation_label_map_keeps_ignore_index(compose, tmp_path):
     root = write_carvana(tmp_path, values=(0, 128, 255), ext="png")  # grey levels, not a palette
     cfg, splits = build_data(compose, *seg_args(
-        root, "data.dataset.mask_name='{stem}_mask.png'", "data.num_classes=2", "+data.dataset.label_map={0: 0, 128: 1}",
-        "data.ignore_index=255", "data.image_size=[30,40]",
+        root, "data.dataset.mask_name='{stem}_mask.png'", "data.num_classes=2",
+        "data.dataset.label_map={0: 0, 128: 1}", "data.ignore_index=255", "data.image_size=[30,40]",
     ))
     _, masks = first_batch(splits, cfg)
     assert set(masks.unique().tolist()) == {0, 1, 255}
