@@ -269,3 +269,9 @@ def test_validation_is_never_augmented(compose):
     _, val = build_loaders(splits, cfg.data, 0, CPU, build(cfg.augment, "augment"))
     images, masks = next(iter(val))
     assert torch.equal(images, splits.val.tensors[0]) and torch.equal(masks, splits.val.tensors[1])
+
+
+def test_fashion_mnist_experiment_is_the_course_recipe(compose):
+    cfg = compose("experiment=fashion_mnist_cnn")
+    assert cfg.data.dataset.name == "fashion_mnist" and cfg.data.batch_size == 256
+    assert cfg.optimizer._target_ == "torch.optim.Adam" and cfg.trainer.max_epochs == 20
