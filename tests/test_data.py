@@ -60,12 +60,16 @@ def test_fashion_mnist_reads_torchvision_raw_files(compose, tmp_path):
     assert 0 <= images.min() and images.max() <= 1 and labels.max() == 9
 
 
-def test_missing_torchvision_files_say_where_to_put_them(compose, tmp_path):
+@pytest.mark.parametrize(("option", "folder", "file"), [
+    ("mnist", "MNIST/raw", "train-images-idx3-ubyte"),
+    ("cifar10", "cifar-10-batches-py", "test_batch"),
+])
+def test_missing_torchvision_files_say_where_to_put_them(compose, tmp_path, option, folder, file):
     with pytest.raises(TrainlabError) as err:
-        build_data(compose, "data=mnist", f"data.root={tmp_path}")
+        build_data(compose, f"data={option}", f"data.root={tmp_path}")
     message = str(err.value)
-    assert str(tmp_path / "MNIST" / "raw") in message
-    assert "train-images-idx3-ubyte" in message and "data.download=true" in message
+    assert str(tmp_path / folder) in message
+    assert file in message and "data.download=true" in message
 
 
 def write_pixel_csv(path: Path, labels, rng) -> Path:
