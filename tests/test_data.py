@@ -130,6 +130,11 @@ def test_image_folder_errors_name_the_bad_folder_or_file(compose, tmp_path, capl
     with pytest.raises(TrainlabError, match=f"cannot read image {bad}"):
         for _ in loader:
             pass
+    cfg.data.num_workers = 2
+    with pytest.raises(TrainlabError, match=f"^data: cannot read image {bad}") as err:
+        for _ in build_loaders(splits, cfg.data, 0, CPU)[0]:
+            pass
+    assert "\n" not in str(err.value)  # the worker's traceback is not part of the message
     with caplog.at_level(logging.WARNING):
         _, splits = build_data(compose, *base, "data.skip_bad_files=true")
     assert len(splits.train) + len(splits.val) == 5

@@ -102,7 +102,8 @@ def seed_worker(seed: int) -> None:
 
 
 class SeededLoader(DataLoader):
-    """A DataLoader whose shuffling and worker seeds restart from (seed, epoch) each epoch.
+    """A DataLoader whose shuffling and worker seeds restart from (seed, epoch) each epoch,
+    and whose workers' data errors reach the user as one line.
 
     With ``persistent_workers`` the workers are seeded once (epoch 0) and keep their
     streams, so epochs still differ and runs still repeat.
@@ -114,6 +115,17 @@ class SeededLoader(DataLoader):
             dataset, generator=torch.Generator().manual_seed(epoch_seed(seed, 0)),
             worker_init_fn=self.seeder, **kwargs,
         )
+
+    def __iter__(self):
+        """Batches; a data error raised in a worker comes back as its own one-line message."""
+        try:
+            yield from super().__iter__()
+        except TrainlabError as err:
+            if self.num_workers == 0:
+                raise
+            last = str(err).strip().splitlines()[-1]
+            message = last.removeprefix(f"{TrainlabError.__module__}.TrainlabError: ")
+            raise TrainlabError(message) from None
 
     def set_epoch(self, epoch: int) -> None:
         self.seeder.epoch = epoch
@@ -181,4 +193,4 @@ def build_loaders(
 
         train_set = AugmentedDataset(train_set, augmentation)
     train = SeededLoader(train_set, seed, shuffle=True, drop_last=drop_last, **common)
-    return train, DataLoader(splits.val, shuffle=False, **common)
+    return train, SeededLoader(splits.val, seed, shuffle=False, **common)
