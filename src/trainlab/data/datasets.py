@@ -78,7 +78,7 @@ def load_torchvision(
             files = [Path(url).name.removesuffix(".gz") for url, _ in cls.resources]
         else:
             folder, files = Path(root) / cls.base_folder, ["data_batch_1..5", "test_batch"]
-        how = "downloading failed" if download else "not found and data.download=false"
+        how = "could not be downloaded" if download else "is missing or unreadable"
         raise TrainlabError(
             f"data: {cls.__name__} {how} ({err}). Put {', '.join(files)} in {folder}/ "
             f"(torchvision's layout), or set data.download=true where the network allows"
