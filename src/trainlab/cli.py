@@ -9,6 +9,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("trainlab.train", "cli", "train a model: trainlab train [-m] [group=option ...]"),
     "lr-plot": ("trainlab.lr_plot", "cli", "PNG of the lr curve: trainlab lr-plot scheduler=X"),
+    "preview": ("trainlab.data.preview", "cli", "augmented-images grid: preview data=X augment=Y"),
 }
 
 USAGE = """\

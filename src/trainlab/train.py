@@ -46,6 +46,7 @@ def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbac
     """Build data → model → loss → optimizer → scheduler → runner, then train."""
     from trainlab.components import build
     from trainlab.data.loaders import build_loaders
+    from trainlab.data.preview import write_preview
     from trainlab.distributed import select_device
     from trainlab.losses import build_loss
     from trainlab.metrics import TaskMetrics
@@ -56,7 +57,10 @@ def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbac
     metrics.check_monitor(cfg.trainer.monitor)  # before any data is loaded
     device = select_device(cfg.trainer.accelerator)
     splits = build(cfg.data.dataset, "data", choices.get("data"))
-    train_loader, val_loader = build_loaders(splits, cfg.data, int(cfg.seed), device)
+    augmentation = build(cfg.augment, "augment", choices.get("augment"))
+    train_loader, val_loader = build_loaders(splits, cfg.data, int(cfg.seed), device, augmentation)
+    preview = write_preview(splits, augmentation, output_dir / "augment_preview.png", seed=cfg.seed)
+    tracker.log_artifact(preview, "preview")
     model = build(cfg.model, "model", choices.get("model"))
     loss = build_loss(cfg.loss, choices.get("loss"), cfg.data)
     optimizer = build_optimizer(cfg.optimizer, model, choices.get("optimizer"))
