@@ -8,6 +8,12 @@ import sys
 # name → (module, function, one-line help). Each function takes the remaining arguments.
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("trainlab.train", "cli", "train a model: trainlab train [-m] [group=option ...]"),
+    "models": ("trainlab.models.zoo", "models_cli", "list timm/torchvision architectures: "
+               "trainlab models '*resnet*'"),
+    "eval": ("trainlab.inference", "eval_cli", "metrics of a trained model: "
+             "trainlab eval run_id=ID|ckpt=PATH [split=val]"),
+    "predict": ("trainlab.inference", "predict_cli", "predict a folder of images: "
+                "trainlab predict run_id=ID input=FOLDER"),
 }
 
 USAGE = """\

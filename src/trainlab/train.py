@@ -47,12 +47,13 @@ def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbac
     from trainlab.components import build
     from trainlab.data.loaders import build_loaders
     from trainlab.distributed import select_device
+    from trainlab.models.finetune import build_model
     from trainlab.schedulers import build_scheduler
 
     device = select_device(cfg.trainer.accelerator)
     splits = build(cfg.data.dataset, "data", choices.get("data"))
     train_loader, val_loader = build_loaders(splits, cfg.data, int(cfg.seed), device)
-    model = build(cfg.model, "model", choices.get("model"))
+    model, model_callbacks = build_model(cfg.model, choices.get("model"))
     loss = build(cfg.loss, "loss", choices.get("loss"))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build(cfg.optimizer, "optimizer", choices.get("optimizer"))(trainable)
@@ -69,7 +70,7 @@ def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbac
         precision=precision,
         scheduler=scheduler,
         device=device,
-        callbacks=callbacks,
+        callbacks=(*callbacks, *model_callbacks),
     )
     try:
         result = runner.fit()
