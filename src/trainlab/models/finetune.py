@@ -199,15 +199,18 @@ def load_weights(model: nn.Module, path: str, strict: bool = False) -> LoadRepor
     """
     source = read_state_dict(path)
     target = model.state_dict()
+    # A wrapped model (DDP, torch.compile) names its tensors with the wrapper's prefix.
+    target_name = {strip_wrapper_prefixes(name): name for name in target}
     report = LoadReport(str(path))
     matched = {}
     for name, tensor in source.items():
-        if name not in target:
+        if name not in target_name:
             report.unexpected.append(name)
-        elif tensor.shape != target[name].shape:
-            report.skipped.append((name, tuple(tensor.shape), tuple(target[name].shape)))
+        elif tensor.shape != target[target_name[name]].shape:
+            shape = tuple(target[target_name[name]].shape)
+            report.skipped.append((name, tuple(tensor.shape), shape))
         else:
-            matched[name] = tensor
+            matched[target_name[name]] = tensor
     report.loaded = list(matched)
     report.missing = [name for name in target if name not in matched]
     if not matched:
