@@ -13,10 +13,14 @@ import sys
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 
 from trainlab.errors import TrainlabError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +179,7 @@ def eval_cli(args: list[str]) -> int:
 PREDICT_OPTIONS = {"run_id", "ckpt", "config", "checkpoint", "input", "output", "tracking_uri"}
 
 
-def load_images(folder: Path, channels: int, size) -> tuple[list[Path], list, "object"]:
+def load_images(folder: Path, channels: int, size) -> tuple[list[Path], list, torch.Tensor]:
     """Images of ``folder`` as a float batch in [0, 1], resized as in training."""
     import numpy as np
     import torch

@@ -162,7 +162,7 @@ def list_architectures(pattern: str = "*") -> list[tuple[str, str, bool]]:
 
 
 def models_cli(args: list[str]) -> int:
-    """`trainlab models [PATTERN ...] [--pretrained]`: list architectures of timm and torchvision."""
+    """`trainlab models [PATTERN ...] [--pretrained]`: timm and torchvision architectures."""
     only_pretrained = "--pretrained" in args
     patterns = [arg for arg in args if arg != "--pretrained"] or ["*"]
     if any(arg in ("-h", "--help") for arg in args):
