@@ -186,9 +186,11 @@ def test_gradual_unfreeze_adds_new_params_to_the_optimizer():
     assert isinstance(model.bn1, nn.BatchNorm2d)  # BatchNorm trains again
 
 
-def test_channels_last_switch():
-    model, _ = finetune(_timm(), channels_last=True)
+def test_channels_last_and_compile_switches():
+    model, _ = finetune(_timm(), channels_last=True, compile=True)
     assert model.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert model._compiled_call_impl is not None  # compiled in place, on first call
+    assert not any(name.startswith("_orig_mod.") for name in model.state_dict())
 
 
 def test_finetune_keys_are_not_given_to_the_constructor(compose):
@@ -197,3 +199,12 @@ def test_finetune_keys_are_not_given_to_the_constructor(compose):
     assert not any(p.requires_grad for p in model.features.parameters())
     assert all(p.requires_grad for p in model.classifier.parameters())
     assert OmegaConf.select(cfg, "model.weights_path") is None
+
+
+def test_head_and_freeze_patterns_from_the_command_line(compose):
+    cfg = compose("model=timm", "model.name=test_resnet", "model.head={hidden:16,dropout:0.1}",
+                  "model.freeze=[stem*,conv1.*]", "data.num_classes=3")
+    model, _ = build_model(cfg.model, "timm")
+    assert model.fc[0].out_features == 16 and model.fc[-1].out_features == 3
+    assert not any(p.requires_grad for p in model.conv1.parameters())
+    assert all(p.requires_grad for p in model.fc.parameters())

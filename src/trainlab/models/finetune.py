@@ -86,7 +86,7 @@ def finetune(
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if compile:
-        model = torch.compile(model)
+        model.compile()  # in place: state_dict names and the logged model stay unwrapped
     return model, callbacks
 
 
