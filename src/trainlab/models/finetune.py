@@ -82,6 +82,10 @@ def finetune(
     if unfreeze_at_epoch is not None:
         if not frozen:
             raise TrainlabError("model.unfreeze_at_epoch needs frozen layers: set model.freeze")
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            # DDP syncs only the parameters trainable when it wraps the model.
+            raise TrainlabError("model.unfreeze_at_epoch does not work with several DDP "
+                                "processes; fine-tune in two runs (model.weights_path) instead")
         callbacks.append(GradualUnfreeze(model, int(unfreeze_at_epoch)))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
