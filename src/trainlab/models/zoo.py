@@ -68,11 +68,12 @@ def timm_model(
     if not timm.is_model(name):
         raise _unknown(name, "timm", timm.list_models())
     if pretrained:
-        source = timm.models.get_pretrained_cfg(name.split(".")[0])
+        source = timm.models.get_pretrained_cfg(name)
         if source is None:
             raise TrainlabError(f"timm has no pretrained weights for {name!r}")
         if not _in_hf_cache(source.hf_hub_id):
-            require_hub("https://huggingface.co", name)
+            require_hub(source.url if not source.hf_hub_id and source.url
+                        else "https://huggingface.co", name)
     return timm.create_model(
         name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans,
         drop_rate=drop_rate, **kwargs,
