@@ -66,8 +66,9 @@ def finetune(
     from trainlab.models.init import init_weights
 
     if head:
-        if num_classes is None:
-            raise TrainlabError("model.head needs model.num_classes")
+        if not isinstance(head, dict) or num_classes is None:
+            raise TrainlabError(f"model.head={head!r}: give {{hidden: 256, dropout: 0.5}} "
+                                "(or null) on a model with num_classes")
         replace_head(model, int(num_classes), head.get("hidden"), float(head.get("dropout", 0.0)))
     if init:
         # Hub weights cover everything but the new head; a weights file overwrites what it has.
