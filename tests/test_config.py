@@ -7,11 +7,11 @@ import sys
 
 import pytest
 import torch
-from hydra.utils import instantiate
 
 from conftest import QUICK
 from trainlab.components import build
 from trainlab.errors import TrainlabError
+from trainlab.models.finetune import build_model
 
 GROUP_OPTIONS = {
     "model": ["cnn", "mlp"],
@@ -23,7 +23,7 @@ GROUP_OPTIONS = {
 @pytest.mark.parametrize("model", GROUP_OPTIONS["model"])
 def test_models_are_sized_from_the_data(compose, model):
     cfg = compose(f"model={model}")
-    net = instantiate(cfg.model)
+    net, _ = build_model(cfg.model)  # the fine-tune keys are not constructor arguments
     logits = net(torch.zeros(4, cfg.data.in_channels, *cfg.data.image_size))
     assert logits.shape == (4, cfg.data.num_classes)
 

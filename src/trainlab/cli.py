@@ -10,6 +10,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("trainlab.train", "cli", "train a model: trainlab train [-m] [group=option ...]"),
     "lr-plot": ("trainlab.lr_plot", "cli", "PNG of the lr curve: trainlab lr-plot scheduler=X"),
     "preview": ("trainlab.data.preview", "cli", "augmented-images grid: preview data=X augment=Y"),
+    "models": ("trainlab.models.zoo", "models_cli", "list timm/torchvision architectures: "
+               "trainlab models '*resnet*'"),
+    "eval": ("trainlab.inference", "eval_cli", "metrics of a trained model: "
+             "trainlab eval run_id=ID|ckpt=PATH [split=val]"),
+    "predict": ("trainlab.inference", "predict_cli", "predict a folder of images: "
+                "trainlab predict run_id=ID input=FOLDER"),
 }
 
 USAGE = """\

@@ -50,6 +50,7 @@ def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbac
     from trainlab.distributed import select_device
     from trainlab.losses import build_loss
     from trainlab.metrics import TaskMetrics
+    from trainlab.models.finetune import build_model
     from trainlab.optim import build_optimizer
     from trainlab.schedulers import build_scheduler
 
@@ -61,7 +62,7 @@ def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbac
     train_loader, val_loader = build_loaders(splits, cfg.data, int(cfg.seed), device, augmentation)
     preview = write_preview(splits, augmentation, output_dir / "augment_preview.png", seed=cfg.seed)
     tracker.log_artifact(preview, "preview")
-    model = build(cfg.model, "model", choices.get("model"))
+    model, model_callbacks = build_model(cfg.model, choices.get("model"))
     loss = build_loss(cfg.loss, choices.get("loss"), cfg.data)
     optimizer = build_optimizer(cfg.optimizer, model, choices.get("optimizer"))
     scheduler = build_scheduler(
@@ -81,7 +82,7 @@ def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbac
         scheduler=scheduler,
         metrics=metrics,
         device=device,
-        callbacks=callbacks,
+        callbacks=(*callbacks, *model_callbacks),
     )
     try:
         result = runner.fit()
