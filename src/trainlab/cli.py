@@ -8,6 +8,8 @@ import sys
 # name → (module, function, one-line help). Each function takes the remaining arguments.
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("trainlab.train", "cli", "train a model: trainlab train [-m] [group=option ...]"),
+    "runs": ("trainlab.compare", "runs_cli", "compare runs: trainlab runs [--sweep ID] [--plot F]"),
+    "ui": ("trainlab.compare", "ui_cli", "serve the MLflow UI and print the run table's URL"),
 }
 
 USAGE = """\

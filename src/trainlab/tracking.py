@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import subprocess
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -105,7 +106,11 @@ class MlflowTracker:
         # A run left active by an earlier job in this process must not swallow this one.
         while mlflow.active_run() is not None:
             mlflow.end_run()
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=dict(tags))
+        tags = dict(tags)
+        parent = os.environ.get("TRAINLAB_PARENT_RUN_ID")  # set by sweeps.MlflowSweep
+        if parent:
+            tags["mlflow.parentRunId"] = parent
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
         log.info("MLflow run %s (%s) in %s", run_name, self.run_id, mlflow.get_tracking_uri())
         status = "FAILED"
@@ -114,6 +119,9 @@ class MlflowTracker:
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
+            raise
+        except Exception as err:
+            mlflow.set_tag("trainlab.error", f"{type(err).__name__}: {err}"[:5000])
             raise
         finally:
             try:
