@@ -60,6 +60,22 @@ def gpu_for_job(job_num: int, n_gpus: int) -> int:
     return job_num % n_gpus
 
 
+def job_device(device):
+    """In a sweep, a CUDA job runs on GPU ``job.num % n_gpus`` instead of all on GPU 0."""
+    import torch
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if device.type != "cuda" or not HydraConfig.initialized():
+        return device
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return device
+    device = torch.device("cuda", gpu_for_job(hydra_cfg.job.num, torch.cuda.device_count()))
+    torch.cuda.set_device(device)
+    return device
+
+
 class MlflowSweep(Callback):
     """Opens a sweep's parent run, nests the jobs under it and logs the summary to it."""
 

@@ -49,8 +49,9 @@ def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbac
     from trainlab.data.loaders import build_loaders
     from trainlab.distributed import select_device
     from trainlab.schedulers import build_scheduler
+    from trainlab.sweeps import job_device
 
-    device = select_device(cfg.trainer.accelerator)
+    device = job_device(select_device(cfg.trainer.accelerator))
     splits = build(cfg.data.dataset, "data", choices.get("data"))
     train_loader, val_loader = build_loaders(splits, cfg.data, int(cfg.seed), device)
     model = build(cfg.model, "model", choices.get("model"))

@@ -98,7 +98,6 @@ class OptunaSweeper(Sweeper):
         )
 
     def sweep(self, arguments: list[str]) -> Any:
-        import optuna
         from hydra.core.utils import JobStatus
         from optuna.trial import TrialState
 
