@@ -226,6 +226,8 @@ def ui_cli(args: list[str]) -> int:
     parser.add_argument("--experiment", default="trainlab", help="experiment to open")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=5000)
+    parser.add_argument("--workers", type=int, default=1,
+                        help="server processes (one is plenty for a personal UI)")
     parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI "
                         "or sqlite:///mlflow.db)")
     opts = parser.parse_args(args)
@@ -236,7 +238,8 @@ def ui_cli(args: list[str]) -> int:
     experiment = client.get_experiment_by_name(opts.experiment)
     page = f"#/experiments/{experiment.experiment_id}/runs" if experiment else ""
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri",
-                               uri, "--host", opts.host, "--port", str(opts.port)])
+                               uri, "--host", opts.host, "--port", str(opts.port),
+                               "--workers", str(opts.workers)])
     print(f"MLflow UI on {uri}: http://{opts.host}:{opts.port}/{page}", flush=True)
     try:
         return server.wait()

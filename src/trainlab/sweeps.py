@@ -152,12 +152,12 @@ class MlflowSweep(Callback):
         client.set_terminated(self.parent_run_id, status)
 
 
-def close_open_sweeps() -> None:
-    """Summarise sweeps Hydra aborted after a failed job (it then skips ``on_multirun_end``)."""
+def close_open_sweeps(status: str = "FAILED") -> None:
+    """Summarise sweeps Hydra aborted (a failed job, Ctrl-C): it skips ``on_multirun_end``."""
     while _open:
         sweep = _open[-1]
         try:
-            sweep.finish("FAILED")
+            sweep.finish(status)
         except Exception as err:  # the summary must not hide the job's own error
             log.warning("could not summarise sweep %s: %s", sweep.parent_run_id, err)
             _open.remove(sweep)

@@ -134,5 +134,8 @@ def cli(args: list[str]) -> int:
 
     try:
         return run_hydra_app(main, "train", args)
+    except KeyboardInterrupt:
+        close_open_sweeps("KILLED")
+        raise
     finally:
         close_open_sweeps()
