@@ -77,6 +77,7 @@ class OptunaSweeper(Sweeper):
         storage: str | None = None,
         n_trials: int = 10,
         n_jobs: int = 1,
+        max_failure_rate: float = 0.0,
         params: Mapping[str, Any] | None = None,
     ) -> None:
         if direction not in DIRECTIONS:
@@ -86,6 +87,7 @@ class OptunaSweeper(Sweeper):
         self.direction = DIRECTIONS[direction]
         self.study_name, self.storage = study_name, storage
         self.n_trials, self.n_jobs = int(n_trials), max(1, int(n_jobs))
+        self.max_failure_rate = float(max_failure_rate)
         self.params = dict(params or {})
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
@@ -114,6 +116,7 @@ class OptunaSweeper(Sweeper):
         if done:
             log.info("Study %s resumed: %d trials done, %d to go", study.study_name, done,
                      max(remaining, 0))
+        launched, failures = 0, []
         while remaining > 0:
             trials = [study.ask(space) for _ in range(min(self.n_jobs, remaining))]
             batch = [fixed + [f"{key}={value}" for key, value in t.params.items()]
@@ -129,12 +132,16 @@ class OptunaSweeper(Sweeper):
             for trial, result in zip(trials, results, strict=True):
                 if result.status == JobStatus.FAILED:
                     study.tell(trial, state=TrialState.FAIL)
+                    failures.append(result)
                 elif PRUNED_ATTR in running[trial.number].user_attrs:
                     study.tell(trial, state=TrialState.PRUNED)
                 else:
                     study.tell(trial, float(result.return_value))
             remaining -= len(trials)
+            launched += len(trials)
         self._save_best(study, sweep_dir)
+        if failures and len(failures) / launched > self.max_failure_rate:
+            _ = failures[0].return_value  # re-raises the first failed job's error
         return study
 
     def _save_best(self, study, sweep_dir: Path) -> None:
