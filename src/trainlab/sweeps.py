@@ -105,7 +105,6 @@ class MlflowSweep(Callback):
                   "trainlab.command": command, "trainlab.overrides": " ".join(overrides)},
         )
         self.parent_run_id = run.info.run_id
-        os.environ[PARENT_RUN_ENV] = self.parent_run_id
         _open.append(self)
         log.info("MLflow sweep run %s: %s", self.parent_run_id, command)
 

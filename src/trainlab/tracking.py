@@ -15,6 +15,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from trainlab.errors import TrainlabError
+from trainlab.sweeps import PARENT_RUN_ENV
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ class MlflowTracker:
         while mlflow.active_run() is not None:
             mlflow.end_run()
         tags = dict(tags)
-        parent = os.environ.get("TRAINLAB_PARENT_RUN_ID")  # set by sweeps.MlflowSweep
+        parent = os.environ.get(PARENT_RUN_ENV)  # a sweep's parent run (sweeps.MlflowSweep)
         if parent:
             tags["mlflow.parentRunId"] = parent
         run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
