@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 PARENT_RUN_ENV = "TRAINLAB_PARENT_RUN_ID"
 OPTUNA_RESULTS = "optimization_results.yaml"  # written by the Optuna sweeper in the sweep dir
 _swept: set[str] = set()  # keys swept by the sweep this job belongs to
-_open: list[MlflowSweep] = []  # sweeps whose end Hydra skipped because a job raised
+_open: list[MlflowSweep] = []  # sweeps not summarised yet (Hydra skips the end on errors)
 
 
 def override_key(override: str) -> str:

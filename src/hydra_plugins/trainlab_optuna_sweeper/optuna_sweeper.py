@@ -7,6 +7,7 @@ Hydra's override grammar: ``interval(...)``, ``int(interval(...))``, ``range(...
 so a job finds its trial by number (in this process, or through ``storage`` from another
 process) to report each epoch's metric and be pruned. With a ``storage``, rerunning the
 same command loads the study and runs only the trials still missing to ``n_trials``.
+One sweeping process per study: trials asked together must get consecutive numbers.
 
 Optuna is imported inside the functions: Hydra imports every plugin module at start-up.
 """
