@@ -53,6 +53,7 @@ def test_grid_sweep_nests_jobs_and_summarises_failures_and_seeds(run_trainlab, m
 
     out = proc.stdout
     assert "Sweep summary (4 jobs" in out
+    assert "overrides of every job: optimizer=sgd model=mlp" in out
     table = out[out.index("Sweep summary"):].splitlines()
     assert table[3].startswith("optimizer.lr=0.05,seed="), "best job first"
     assert "optimizer.lr=0.05 " in out and "mean of 2 seeds" in out and "±" in out
@@ -190,7 +191,7 @@ def test_runs_command_compares_runs_and_plots_curves(tracking_uri, mlflow_client
     assert runs_cli(["--tracking-uri", tracking_uri, "--experiment", "cmp", "--sweep", parent,
                      "--plot", str(png)]) == 0
     out = capsys.readouterr().out
-    lines = out.splitlines()
+    lines = out.splitlines()[1:]
     assert lines[0].split()[:3] == ["run", "status", "overrides"]
     assert [line.split()[0] for line in lines[2:5]] == ["lr=0.1,seed=1", "lr=0.1,seed=2",
                                                         "lr=1,seed=1"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import math
 import re
@@ -105,6 +106,19 @@ def seed_groups(rows: Sequence[Row], mode: str) -> list[Row]:
         )
     sign = 1 if mode == "min" else -1
     return sorted(summary, key=lambda r: sign * r.best)
+
+
+def without_common_overrides(rows: Sequence[Row]) -> tuple[str, list[Row]]:
+    """The overrides every row shares, and the rows showing only the ones that differ."""
+    if not rows:
+        return "", []
+    common = set.intersection(*(set(r.overrides.split()) for r in rows))
+    shared = " ".join(w for w in rows[0].overrides.split() if w in common)
+    return shared, [
+        dataclasses.replace(r, overrides=" ".join(w for w in r.overrides.split()
+                                                  if w not in common))
+        for r in rows
+    ]
 
 
 def format_table(rows: Sequence[Row], metric: str) -> str:
@@ -211,7 +225,11 @@ def runs_cli(args: list[str]) -> int:
         return 1
     mode = opts.mode or mode_of(opts.metric)
     rows = rows_for(client, runs, opts.metric, mode)
-    print(format_table([*rows, *seed_groups(rows, mode)], opts.metric))
+    rows += seed_groups(rows, mode)
+    if opts.sweep:
+        shared, rows = without_common_overrides(rows)
+        print(f"overrides of every job: {shared or '(none)'}")
+    print(format_table(rows, opts.metric))
     if opts.plot:
         plot_curves(client, runs, opts.metric, opts.plot)
         print(f"curves of {opts.metric}: {opts.plot}")

@@ -137,8 +137,10 @@ class MlflowSweep(Callback):
         rows = compare.rows_for(client, children, metric, mode)
         rows += compare.seed_groups(rows, mode)
         if self.summary:
-            print(f"\nSweep summary ({len(children)} jobs, MLflow run {self.parent_run_id}):")
-            print(compare.format_table(rows, metric), flush=True)
+            shared, short = compare.without_common_overrides(rows)
+            print(f"\nSweep summary ({len(children)} jobs, MLflow run {self.parent_run_id}),"
+                  f" overrides of every job: {shared or '(none)'}")
+            print(compare.format_table(short, metric), flush=True)
         client.log_text(self.parent_run_id, compare.format_csv(rows, metric), "summary.csv")
         client.log_text(self.parent_run_id, compare.format_markdown(rows, metric), "summary.md")
         results = sweep_dir / OPTUNA_RESULTS
