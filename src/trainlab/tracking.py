@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import subprocess
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -16,6 +17,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from trainlab.errors import TrainlabError
+from trainlab.sweeps import PARENT_RUN_ENV
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +110,11 @@ class MlflowTracker:
         # A run left active by an earlier job in this process must not swallow this one.
         while mlflow.active_run() is not None:
             mlflow.end_run()
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=dict(tags))
+        tags = dict(tags)
+        parent = os.environ.get(PARENT_RUN_ENV)  # a sweep's parent run (sweeps.MlflowSweep)
+        if parent:
+            tags["mlflow.parentRunId"] = parent
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
         log.info("MLflow run %s (%s) in %s", run_name, self.run_id, mlflow.get_tracking_uri())
         status = "FAILED"
@@ -117,6 +123,9 @@ class MlflowTracker:
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
+            raise
+        except Exception as err:
+            mlflow.set_tag("trainlab.error", f"{type(err).__name__}: {err}"[:5000])
             raise
         finally:
             try:
