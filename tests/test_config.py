@@ -7,11 +7,11 @@ import sys
 
 import pytest
 import torch
-from hydra.utils import instantiate
 
 from conftest import QUICK
 from trainlab.components import build
 from trainlab.errors import TrainlabError
+from trainlab.models.finetune import build_model
 
 GROUP_OPTIONS = {
     "model": ["cnn", "mlp"],
@@ -23,7 +23,7 @@ GROUP_OPTIONS = {
 @pytest.mark.parametrize("model", GROUP_OPTIONS["model"])
 def test_models_are_sized_from_the_data(compose, model):
     cfg = compose(f"model={model}")
-    net = instantiate(cfg.model)
+    net, _ = build_model(cfg.model)  # the fine-tune keys are not constructor arguments
     logits = net(torch.zeros(4, cfg.data.in_channels, *cfg.data.image_size))
     assert logits.shape == (4, cfg.data.num_classes)
 
@@ -31,11 +31,11 @@ def test_models_are_sized_from_the_data(compose, model):
 @pytest.mark.parametrize("optimizer", GROUP_OPTIONS["optimizer"])
 @pytest.mark.parametrize("scheduler", GROUP_OPTIONS["scheduler"])
 def test_optimizer_and_scheduler_build_from_partials(compose, optimizer, scheduler):
+    from trainlab.optim import build_optimizer
     from trainlab.schedulers import build_scheduler
 
     cfg = compose(f"optimizer={optimizer}", f"scheduler={scheduler}")
-    params = [torch.nn.Parameter(torch.zeros(2))]
-    opt = instantiate(cfg.optimizer)(params)
+    opt = build_optimizer(cfg.optimizer, torch.nn.Linear(2, 2))
     assert opt.param_groups[0]["lr"] == cfg.optimizer.lr
     sched = build_scheduler(cfg.scheduler, opt)
     assert (sched is None) == (scheduler == "none")
@@ -81,7 +81,7 @@ def test_bad_target_is_one_line_not_a_traceback(run_trainlab):
 
 def test_help_lists_groups(run_trainlab):
     proc = run_trainlab("train", "--help")
-    assert "loss: ce" in proc.stdout
+    assert "loss: bce, bce_logits, ce," in proc.stdout
     assert "model: cnn, mlp" in proc.stdout
 
 

@@ -8,6 +8,16 @@ import sys
 # name → (module, function, one-line help). Each function takes the remaining arguments.
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("trainlab.train", "cli", "train a model: trainlab train [-m] [group=option ...]"),
+    "lr-plot": ("trainlab.lr_plot", "cli", "PNG of the lr curve: trainlab lr-plot scheduler=X"),
+    "preview": ("trainlab.data.preview", "cli", "augmented-images grid: preview data=X augment=Y"),
+    "models": ("trainlab.models.zoo", "models_cli", "list timm/torchvision architectures: "
+               "trainlab models '*resnet*'"),
+    "eval": ("trainlab.inference", "eval_cli", "metrics of a trained model: "
+             "trainlab eval run_id=ID|ckpt=PATH [split=val]"),
+    "predict": ("trainlab.inference", "predict_cli", "predict a folder of images: "
+                "trainlab predict run_id=ID input=FOLDER"),
+    "runs": ("trainlab.compare", "runs_cli", "compare runs: trainlab runs [--sweep ID] [--plot F]"),
+    "ui": ("trainlab.compare", "ui_cli", "serve the MLflow UI and print the run table's URL"),
 }
 
 USAGE = """\

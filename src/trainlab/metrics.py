@@ -1,64 +1,230 @@
-"""Running metric totals kept on the device, so the hot loop never waits for the host."""
+"""Task-aware metrics: cheap device-side sums while training, torchmetrics when validating.
+
+Training updates are device ops only (no host sync), read once per logging interval.
+Validation uses torchmetrics, which is exact over batches of unequal size and sums over
+DDP ranks. Classification: ``acc``, ``acc_top5``, ``f1_macro`` and a confusion matrix.
+Segmentation (1 output channel: binary with sigmoid; C channels: softmax): ``dice``,
+``iou`` (mean over classes) and pixel ``acc``, ``ignore_index`` pixels left out.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from trainlab.errors import TrainlabError
 
-class ClassificationTotals:
-    """Sums of loss and correct top-1 predictions over the samples seen so far.
+TASKS = ("classification", "segmentation")
 
-    ``update`` runs every training step, where on a small model each tensor op costs ~1 % of
-    the step: it only keeps (detached) references, and the sums are reduced on the device in
-    one go every ``reduce_every`` updates, when the kept logits pass ``max_pending`` elements,
-    or when read. ``compute`` (and ``window``) is where the host syncs, which the runner does
-    once per logging interval, not per step.
-    """
+
+def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over DDP ranks when a process group is up; a no-op otherwise."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+    return tensor
+
+
+class TaskMetrics:
+    """Which metrics a task computes; makes the per-epoch accumulators for the runner."""
 
     def __init__(
-        self, device: torch.device | str = "cpu", reduce_every: int = 32, max_pending: int = 1 << 20
+        self, task: str = "classification", num_classes: int | None = None,
+        ignore_index: int | None = None,
     ) -> None:
+        if task not in TASKS:
+            raise TrainlabError(f"data.task={task!r}; choose one of {TASKS}")
+        self.task, self.num_classes, self.ignore_index = task, num_classes, ignore_index
+
+    @property
+    def main(self) -> str:
+        """The metric shown on every epoch line and tracked cheaply while training."""
+        return "acc" if self.task == "classification" else "dice"
+
+    def names(self) -> list[str]:
+        """Every metric a run of this task logs per epoch (the valid ``trainer.monitor`` values)."""
+        if self.task == "segmentation":
+            val = ["loss", "dice", "iou", "acc"]
+        else:
+            top5 = ["acc_top5"] if (self.num_classes or 0) > 5 else []
+            val = ["loss", "acc", *top5, "f1_macro"]
+        return [f"train/{name}" for name in ("loss_epoch", self.main)] + [
+            f"val/{name}" for name in val
+        ]
+
+    def check_monitor(self, monitor: str) -> None:
+        if monitor not in self.names():
+            raise TrainlabError(
+                f"trainer.monitor={monitor!r} is never computed for data.task={self.task}; "
+                f"choose one of {self.names()}"
+            )
+
+    def train(self, device: torch.device | str = "cpu") -> TrainTotals:
+        return TrainTotals(self, device)
+
+    def val(self, device: torch.device | str = "cpu") -> ValMetrics:
+        return ValMetrics(self, device)
+
+
+def _val_metrics(spec: TaskMetrics, num_classes: int) -> dict:
+    """The torchmetrics objects of validation, by the name they are logged under."""
+    from torchmetrics import classification as tm
+
+    ignore = spec.ignore_index
+    if spec.task == "classification":
+        metrics = {"acc": tm.MulticlassAccuracy(num_classes, average="micro")}
+        if num_classes > 5:
+            metrics["acc_top5"] = tm.MulticlassAccuracy(num_classes, top_k=5, average="micro")
+        metrics["f1_macro"] = tm.MulticlassF1Score(num_classes, average="macro")
+        metrics["confusion"] = tm.MulticlassConfusionMatrix(num_classes)
+        return metrics
+    if num_classes == 1:
+        return {
+            "dice": tm.BinaryF1Score(ignore_index=ignore),  # Dice = F1 over all pixels
+            "iou": tm.BinaryJaccardIndex(ignore_index=ignore),
+            "acc": tm.BinaryAccuracy(ignore_index=ignore),
+        }
+    return {
+        "dice": tm.MulticlassF1Score(num_classes, average="macro", ignore_index=ignore),
+        "iou": tm.MulticlassJaccardIndex(num_classes, average="macro", ignore_index=ignore),
+        "acc": tm.MulticlassAccuracy(num_classes, average="micro", ignore_index=ignore),
+    }
+
+
+class TrainTotals:
+    """Loss sum and top-1 hits (classification) or a pixel confusion matrix (segmentation).
+
+    ``update`` is device ops only; ``compute`` and ``window`` are where the host syncs.
+    """
+
+    def __init__(self, spec: TaskMetrics, device: torch.device | str = "cpu") -> None:
+        self.spec = spec
+        self.device = device
         self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        self.correct = torch.zeros((), device=device, dtype=torch.long)
+        self.hits = torch.zeros((), device=device, dtype=torch.long)  # classification
+        self.confusion: torch.Tensor | None = None  # segmentation, made at the first batch
+        self.binary = False
         self.count = 0
-        self.reduce_every = reduce_every
-        self.max_pending = max_pending
-        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self._pending_numel = 0
         self._read = (0.0, 0)
 
-    def update(self, loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor) -> None:
-        self._pending.append((loss.detach(), logits.detach(), target))
-        self.count += target.shape[0]
-        self._pending_numel += logits.numel()
-        if len(self._pending) >= self.reduce_every or self._pending_numel >= self.max_pending:
-            self._reduce()
-
-    def _reduce(self) -> None:
-        """Fold the pending batches into the sums: a handful of ops for all of them."""
-        if not self._pending:
+    def update(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        # Called every training step: detached inputs and in-place ops rather than a no_grad
+        # context, since on a small model each extra op or context is a visible share of a step.
+        n = targets.shape[0]
+        self.loss_sum.add_(loss.detach(), alpha=n)
+        self.count += n
+        logits = logits.detach()
+        if self.spec.task == "classification":
+            self.hits.add_(logits.argmax(dim=1).eq_(targets).sum())
             return
-        losses, logits, targets = zip(*self._pending, strict=True)
-        self._pending, self._pending_numel = [], 0
-        sizes = torch.tensor([len(t) for t in targets], device=self.loss_sum.device)
-        self.loss_sum += (torch.stack(losses).double() * sizes).sum()
-        self.correct += torch.cat(logits).argmax(dim=1).eq_(torch.cat(targets)).sum()
+        if logits.dim() == targets.dim() or logits.shape[1] == 1:  # binary: sigmoid > 0.5
+            self.binary = True
+            classes, preds = 2, (logits.reshape(targets.shape) > 0).long()
+        else:
+            classes, preds = logits.shape[1], logits.argmax(dim=1)
+        targets = targets.long()
+        if self.spec.ignore_index is not None:
+            keep = targets != self.spec.ignore_index
+            targets, preds = targets[keep], preds[keep]
+        pairs = torch.bincount((targets * classes + preds).flatten(), minlength=classes**2)
+        if self.confusion is None:
+            self.confusion = torch.zeros_like(pairs)
+        self.confusion += pairs[: classes**2]
 
     def compute(self) -> dict[str, float]:
-        """Mean loss and accuracy over everything seen."""
+        """Mean loss and the task's main metric over everything seen (summed over ranks)."""
+        main = self.spec.main
         if self.count == 0:
-            return {"loss": float("nan"), "acc": float("nan")}
-        self._reduce()
-        return {
-            "loss": self.loss_sum.item() / self.count,
-            "acc": self.correct.item() / self.count,
-        }
+            return {"loss": float("nan"), main: float("nan")}
+        loss_sum, count = _all_reduce(
+            torch.stack([self.loss_sum, torch.tensor(self.count, device=self.device)])
+        ).tolist()
+        if self.spec.task == "classification":
+            return {"loss": loss_sum / count, "acc": _all_reduce(self.hits).item() / count}
+        classes = int(round(self.confusion.numel() ** 0.5))
+        matrix = _all_reduce(self.confusion).reshape(classes, classes).double()
+        tp = matrix.diag()
+        dice = 2 * tp / (matrix.sum(0) + matrix.sum(1)).clamp_min(1)
+        # binary: the foreground's Dice; multi-class: the mean over classes
+        return {"loss": loss_sum / count, "dice": (dice[1] if self.binary else dice.mean()).item()}
 
     def window(self) -> float:
         """Mean loss over the samples seen since the previous call (for per-step logging)."""
-        self._reduce()
         loss_sum, count = self.loss_sum.item(), self.count
         last_sum, last_count = self._read
         self._read = (loss_sum, count)
         seen = count - last_count
         return (loss_sum - last_sum) / seen if seen else float("nan")
+
+
+class ValMetrics:
+    """The task's torchmetrics plus the mean loss, exact over uneven batches and DDP ranks."""
+
+    def __init__(self, spec: TaskMetrics, device: torch.device | str = "cpu") -> None:
+        from torchmetrics import MeanMetric
+
+        self.spec, self.device = spec, device
+        self.loss = MeanMetric().to(device)
+        self.metrics: dict | None = None  # made at the first batch if num_classes is unknown
+        if spec.num_classes:
+            self._build(spec.num_classes)
+
+    def _build(self, num_classes: int) -> None:
+        self.metrics = {
+            name: metric.to(self.device)
+            for name, metric in _val_metrics(self.spec, num_classes).items()
+        }
+
+    @torch.no_grad()
+    def update(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        self.loss.update(loss.detach(), weight=targets.shape[0])
+        if self.metrics is None:
+            self._build(logits.shape[1])
+        if self.spec.task == "segmentation" and self.spec.num_classes == 1:
+            logits = torch.sigmoid(logits.reshape(targets.shape))
+        for metric in self.metrics.values():
+            metric.update(logits, targets.long())
+
+    def compute(self) -> dict[str, float]:
+        """``loss`` and every metric of the task, as floats (the confusion matrix left out)."""
+        values = {"loss": self.loss.compute().item()}
+        for name, metric in (self.metrics or {}).items():
+            if name != "confusion":
+                values[name] = metric.compute().item()
+        return values
+
+    def confusion(self) -> torch.Tensor | None:
+        """Counts of (true class, predicted class) for classification; ``None`` otherwise."""
+        metric = (self.metrics or {}).get("confusion")
+        return None if metric is None else metric.compute().cpu()
+
+
+def plot_confusion(matrix: torch.Tensor, path: str | Path) -> Path:
+    """Write ``matrix`` (rows: true class, columns: predicted) as a PNG heat map with counts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    classes = matrix.shape[0]
+    size = max(4.0, 0.45 * classes + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix.numpy(), cmap="Blues")
+    if classes <= 30:  # counts stay readable up to here
+        half = matrix.max().item() / 2
+        ax.set(xticks=range(classes), yticks=range(classes))
+        for row in range(classes):
+            for col in range(classes):
+                count = int(matrix[row, col])
+                ax.text(col, row, count, ha="center", va="center", fontsize=7,
+                        color="white" if count > half else "black")
+    ax.set(xlabel="predicted class", ylabel="true class", title="validation confusion matrix")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -17,9 +17,9 @@ from tqdm.auto import tqdm
 from trainlab.checkpoint import save_checkpoint
 from trainlab.distributed import select_device
 from trainlab.errors import TrainlabError
-from trainlab.metrics import ClassificationTotals
+from trainlab.metrics import TaskMetrics, plot_confusion
 from trainlab.precision import Precision
-from trainlab.schedulers import ScheduledLR
+from trainlab.schedulers import ScheduledLR, lr_names, plot_lr
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ class Runner:
         checkpoint_dir: str | Path,
         precision: Precision | None = None,
         scheduler: ScheduledLR | None = None,
+        metrics: TaskMetrics | None = None,
         max_epochs: int = 10,
         accelerator: str = "cpu",
         monitor: str = "val/acc",
@@ -74,6 +75,11 @@ class Runner:
         self.precision = precision or Precision()
         self.precision.setup(self.device)
         self.scheduler = scheduler
+        self.metrics = metrics or TaskMetrics("classification")
+        self.metrics.check_monitor(monitor)
+        self.lr_history: list[tuple[int, list[float]]] = []  # (step, lrs) at every change
+        self._lr_pending: list[tuple[int, list[float]]] = []  # changes not yet logged
+        self.confusion: torch.Tensor | None = None
         self.max_epochs = int(max_epochs)
         self.monitor = monitor
         self.monitor_mode = monitor_mode
@@ -89,39 +95,39 @@ class Runner:
     # ------------------------------------------------------------------ public
     def fit(self) -> FitResult:
         history = []
+        self._record_lr()
         for epoch in range(self.epoch, self.max_epochs):
             self.epoch = epoch
             started = time.perf_counter()
             train_metrics = self.train_epoch(epoch)
             val_metrics = self.validate()
             metrics = {**train_metrics, **val_metrics}
-            if self.monitor not in metrics:
-                raise TrainlabError(
-                    f"trainer.monitor={self.monitor!r} is never computed; "
-                    f"choose one of {sorted(metrics)}"
-                )
             if self.scheduler is not None and self.scheduler.interval == "epoch":
                 self.scheduler.step(metrics[self.monitor])
+                self._record_lr()
             improved = self._is_better(metrics[self.monitor])
             if improved:
                 self.best, self.best_epoch = metrics[self.monitor], epoch
             self._save_checkpoints(metrics, improved)
             metrics["epoch"] = epoch
-            metrics.update(self._lr_metrics())
+            if self.lr_history[-1][0] != self.global_step:  # else logged as a change just now
+                metrics.update(zip(lr_names(self.optimizer), self.lr_history[-1][1], strict=True))
             self.tracker.log_metrics(metrics, step=self.global_step)
+            self._log_lr_changes()
             history.append(metrics)
             self._print_epoch(epoch, metrics, time.perf_counter() - started, improved)
             for callback in self.callbacks:
                 callback.on_epoch_end(self, epoch, metrics)
             if self.should_stop:
                 break
+        self._log_plots()
         return FitResult(best=self.best, best_epoch=self.best_epoch, history=history)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
         if hasattr(self.train_loader, "set_epoch"):
             self.train_loader.set_epoch(epoch)
-        totals = ClassificationTotals(self.device)
+        totals = self.metrics.train(self.device)
         per_batch_scheduler = self.scheduler if (
             self.scheduler is not None and self.scheduler.interval == "step"
         ) else None
@@ -145,21 +151,23 @@ class Runner:
                 per_batch_scheduler.step()
             totals.update(loss, logits, targets)
             self.global_step += 1
+            if per_batch_scheduler is not None:
+                self._record_lr()
             if self.global_step % self.log_every == 0:
                 window_loss = totals.window()
                 self._check_finite(window_loss)
-                self.tracker.log_metrics(
-                    {"train/loss": window_loss, **self._lr_metrics()}, step=self.global_step
-                )
+                self.tracker.log_metrics({"train/loss": window_loss}, step=self.global_step)
+                self._log_lr_changes()
                 bar.set_postfix(loss=f"{window_loss:.4f}", refresh=False)
         result = totals.compute()
-        self._check_finite(result["loss"])
-        return {"train/loss_epoch": result["loss"], "train/acc": result["acc"]}
+        loss = result.pop("loss")
+        self._check_finite(loss)
+        return {"train/loss_epoch": loss, **{f"train/{k}": v for k, v in result.items()}}
 
     @torch.inference_mode()
     def validate(self) -> dict[str, float]:
         self.model.eval()
-        totals = ClassificationTotals(self.device)
+        totals = self.metrics.val(self.device)
         for inputs, targets in self.val_loader:
             inputs = inputs.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
@@ -167,18 +175,39 @@ class Runner:
                 logits = self.model(inputs)
                 loss = self.loss(logits, targets)
             totals.update(loss, logits, targets)
-        result = totals.compute()
-        return {"val/loss": result["loss"], "val/acc": result["acc"]}
+        self.confusion = totals.confusion()
+        return {f"val/{name}": value for name, value in totals.compute().items()}
 
     # ----------------------------------------------------------------- helpers
     def _is_better(self, value: float) -> bool:
         return value < self.best if self.monitor_mode == "min" else value > self.best
 
-    def _lr_metrics(self) -> dict[str, float]:
-        groups = self.optimizer.param_groups
-        if len(groups) == 1:
-            return {"lr": groups[0]["lr"]}
-        return {f"lr/group{i}": group["lr"] for i, group in enumerate(groups)}
+    def _record_lr(self) -> None:
+        """Note the lrs of the param groups when they differ from the last noted ones."""
+        lrs = [group["lr"] for group in self.optimizer.param_groups]
+        if not self.lr_history or self.lr_history[-1][1] != lrs:
+            self.lr_history.append((self.global_step, lrs))
+            self._lr_pending.append((self.global_step, lrs))
+
+    def _log_lr_changes(self) -> None:
+        """Log every lr change since the last call, each at the step it took effect."""
+        names = lr_names(self.optimizer)
+        self.tracker.log_metric_series(
+            [(step, dict(zip(names, lrs, strict=True))) for step, lrs in self._lr_pending]
+        )
+        self._lr_pending.clear()
+
+    def _log_plots(self) -> None:
+        """The lr curve over the run and (classification) the last confusion matrix, as PNGs."""
+        folder = self.checkpoint_dir.parent / "plots"
+        steps = [step for step, _ in self.lr_history] + [self.global_step]
+        lrs = [lrs for _, lrs in self.lr_history] + [self.lr_history[-1][1]]
+        self.tracker.log_artifact(
+            plot_lr(steps, lrs, lr_names(self.optimizer), folder / "lr_curve.png",
+                    steps_per_epoch=len(self.train_loader)), "plots")
+        if self.confusion is not None:
+            self.tracker.log_artifact(
+                plot_confusion(self.confusion, folder / "confusion_matrix.png"), "plots")
 
     def _check_finite(self, value: float) -> None:
         if not math.isfinite(value):
@@ -203,10 +232,11 @@ class Runner:
             save_checkpoint(state, self.checkpoint_dir / "best.pt")
 
     def _print_epoch(self, epoch: int, metrics: dict, seconds: float, improved: bool) -> None:
+        main = self.metrics.main
         line = (
             f"epoch {epoch + 1:>3}/{self.max_epochs}  "
-            f"train loss {metrics['train/loss_epoch']:.4f} acc {metrics['train/acc']:6.2%}  "
-            f"val loss {metrics['val/loss']:.4f} acc {metrics['val/acc']:6.2%}  "
+            f"train loss {metrics['train/loss_epoch']:.4f} {main} {metrics[f'train/{main}']:6.2%}  "
+            f"val loss {metrics['val/loss']:.4f} {main} {metrics[f'val/{main}']:6.2%}  "
             f"lr {self.optimizer.param_groups[0]['lr']:.2e}  {seconds:5.1f}s"
             + ("  *best" if improved else "")
         )

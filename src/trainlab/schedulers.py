@@ -1,27 +1,39 @@
-"""Learning-rate schedulers from config, and whether each steps per epoch or per batch."""
+"""Learning-rate schedulers from config, and whether each steps per epoch or per batch.
+
+Lengths the user should not have to type are derived from the run: a ``null``
+``total_steps`` (OneCycleLR, warmup_cosine) becomes loader length × ``trainer.max_epochs``,
+a ``null`` ``T_max`` (cosine) the number of times the scheduler will step.
+"""
 
 from __future__ import annotations
 
+import ast
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch.optim import lr_scheduler
 
 from trainlab.components import build
+from trainlab.errors import TrainlabError
 
 PER_BATCH = {"CyclicLR", "OneCycleLR"}
+INTERVALS = ("epoch", "step")
 
 
 @dataclass
 class ScheduledLR:
     """A torch scheduler plus when the runner steps it (``epoch`` or ``step``)."""
 
-    scheduler: torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau
+    scheduler: lr_scheduler.LRScheduler | lr_scheduler.ReduceLROnPlateau
     interval: str
 
     @property
     def needs_metric(self) -> bool:
-        return isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        return isinstance(self.scheduler, lr_scheduler.ReduceLROnPlateau)
 
     def step(self, metric: float | None = None) -> None:
         if self.needs_metric:
@@ -31,15 +43,157 @@ class ScheduledLR:
 
 
 def build_scheduler(
-    node: DictConfig, optimizer: torch.optim.Optimizer, choice: str | None = None
+    node: DictConfig,
+    optimizer: torch.optim.Optimizer,
+    choice: str | None = None,
+    steps_per_epoch: int = 1,
+    max_epochs: int = 1,
 ) -> ScheduledLR | None:
     """The scheduler of config ``node`` for ``optimizer``; ``None`` when ``_target_`` is null."""
     if node is None or node.get("_target_") is None:
         return None
     options = OmegaConf.to_container(node, resolve=True)
     interval = options.pop("interval", None)
-    factory = build(OmegaConf.create(options), "scheduler", choice)
-    scheduler = factory(optimizer)
+    if interval not in (None, *INTERVALS):
+        raise TrainlabError(f"scheduler.interval={interval!r}; choose one of {INTERVALS}")
+    total_steps = steps_per_epoch * max_epochs
+    if "total_steps" in options and options["total_steps"] is None:
+        options["total_steps"] = total_steps
+    if "T_max" in options and options["T_max"] is None:
+        options["T_max"] = total_steps if interval == "step" else max_epochs
+    scheduler = build(OmegaConf.create(options), "scheduler", choice)(optimizer)
     if interval is None:
         interval = "step" if type(scheduler).__name__ in PER_BATCH else "epoch"
-    return ScheduledLR(scheduler, interval)
+    scheduled = ScheduledLR(scheduler, interval)
+    if scheduled.needs_metric and interval == "step":
+        raise TrainlabError(
+            f"scheduler={choice or options['_target_']} reads trainer.monitor, which is only "
+            "computed after each epoch's validation; set scheduler.interval=epoch"
+        )
+    return scheduled
+
+
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    warmup_fraction: float = 0.1,
+    start_factor: float = 0.01,
+    eta_min: float = 0.0,
+) -> lr_scheduler.SequentialLR:
+    """Linear warmup from ``start_factor`` × lr over the first steps, then cosine to ``eta_min``."""
+    if not 0 <= warmup_fraction < 1:
+        raise TrainlabError(
+            f"scheduler.warmup_fraction={warmup_fraction}; choose a value in [0, 1)"
+        )
+    warmup = max(1, round(total_steps * warmup_fraction))
+    return lr_scheduler.SequentialLR(
+        optimizer,
+        [
+            lr_scheduler.LinearLR(optimizer, start_factor, 1.0, total_iters=warmup),
+            lr_scheduler.CosineAnnealingLR(optimizer, max(1, total_steps - warmup), eta_min),
+        ],
+        milestones=[warmup],
+    )
+
+
+def chain(
+    optimizer: torch.optim.Optimizer,
+    schedulers: Sequence[Callable[[torch.optim.Optimizer], lr_scheduler.LRScheduler]],
+) -> lr_scheduler.ChainedScheduler:
+    """Several schedulers stepped together; each multiplies in its own factor."""
+    return lr_scheduler.ChainedScheduler([make(optimizer) for make in schedulers], optimizer)
+
+
+def expression(source: str | float, variable: str) -> Callable[[int], float]:
+    """``"0.1 ** (epoch // 30)"`` → a function of ``epoch``; only arithmetic and ``math``."""
+    try:
+        tree = ast.parse(str(source), mode="eval")
+    except SyntaxError as err:
+        raise TrainlabError(f"scheduler.lr_lambda={source!r} is not an expression: {err}") from None
+    names = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)} - {"math", variable}
+    names |= {f".{node.attr}" for node in ast.walk(tree)
+              if isinstance(node, ast.Attribute) and node.attr.startswith("_")}
+    if names:
+        raise TrainlabError(
+            f"scheduler.lr_lambda={source!r} uses {sorted(names)}; it may only use "
+            f"'{variable}', numbers, operators and math.*"
+        )
+    code = compile(tree, "<scheduler lr_lambda>", "eval")
+
+    def factor(value: int) -> float:
+        return eval(code, {"__builtins__": {}, "math": math}, {variable: value})
+
+    return factor
+
+
+def lambda_lr(optimizer: torch.optim.Optimizer, lr_lambda: str) -> lr_scheduler.LambdaLR:
+    """LambdaLR whose factor of the initial lr is a YAML expression of ``epoch``."""
+    return lr_scheduler.LambdaLR(optimizer, expression(lr_lambda, "epoch"))
+
+
+def multiplicative(
+    optimizer: torch.optim.Optimizer, lr_lambda: str | float
+) -> lr_scheduler.MultiplicativeLR:
+    """MultiplicativeLR: each step multiplies the lr by a YAML expression of ``epoch``."""
+    return lr_scheduler.MultiplicativeLR(optimizer, expression(lr_lambda, "epoch"))
+
+
+def lr_names(optimizer: torch.optim.Optimizer) -> list[str]:
+    """Metric names of the param groups' lrs: ``lr``, or ``lr/<group name>`` for several."""
+    groups = optimizer.param_groups
+    if len(groups) == 1:
+        return ["lr"]
+    return [f"lr/{group.get('name', f'group{i}')}" for i, group in enumerate(groups)]
+
+
+def simulate(
+    scheduled: ScheduledLR | None,
+    optimizer: torch.optim.Optimizer,
+    steps_per_epoch: int,
+    max_epochs: int,
+    metric: float = 0.0,
+) -> list[list[float]]:
+    """The lr of every param group at each training step, stepping as the runner does.
+
+    The optimizer steps without gradients (a no-op on the weights); ``plateau`` sees the
+    same ``metric`` every epoch, i.e. a run that never improves.
+    """
+    lrs = []
+    for _ in range(max_epochs):
+        for _ in range(steps_per_epoch):
+            lrs.append([group["lr"] for group in optimizer.param_groups])
+            optimizer.step()
+            if scheduled is not None and scheduled.interval == "step":
+                scheduled.step()
+        if scheduled is not None and scheduled.interval == "epoch":
+            scheduled.step(metric)
+    return lrs
+
+
+def plot_lr(
+    steps: Sequence[int], lrs: Sequence[Sequence[float]], names: Sequence[str],
+    path: str | Path, title: str = "learning rate", steps_per_epoch: int | None = None,
+) -> Path:
+    """Write the lr of each param group over training steps as a PNG (a step plot)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for index, name in enumerate(names):
+        ax.step(steps, [row[index] for row in lrs], where="post", label=name)
+    if steps_per_epoch:
+        ax.secondary_xaxis(
+            "top", functions=(lambda s: s / steps_per_epoch, lambda e: e * steps_per_epoch)
+        ).set_xlabel("epoch")
+    ax.set(xlabel="step", ylabel="lr")
+    fig.suptitle(title)
+    if len(names) > 1:
+        ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

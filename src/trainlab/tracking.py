@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from trainlab.errors import TrainlabError
+from trainlab.sweeps import PARENT_RUN_ENV
 
 log = logging.getLogger(__name__)
 
 PARAM_VALUE_LIMIT = 6000  # MLflow rejects longer param values
+METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch call
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -110,7 +114,11 @@ class MlflowTracker:
         # A run left active by an earlier job in this process must not swallow this one.
         while mlflow.active_run() is not None:
             mlflow.end_run()
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=dict(tags))
+        tags = dict(tags)
+        parent = os.environ.get(PARENT_RUN_ENV)  # a sweep's parent run (sweeps.MlflowSweep)
+        if parent:
+            tags["mlflow.parentRunId"] = parent
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
         log.info("MLflow run %s (%s) in %s", run_name, self.run_id, mlflow.get_tracking_uri())
         status = "FAILED"
@@ -119,6 +127,9 @@ class MlflowTracker:
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
+            raise
+        except Exception as err:
+            mlflow.set_tag("trainlab.error", f"{type(err).__name__}: {err}"[:5000])
             raise
         finally:
             try:
@@ -134,24 +145,34 @@ class MlflowTracker:
         mlflow.log_params(clean)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """Queue ``metrics`` at ``step``; they reach MLflow every ``flush_every_s`` seconds.
+        """Queue ``metrics`` at ``step``; they reach MLflow every ``flush_every_s`` seconds."""
+        self.log_metric_series([(step, metrics)])
 
-        Every MLflow call costs milliseconds (and an asynchronous one steals the training
-        thread's interpreter lock for as long), so the hot loop only appends to a list.
+    def log_metric_series(self, rows: Sequence[tuple[int, Mapping[str, float]]]) -> None:
+        """Queue the metrics of many steps (``(step, {name: value})`` rows).
+
+        Every MLflow call costs milliseconds (and an asynchronous one holds the training
+        thread's interpreter lock for as long), so the hot loop only appends to a list;
+        ``flush`` sends it in one batched call every ``flush_every_s`` seconds.
         """
-        timestamp = int(time.time() * 1000)
-        self._pending += [(key, float(value), timestamp, step) for key, value in metrics.items()]
+        stamp = int(time.time() * 1000)
+        self._pending += [
+            (key, float(value), stamp, step)
+            for step, values in rows
+            for key, value in values.items()
+        ]
         if time.monotonic() - self._flushed_at >= self.flush_every_s:
             self.flush()
 
     def flush(self) -> None:
-        """Send the queued metrics in one batched call (MLflow splits what exceeds its limits)."""
-        from mlflow.entities import Metric
-
+        """Send the queued metrics now (also done when the run ends, whatever its status)."""
         self._flushed_at = time.monotonic()
         if self._pending and self.run_id is not None:
             pending, self._pending = self._pending, []
-            MlflowClient().log_batch(self.run_id, metrics=[Metric(*row) for row in pending])
+            metrics = [Metric(*row) for row in pending]
+            client = MlflowClient()
+            for start in range(0, len(metrics), METRICS_PER_BATCH):
+                client.log_batch(self.run_id, metrics=metrics[start : start + METRICS_PER_BATCH])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         mlflow.set_tags({key: str(value) for key, value in tags.items()})

@@ -27,10 +27,11 @@ CONFIG_DIR = os.environ.get(
 
 def run_name_and_tags(hydra_cfg: DictConfig) -> tuple[str, dict[str, str]]:
     """A run is named by its overrides (``loss=dice,optimizer.lr=0.01``), or ``default``."""
+    from trainlab.sweeps import run_name
     from trainlab.tracking import git_commit
 
     overrides = list(hydra_cfg.overrides.task)
-    name = hydra_cfg.job.override_dirname or "default"
+    name = run_name(overrides) or hydra_cfg.job.override_dirname or "default"
     tags = {
         "trainlab.overrides": " ".join(overrides) or "(none)",
         "trainlab.output_dir": str(Path(hydra_cfg.runtime.output_dir).resolve()),
@@ -46,17 +47,30 @@ def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbac
     """Build data → model → loss → optimizer → scheduler → runner, then train."""
     from trainlab.components import build
     from trainlab.data.loaders import build_loaders
+    from trainlab.data.preview import write_preview
     from trainlab.distributed import select_device
+    from trainlab.losses import build_loss
+    from trainlab.metrics import TaskMetrics
+    from trainlab.models.finetune import build_model
+    from trainlab.optim import build_optimizer
     from trainlab.schedulers import build_scheduler
+    from trainlab.sweeps import job_device
 
-    device = select_device(cfg.trainer.accelerator)
+    metrics = TaskMetrics(cfg.data.task, cfg.data.num_classes, cfg.data.get("ignore_index"))
+    metrics.check_monitor(cfg.trainer.monitor)  # before any data is loaded
+    device = job_device(select_device(cfg.trainer.accelerator))
     splits = build(cfg.data.dataset, "data", choices.get("data"))
-    train_loader, val_loader = build_loaders(splits, cfg.data, int(cfg.seed), device)
-    model = build(cfg.model, "model", choices.get("model"))
-    loss = build(cfg.loss, "loss", choices.get("loss"))
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build(cfg.optimizer, "optimizer", choices.get("optimizer"))(trainable)
-    scheduler = build_scheduler(cfg.scheduler, optimizer, choices.get("scheduler"))
+    augmentation = build(cfg.augment, "augment", choices.get("augment"))
+    train_loader, val_loader = build_loaders(splits, cfg.data, int(cfg.seed), device, augmentation)
+    preview = write_preview(splits, augmentation, output_dir / "augment_preview.png", seed=cfg.seed)
+    tracker.log_artifact(preview, "preview")
+    model, model_callbacks = build_model(cfg.model, choices.get("model"))
+    loss = build_loss(cfg.loss, choices.get("loss"), cfg.data)
+    optimizer = build_optimizer(cfg.optimizer, model, choices.get("optimizer"))
+    scheduler = build_scheduler(
+        cfg.scheduler, optimizer, choices.get("scheduler"),
+        steps_per_epoch=len(train_loader), max_epochs=int(cfg.trainer.max_epochs),
+    )
     precision = build(cfg.precision, "precision", choices.get("precision"))
     runner = build(cfg.trainer, "trainer", choices.get("trainer"))(
         model=model,
@@ -68,8 +82,9 @@ def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbac
         checkpoint_dir=output_dir / "checkpoints",
         precision=precision,
         scheduler=scheduler,
+        metrics=metrics,
         device=device,
-        callbacks=callbacks,
+        callbacks=(*callbacks, *model_callbacks),
     )
     try:
         result = runner.fit()
@@ -96,6 +111,7 @@ def run(cfg: DictConfig) -> float:
     """One training job; returns the best value of ``trainer.monitor`` for sweepers."""
     from trainlab.components import build
     from trainlab.seeding import seed_everything
+    from trainlab.sweeps import job_callbacks
     from trainlab.tracking import flatten
 
     hydra_cfg = HydraConfig.get()
@@ -107,7 +123,8 @@ def run(cfg: DictConfig) -> float:
         tracker.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
         tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         tracker.log_artifacts(output_dir / ".hydra", ".hydra")
-        result = fit(cfg, tracker, output_dir, hydra_cfg.runtime.choices)
+        callbacks = job_callbacks(hydra_cfg)
+        result = fit(cfg, tracker, output_dir, hydra_cfg.runtime.choices, callbacks)
     log.info("best %s = %.4f (epoch %d)", cfg.trainer.monitor, result.best, result.best_epoch + 1)
     return result.best
 
@@ -126,5 +143,12 @@ def main(cfg: DictConfig) -> float:
 def cli(args: list[str]) -> int:
     """`trainlab train ARGS`."""
     from trainlab.cli import run_hydra_app
+    from trainlab.sweeps import close_open_sweeps
 
-    return run_hydra_app(main, "train", args)
+    try:
+        return run_hydra_app(main, "train", args)
+    except KeyboardInterrupt:
+        close_open_sweeps("KILLED")
+        raise
+    finally:
+        close_open_sweeps()

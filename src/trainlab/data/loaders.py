@@ -1,14 +1,28 @@
-"""Batches for the runner: a fast path for in-memory tensors, torch's DataLoader otherwise."""
+"""Batches for the runner: a fast path for in-memory tensors, torch's DataLoader otherwise.
+
+Augmentation touches the training split only. In memory (``num_workers: 0`` and tensor
+datasets) imgaug augments each whole batch; otherwise each sample is augmented in the
+DataLoader's workers. Every random stream is a function of (run seed, epoch, worker id).
+"""
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from trainlab.data.datasets import DataSplits
+from trainlab.errors import TrainlabError
+
+
+def epoch_seed(seed: int, epoch: int, worker: int = 0) -> int:
+    """A well-mixed 32-bit seed for one (run seed, epoch, worker) triple."""
+    entropy = [abs(int(seed)), int(epoch), int(worker)]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 class InMemoryLoader:
@@ -16,7 +30,8 @@ class InMemoryLoader:
 
     Per-sample ``__getitem__`` plus collate costs more than the forward pass of a small
     model; shuffling the whole tensor once per epoch and slicing views costs nearly nothing.
-    The order is a function of (seed, epoch), like a seeded DataLoader's.
+    The order is a function of (seed, epoch), like a seeded DataLoader's. An
+    ``augmentation`` (see trainlab.data.augment) is applied to each whole batch.
     """
 
     def __init__(
@@ -27,7 +42,11 @@ class InMemoryLoader:
         drop_last: bool = False,
         seed: int = 0,
         device: torch.device | str = "cpu",
+        augmentation=None,
     ) -> None:
+        self.augmentation = augmentation
+        if augmentation is not None:
+            device = "cpu"  # imgaug works on host memory; the runner moves each batch
         self.tensors = tuple(t.to(device) for t in tensors)
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -35,9 +54,12 @@ class InMemoryLoader:
         self.seed = seed
         self.epoch = 0
         self.dataset = TensorDataset(*self.tensors)
+        self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        if self.augmentation is not None:
+            self.augmentation.seed(epoch_seed(self.seed, epoch))
 
     def __len__(self) -> int:
         n = len(self.tensors[0])
@@ -49,25 +71,113 @@ class InMemoryLoader:
             generator = torch.Generator().manual_seed(self.seed + self.epoch)
             order = torch.randperm(len(tensors[0]), generator=generator).to(tensors[0].device)
             tensors = tuple(t[order] for t in tensors)
+        augment = self.augmentation
         for start in range(0, len(self) * self.batch_size, self.batch_size):
-            yield tuple(t[start : start + self.batch_size] for t in tensors)
+            batch = tuple(t[start : start + self.batch_size] for t in tensors)
+            yield batch if augment is None else augment(*batch)
+
+
+class WorkerSeeder:
+    """``worker_init_fn``: seeds python, numpy, torch and the worker's copy of the
+    augmentation from (run seed, epoch, worker id), so workers and epochs differ and runs
+    with the same seed repeat exactly."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.epoch = 0
+
+    def __call__(self, worker_id: int) -> None:
+        seed_worker(epoch_seed(self.seed, self.epoch, worker_id + 1))
+
+
+def seed_worker(seed: int) -> None:
+    """Seed every random stream of this process (a worker, or the main process)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    info = torch.utils.data.get_worker_info()
+    dataset = info.dataset if info is not None else None
+    if getattr(dataset, "augmentation", None) is not None:
+        dataset.augmentation.seed(seed)
+
+
+class SeededLoader(DataLoader):
+    """A DataLoader whose shuffling and worker seeds restart from (seed, epoch) each epoch,
+    and whose workers' data errors reach the user as one line.
+
+    With ``persistent_workers`` the workers are seeded once (epoch 0) and keep their
+    streams, so epochs still differ and runs still repeat.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, **kwargs) -> None:
+        self.seeder = WorkerSeeder(seed)
+        super().__init__(
+            dataset, generator=torch.Generator().manual_seed(epoch_seed(seed, 0)),
+            worker_init_fn=self.seeder, **kwargs,
+        )
+
+    def __iter__(self):
+        """Batches; a data error raised in a worker comes back as its own one-line message."""
+        try:
+            yield from super().__iter__()
+        except TrainlabError as err:
+            if self.num_workers == 0:
+                raise
+            last = str(err).strip().splitlines()[-1]
+            message = last.removeprefix(f"{TrainlabError.__module__}.TrainlabError: ")
+            raise TrainlabError(message) from None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.seeder.epoch = epoch
+        self.generator.manual_seed(epoch_seed(self.seeder.seed, epoch))
+        augmentation = getattr(self.dataset, "augmentation", None)
+        if self.num_workers == 0 and augmentation is not None:
+            augmentation.seed(epoch_seed(self.seeder.seed, epoch, 0))
 
 
 def _is_in_memory(dataset: Dataset) -> bool:
     return isinstance(dataset, TensorDataset)
 
 
+def check_labels(splits: DataSplits, data_cfg: DictConfig) -> None:
+    """In-memory labels must lie in [0, num_classes) (binary masks: 0/1 with num_classes 1)."""
+    num_classes = data_cfg.get("num_classes")
+    if num_classes is None:
+        return
+    allowed = max(int(num_classes), 2) if data_cfg.get("task") == "segmentation" else num_classes
+    ignore = data_cfg.get("ignore_index")
+    for name, dataset in (("train", splits.train), ("val", splits.val)):
+        if not _is_in_memory(dataset) or len(dataset.tensors) < 2:
+            continue
+        labels = dataset.tensors[1]
+        if ignore is not None:
+            labels = labels[labels != ignore]
+        bad = labels[(labels < 0) | (labels >= allowed)]
+        if bad.numel():
+            raise TrainlabError(
+                f"data: a {name} label is {int(bad[0])}, outside data.num_classes={num_classes} "
+                f"(allowed 0..{allowed - 1})"
+            )
+
+
 def build_loaders(
-    splits: DataSplits, data_cfg: DictConfig, seed: int, device: torch.device
+    splits: DataSplits, data_cfg: DictConfig, seed: int, device: torch.device, augmentation=None
 ) -> tuple[InMemoryLoader | DataLoader, InMemoryLoader | DataLoader]:
-    """Train and validation loaders: the in-memory fast path when both splits allow it."""
+    """Train and validation loaders: the in-memory fast path when both splits allow it.
+
+    ``augmentation`` (an enabled trainlab.data.augment.Augmentation) applies to training only.
+    """
+    check_labels(splits, data_cfg)
+    if augmentation is not None and not augmentation.enabled:
+        augmentation = None
     batch_size = int(data_cfg.batch_size)
     workers = int(data_cfg.get("num_workers", 0))
+    drop_last = bool(data_cfg.get("drop_last", False))
     if workers == 0 and _is_in_memory(splits.train) and _is_in_memory(splits.val):
         return (
             InMemoryLoader(
-                splits.train.tensors, batch_size, shuffle=True,
-                drop_last=bool(data_cfg.get("drop_last", False)), seed=seed, device=device,
+                splits.train.tensors, batch_size, shuffle=True, drop_last=drop_last,
+                seed=seed, device=device, augmentation=augmentation,
             ),
             InMemoryLoader(splits.val.tensors, batch_size, shuffle=False, device=device),
         )
@@ -77,8 +187,10 @@ def build_loaders(
         pin_memory=bool(data_cfg.get("pin_memory", False)) and device.type == "cuda",
         persistent_workers=bool(data_cfg.get("persistent_workers", False)) and workers > 0,
     )
-    train = DataLoader(
-        splits.train, shuffle=True, drop_last=bool(data_cfg.get("drop_last", False)),
-        generator=torch.Generator().manual_seed(seed), **common,
-    )
-    return train, DataLoader(splits.val, shuffle=False, **common)
+    train_set = splits.train
+    if augmentation is not None:
+        from trainlab.data.augment import AugmentedDataset
+
+        train_set = AugmentedDataset(train_set, augmentation)
+    train = SeededLoader(train_set, seed, shuffle=True, drop_last=drop_last, **common)
+    return train, SeededLoader(splits.val, seed, shuffle=False, **common)

@@ -1,0 +1,99 @@
+"""`trainlab preview`: a PNG grid of training images next to their augmented versions.
+
+The same grid is logged to every training run (``preview/augment_preview.png``), so the
+MLflow run shows what the model was fed.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from trainlab.errors import TrainlabError
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[3] / "conf")
+
+
+def preview_batch(dataset, augmentation, n: int, seed: int):
+    """The first ``n`` training samples, and the same samples through ``augmentation``."""
+    import torch
+
+    from trainlab.data.loaders import epoch_seed
+
+    samples = [dataset[i] for i in range(min(n, len(dataset)))]
+    images = torch.stack([torch.as_tensor(image) for image, _ in samples])
+    targets = torch.stack([torch.as_tensor(target) for _, target in samples])
+    if augmentation is None or not augmentation.enabled:
+        return images, targets, images, targets
+    augmentation.seed(epoch_seed(seed, 0))
+    augmented, augmented_targets = augmentation(images, targets)
+    return images, targets, augmented, augmented_targets
+
+
+def write_preview(splits, augmentation, path: str | Path, n: int = 8, seed: int = 0) -> Path:
+    """Draw originals (top row) over augmented versions (bottom row) into the PNG ``path``;
+    segmentation masks are overlaid in red, classification labels are the titles."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    images, targets, augmented, augmented_targets = preview_batch(
+        splits.train, augmentation, n, seed
+    )
+    count = len(images)
+    fig, axes = plt.subplots(2, count, figsize=(1.6 * count, 3.6), squeeze=False)
+    for row, (batch, labels, title) in enumerate(
+        ((images, targets, "original"), (augmented, augmented_targets, "augmented"))
+    ):
+        for col in range(count):
+            ax = axes[row][col]
+            image = batch[col].permute(1, 2, 0).clamp(0, 1).numpy()
+            ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1)
+            label = labels[col]
+            if label.dim() == 2:  # a segmentation mask
+                overlay = np.zeros((*label.shape, 4), dtype=np.float32)
+                overlay[label.numpy() > 0] = (1.0, 0.0, 0.0, 0.45)
+                ax.imshow(overlay)
+            else:
+                names = splits.class_names
+                index = int(label)
+                ax.set_title(names[index] if index < len(names) else str(index), fontsize=8)
+            ax.set_axis_off()
+        axes[row][0].text(-0.1, 0.5, title, transform=axes[row][0].transAxes, rotation=90,
+                          ha="right", va="center", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="preview")
+def main(cfg: DictConfig) -> None:
+    from trainlab.components import build
+
+    choices = hydra.core.hydra_config.HydraConfig.get().runtime.choices
+    try:
+        splits = build(cfg.data.dataset, "data", choices.get("data"))
+        augmentation = build(cfg.augment, "augment", choices.get("augment"))
+        path = write_preview(splits, augmentation, cfg.out, int(cfg.n), int(cfg.seed))
+    except TrainlabError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(f"wrote {path.resolve()}")
+
+
+def cli(args: list[str]) -> int:
+    """`trainlab preview data=... augment=... [n=8] [out=preview.png]`."""
+    from trainlab.cli import run_hydra_app
+
+    return run_hydra_app(main, "preview", args)

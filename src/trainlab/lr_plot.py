@@ -1,0 +1,61 @@
+"""`trainlab lr-plot`: draw the lr curve a config's scheduler gives, without training.
+
+Composes the same config as `trainlab train` (so `scheduler=onecycle trainer.max_epochs=10`
+and `optimizer.head_lr=...` mean the same), builds the data loader (for its length), the
+model and the optimizer, and steps the scheduler exactly as the runner does.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from trainlab.errors import TrainlabError
+from trainlab.train import CONFIG_DIR
+
+# no output folder and no log file for a plot
+HYDRA_ARGS = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
+
+
+def plot(cfg: DictConfig, out: Path) -> Path:
+    from trainlab.components import build
+    from trainlab.data.loaders import build_loaders
+    from trainlab.optim import build_optimizer
+    from trainlab.schedulers import build_scheduler, lr_names, plot_lr, simulate
+
+    choices = HydraConfig.get().runtime.choices
+    epochs = int(cfg.trainer.max_epochs)
+    splits = build(cfg.data.dataset, "data", choices.get("data"))
+    train_loader, _ = build_loaders(splits, cfg.data, int(cfg.seed), "cpu")
+    model = build(cfg.model, "model", choices.get("model"))
+    optimizer = build_optimizer(cfg.optimizer, model, choices.get("optimizer"))
+    steps = len(train_loader)
+    scheduled = build_scheduler(cfg.scheduler, optimizer, choices.get("scheduler"), steps, epochs)
+    lrs = simulate(scheduled, optimizer, steps, epochs)
+    names = lr_names(optimizer)
+    title = f"scheduler={choices.get('scheduler')}, {epochs} epochs × {steps} batches"
+    if scheduled is not None and scheduled.needs_metric:
+        title += " (monitored metric never improving)"
+    return plot_lr(range(len(lrs)), lrs, names, out, title, steps_per_epoch=steps)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> None:
+    out = Path(cfg.get("out") or f"lr_{HydraConfig.get().runtime.choices.get('scheduler')}.png")
+    try:
+        path = plot(cfg, out)
+    except TrainlabError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(f"wrote {path}")
+
+
+def cli(args: list[str]) -> int:
+    """`trainlab lr-plot [overrides] [+out=FILE.png]`."""
+    from trainlab.cli import run_hydra_app
+
+    return run_hydra_app(main, "lr-plot", [*HYDRA_ARGS, *args])

@@ -1,0 +1,178 @@
+"""Task metrics over uneven batches (and DDP ranks) against scikit-learn / NumPy on all data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import accuracy_score, f1_score, jaccard_score, top_k_accuracy_score
+
+from trainlab.errors import TrainlabError
+from trainlab.metrics import TaskMetrics, plot_confusion
+
+SIZES = (7, 16, 3)  # uneven batches
+N = sum(SIZES)
+
+
+def split(tensor: torch.Tensor, sizes=SIZES):
+    return torch.split(tensor, list(sizes))
+
+
+def classification_data(seed=0, n=N, c=10):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, c, generator=g), torch.randint(0, c, (n,), generator=g)
+
+
+def segmentation_data(seed=0, n=N, c=3, ignore=255):
+    g = torch.Generator().manual_seed(seed)
+    targets = torch.randint(0, c, (n, 6, 6), generator=g)
+    targets[:, 0, :3] = ignore
+    logits = torch.randn(n, 1 if c == 2 else c, 6, 6, generator=g)
+    if c == 2:
+        targets = torch.where(targets == ignore, ignore, targets.clamp(max=1)).unsqueeze(1)
+    return logits, targets
+
+
+def feed(totals, logits, targets):
+    for out, tgt in zip(split(logits), split(targets), strict=True):
+        totals.update(torch.tensor(1.0), out, tgt)
+    return totals.compute()
+
+
+def test_classification_metrics_over_uneven_batches_match_sklearn():
+    logits, targets = classification_data()
+    spec = TaskMetrics("classification", 10)
+    val = feed(spec.val(), logits, targets)
+    train = feed(spec.train(), logits, targets)
+    y, pred = targets.numpy(), logits.argmax(1).numpy()
+    assert val["acc"] == pytest.approx(accuracy_score(y, pred))
+    assert train["acc"] == pytest.approx(accuracy_score(y, pred))
+    assert val["acc_top5"] == pytest.approx(
+        top_k_accuracy_score(y, logits.numpy(), k=5, labels=range(10)))
+    assert val["f1_macro"] == pytest.approx(
+        f1_score(y, pred, average="macro", labels=range(10), zero_division=0), rel=1e-5)
+    assert sorted(f"val/{k}" for k in val) == sorted(
+        n for n in spec.names() if n.startswith("val/"))
+
+
+def reference_segmentation(logits, targets, ignore=255, binary=False):
+    keep = targets.flatten() != ignore
+    y = targets.flatten()[keep].numpy()
+    if binary:
+        pred = (logits.flatten() > 0)[keep].numpy().astype(int)
+        return f1_score(y, pred), jaccard_score(y, pred)
+    pred = logits.argmax(1).flatten()[keep].numpy()
+    return (f1_score(y, pred, average="macro"), jaccard_score(y, pred, average="macro"))
+
+
+@pytest.mark.parametrize("classes", [3, 2], ids=["multiclass", "binary"])
+def test_segmentation_dice_and_iou_respect_ignore_index(classes):
+    logits, targets = segmentation_data(c=classes)
+    binary = classes == 2
+    spec = TaskMetrics("segmentation", 1 if binary else classes, ignore_index=255)
+    val = feed(spec.val(), logits, targets)
+    train = feed(spec.train(), logits, targets)
+    dice, iou = reference_segmentation(logits, targets, binary=binary)
+    assert val["dice"] == pytest.approx(dice, rel=1e-5)
+    assert val["iou"] == pytest.approx(iou, rel=1e-5)
+    assert train["dice"] == pytest.approx(dice, rel=1e-5)  # cheap sums agree with torchmetrics
+    assert sorted(f"val/{k}" for k in val) == sorted(
+        n for n in spec.names() if n.startswith("val/"))
+
+
+def test_monitor_must_name_a_computed_metric():
+    with pytest.raises(TrainlabError) as err:
+        TaskMetrics("classification", 10).check_monitor("val/dice")
+    assert "trainer.monitor='val/dice'" in str(err.value)
+    assert "'val/acc'" in str(err.value) and "'val/f1_macro'" in str(err.value)
+    TaskMetrics("segmentation", 4).check_monitor("val/dice")
+    with pytest.raises(TrainlabError, match="data.task='detection'"):
+        TaskMetrics("detection", 3)
+
+
+def test_confusion_matrix_is_counted_and_drawn(tmp_path):
+    logits, targets = classification_data(c=4)
+    totals = TaskMetrics("classification", 4).val()
+    feed(totals, logits, targets)
+    matrix = totals.confusion()
+    expected = np.zeros((4, 4), int)
+    np.add.at(expected, (targets.numpy(), logits.argmax(1).numpy()), 1)
+    assert np.array_equal(matrix.numpy(), expected)
+    path = plot_confusion(matrix, tmp_path / "confusion.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def _ddp_worker(rank, world, port, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    logits, targets = segmentation_data(c=3)
+    parts = [slice(0, 5), slice(5, N)]  # ranks see unequal shares
+    spec = TaskMetrics("segmentation", 3, ignore_index=255)
+    results = {}
+    for name, totals in (("val", spec.val()), ("train", spec.train())):
+        totals.update(torch.tensor(float(rank + 1)), logits[parts[rank]], targets[parts[rank]])
+        results[name] = totals.compute()
+    torch.save(results, f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_metrics_sum_over_ddp_ranks(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    logits, targets = segmentation_data(c=3)
+    dice, iou = reference_segmentation(logits, targets)
+    loss = (1 * 5 + 2 * (N - 5)) / N  # per-sample mean over both ranks
+    for rank in range(2):
+        results = torch.load(tmp_path / f"{rank}.pt")
+        assert results["val"]["dice"] == pytest.approx(dice, rel=1e-5)
+        assert results["val"]["iou"] == pytest.approx(iou, rel=1e-5)
+        assert results["train"]["dice"] == pytest.approx(dice, rel=1e-5)
+        assert results["val"]["loss"] == pytest.approx(loss)
+        assert results["train"]["loss"] == pytest.approx(loss)
+
+
+def test_a_segmentation_run_monitors_dice(compose, tmp_path):
+    """The runner on hand-made masks: dice/iou logged, plateau fed with val/dice."""
+    from torch import nn
+
+    from trainlab.losses import DiceLoss
+    from trainlab.runner import Runner
+    from trainlab.schedulers import build_scheduler
+
+    logits, targets = segmentation_data(c=3)
+    images = logits[:, :1]  # one input channel the model can learn from
+    loader = list(zip(split(images), split(targets), strict=True))
+    model = nn.Conv2d(1, 3, 1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    cfg = compose("scheduler=plateau", "trainer.monitor=val/dice")
+    logged = {}
+
+    class Tracker:  # keeps the last value of each metric (the tracker is not under test)
+        log_every_n_steps = 1
+
+        def log_metrics(self, metrics, step):
+            logged.update(metrics)
+
+        def log_metric_series(self, rows):
+            pass
+
+        def log_artifact(self, path, artifact_path=None):
+            pass
+
+    result = Runner(
+        model, DiceLoss(ignore_index=255), optimizer, loader, loader, Tracker(), tmp_path,
+        scheduler=build_scheduler(cfg.scheduler, optimizer, "plateau"), max_epochs=2,
+        monitor="val/dice", progress_bar=False,
+        metrics=TaskMetrics("segmentation", 3, ignore_index=255),
+    ).fit()
+    assert {"train/dice", "val/dice", "val/iou", "val/acc"} <= set(logged)
+    assert result.best == max(epoch["val/dice"] for epoch in result.history)

@@ -1,0 +1,55 @@
+"""Losses, optimizers, schedulers and metrics through the real `trainlab` commands and MLflow."""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import QUICK, runs_of
+from trainlab.errors import TrainlabError
+
+
+def test_run_logs_lr_changes_task_metrics_and_plots(run_trainlab, mlflow_client):
+    run_trainlab("train", *QUICK, "scheduler=onecycle", "optimizer=sgd", "loss=focal",
+                 "trainer.monitor=val/f1_macro", "logger.log_model=false")
+    (run,) = runs_of(mlflow_client)
+    metrics = run.data.metrics
+    for name in ("train/acc", "val/acc", "val/acc_top5", "val/f1_macro", "val/loss"):
+        assert 0 <= metrics[name] <= 1 or name == "val/loss", name
+    lrs = mlflow_client.get_metric_history(run.info.run_id, "lr")
+    steps = sorted(m.step for m in lrs)
+    assert steps == sorted(set(steps))  # logged once per change, at its step
+    first_epoch = [m.value for m in lrs if m.step < len(lrs) // 2]  # 2 epochs, one per batch
+    assert len(set(first_epoch)) > 1
+    artifacts = {a.path for a in mlflow_client.list_artifacts(run.info.run_id, "plots")}
+    assert artifacts == {"plots/lr_curve.png", "plots/confusion_matrix.png"}
+
+
+def test_lr_plot_writes_the_curve_of_any_scheduler(run_trainlab, tmp_path):
+    proc = run_trainlab("lr-plot", "scheduler=warmup_cosine", "trainer.max_epochs=3",
+                        "+out=curve.png")
+    assert "wrote curve.png" in proc.stdout
+    assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "outputs").exists()  # a plot leaves no run folder behind
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["loss=bce"], "loss=bce (BCELoss) wants float targets shaped like the outputs, but "
+                       "data.task=classification with 10 classes gives integer class labels; "
+                       "losses that fit: ce, nll, focal"),
+        (["trainer.monitor=val/dice", "scheduler=plateau"],
+         "trainer.monitor='val/dice' is never computed for data.task=classification"),
+        (["optimizer.head_lr=0.1", "optimizer.head=[fc.*]"], "matches no trainable parameter"),
+    ],
+)
+def test_bad_input_stops_before_the_first_step(compose, tmp_path, overrides, message):
+    from trainlab.train import fit
+
+    cfg = compose(*QUICK, *overrides)
+    choices = OmegaConf.create({group: None for group in ("data", "model", "trainer")})
+    choices.loss = "bce" if "loss=bce" in overrides else "ce"
+    with pytest.raises(TrainlabError) as err:
+        fit(cfg, tracker=None, output_dir=tmp_path, choices=choices)  # no tracker: no step ran
+    assert message in str(err.value)
