@@ -44,8 +44,10 @@ def test_a_failed_run_keeps_the_metrics_logged_before_the_failure(tracking_uri, 
     assert history(mlflow_client, tracker.run_id, "train/loss") == [(3, 0.7)]
 
 
-def test_training_totals_are_exact_and_hold_no_autograd_graph():
+@pytest.mark.parametrize("reduce_every", [1, 2, 32])
+def test_training_totals_are_exact_and_hold_no_autograd_graph(reduce_every):
     totals = TaskMetrics("classification").train()
+    totals.reduce_every = reduce_every  # folded every step, mid-window, or only when read
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0]], requires_grad=True)
     targets = torch.tensor([0, 0, 0])
     loss = torch.nn.functional.cross_entropy(logits, targets)
