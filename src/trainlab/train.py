@@ -62,8 +62,6 @@ def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbac
     splits = build(cfg.data.dataset, "data", choices.get("data"))
     augmentation = build(cfg.augment, "augment", choices.get("augment"))
     train_loader, val_loader = build_loaders(splits, cfg.data, int(cfg.seed), device, augmentation)
-    preview = write_preview(splits, augmentation, output_dir / "augment_preview.png", seed=cfg.seed)
-    tracker.log_artifact(preview, "preview")
     model, model_callbacks = build_model(cfg.model, choices.get("model"))
     loss = build_loss(cfg.loss, choices.get("loss"), cfg.data)
     optimizer = build_optimizer(cfg.optimizer, model, choices.get("optimizer"))
@@ -72,6 +70,8 @@ def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbac
         steps_per_epoch=len(train_loader), max_epochs=int(cfg.trainer.max_epochs),
     )
     precision = build(cfg.precision, "precision", choices.get("precision"))
+    preview = write_preview(splits, augmentation, output_dir / "augment_preview.png", seed=cfg.seed)
+    tracker.log_artifact(preview, "preview")
     runner = build(cfg.trainer, "trainer", choices.get("trainer"))(
         model=model,
         loss=loss,
