@@ -42,16 +42,21 @@ def run_name_and_tags(hydra_cfg: DictConfig) -> tuple[str, dict[str, str]]:
     return name, tags
 
 
-def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbacks=()):
-    """Build data → model → loss → optimizer → scheduler → runner, then train."""
+def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbacks=(),
+        device=None, resume: Path | None = None):
+    """Build data → model → loss → optimizer → scheduler → runner, then train (as one DDP
+    rank when a process group is up: its shard of the data, rank 0 logging)."""
+    from trainlab import distributed
     from trainlab.components import build
     from trainlab.data.loaders import build_loaders
-    from trainlab.distributed import select_device
     from trainlab.schedulers import build_scheduler
 
-    device = select_device(cfg.trainer.accelerator)
+    device = device or distributed.select_device(cfg.trainer.accelerator)
     splits = build(cfg.data.dataset, "data", choices.get("data"))
-    train_loader, val_loader = build_loaders(splits, cfg.data, int(cfg.seed), device)
+    train_loader, val_loader = build_loaders(
+        splits, cfg.data, int(cfg.seed), device, rank=distributed.rank(),
+        world_size=distributed.world_size(),
+    )
     model = build(cfg.model, "model", choices.get("model"))
     loss = build(cfg.loss, "loss", choices.get("loss"))
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -70,13 +75,15 @@ def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbac
         scheduler=scheduler,
         device=device,
         callbacks=callbacks,
+        resume=resume,
     )
     try:
         result = runner.fit()
     finally:
         if tracker.log_checkpoints:
             tracker.log_artifacts(output_dir / "checkpoints", "checkpoints")
-    log_best_model(runner, tracker, output_dir / "checkpoints" / "best.pt", val_loader)
+    if distributed.is_main_process():
+        log_best_model(runner, tracker, output_dir / "checkpoints" / "best.pt", val_loader)
     return result
 
 
@@ -93,23 +100,45 @@ def log_best_model(runner, tracker, best_path: Path, val_loader) -> None:
 
 
 def run(cfg: DictConfig) -> float:
-    """One training job; returns the best value of ``trainer.monitor`` for sweepers."""
+    """One training job; returns the best value of ``trainer.monitor`` for sweepers.
+
+    More than one device: the job spawns the DDP workers (one output dir, one MLflow run
+    that rank 0 logs into); under an outside ``torchrun`` each process joins its group.
+    """
+    from trainlab import distributed
+    from trainlab.checkpoint import load_checkpoint, resolve_resume
     from trainlab.components import build
     from trainlab.seeding import seed_everything
-    from trainlab.tracking import flatten
+    from trainlab.tracking import NullTracker, flatten
 
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
+    choices = OmegaConf.to_container(hydra_cfg.runtime.choices)
     seed_everything(int(cfg.seed), bool(cfg.trainer.deterministic))
-    tracker = build(cfg.logger, "logger", hydra_cfg.runtime.choices.get("logger"))
+    launch = distributed.plan_launch(cfg.trainer.accelerator, cfg.trainer.get("devices", 1))
+    resume = resolve_resume(cfg.trainer.get("resume"), output_dir)
+    run_id = load_checkpoint(resume).get("mlflow_run_id") if resume else None
+    device = None
+    if launch.external:
+        device = distributed.init_process_group(launch, int(os.environ["RANK"]))
+        if not distributed.is_main_process():
+            fit(cfg, NullTracker(cfg.logger), output_dir, choices, device=device, resume=resume)
+            return float("nan")
+    tracker = build(cfg.logger, "logger", choices.get("logger"))
     run_name, tags = run_name_and_tags(hydra_cfg)
-    with tracker.run(run_name, tags):
+    with tracker.run(run_name, tags, run_id=run_id):
         tracker.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
         tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         tracker.log_artifacts(output_dir / ".hydra", ".hydra")
-        result = fit(cfg, tracker, output_dir, hydra_cfg.runtime.choices)
-    log.info("best %s = %.4f (epoch %d)", cfg.trainer.monitor, result.best, result.best_epoch + 1)
-    return result.best
+        if launch.spawns:
+            best, best_epoch = distributed.spawn_fit(
+                launch, cfg, output_dir, choices, tracker.run_id, resume
+            )
+        else:
+            result = fit(cfg, tracker, output_dir, choices, device=device, resume=resume)
+            best, best_epoch = result.best, result.best_epoch
+    log.info("best %s = %.4f (epoch %d)", cfg.trainer.monitor, best, best_epoch + 1)
+    return best
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
