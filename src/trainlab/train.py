@@ -126,6 +126,8 @@ def run(cfg: DictConfig) -> float:
             return float("nan")
     tracker = build(cfg.logger, "logger", choices.get("logger"))
     run_name, tags = run_name_and_tags(hydra_cfg)
+    if resume:
+        tags["trainlab.resumed_from"] = str(resume.resolve())
     with tracker.run(run_name, tags, run_id=run_id):
         tracker.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
         tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
