@@ -94,3 +94,16 @@ def test_skipped_loss_scaler_steps_report_false_so_schedulers_wait():
 def test_unknown_precision_mode_names_the_choices():
     with pytest.raises(TrainlabError, match=r"precision.mode='fp8'.*fp32.*bf16"):
         Precision("fp8")
+
+
+@pytest.mark.parametrize(("option", "mode", "tf32"),
+                         [("fp32", "fp32", False), ("bf16", "bf16", False), ("tf32", "fp32", True)])
+def test_precision_options_build_and_run_on_cpu(compose, option, mode, tf32):
+    from hydra.utils import instantiate
+
+    precision = instantiate(compose(f"precision={option}").precision)
+    assert (precision.mode, precision.tf32) == (mode, tf32)
+    precision.setup(torch.device("cpu"))
+    with precision.autocast():
+        out = torch.nn.Linear(4, 2)(torch.ones(1, 4))
+    assert out.dtype == (torch.bfloat16 if mode == "bf16" else torch.float32)

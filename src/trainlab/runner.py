@@ -310,12 +310,15 @@ class Runner:
 
     @contextlib.contextmanager
     def _signals_caught(self):
-        """SIGINT/SIGTERM only set a flag; the loop checkpoints and stops at the next step."""
+        """SIGINT/SIGTERM only set a flag; the loop checkpoints and stops at the next step.
+        A second signal stops at once."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
 
         def note(signum, _frame):
+            if self._signal is not None:
+                raise KeyboardInterrupt
             self._signal = signum
 
         previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -327,7 +330,7 @@ class Runner:
 
     def _interrupt_requested(self, at_log_step: bool) -> bool:
         """Every step in one process; in a DDP group all ranks agree at logging steps."""
-        if not distributed.is_distributed():
+        if self.train_model is self.model:
             return self._signal is not None
         return at_log_step and distributed.any_rank(self._signal is not None)
 
