@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import subprocess
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,23 @@ def git_commit(cwd: str | Path = ".") -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler or `kill` stopping the job) ends the run like Ctrl-C: KILLED."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(_signum, _frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class MlflowTracker:
@@ -119,7 +138,8 @@ class MlflowTracker:
         log.info("MLflow run %s (%s) in %s", run_name, self.run_id, mlflow.get_tracking_uri())
         status = "FAILED"
         try:
-            yield self
+            with _sigterm_as_interrupt():
+                yield self
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"

@@ -133,8 +133,9 @@ def run(cfg: DictConfig) -> float:
         tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         tracker.log_artifacts(output_dir / ".hydra", ".hydra")
         if launch.spawns:
+            resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # no Hydra
             best, best_epoch = distributed.spawn_fit(
-                launch, cfg, output_dir, choices, tracker.run_id, resume
+                launch, resolved, output_dir, choices, tracker.run_id, resume
             )
         else:
             result = fit(cfg, tracker, output_dir, choices, device=device, resume=resume)
