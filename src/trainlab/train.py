@@ -133,7 +133,8 @@ def run(cfg: DictConfig) -> float:
         tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         tracker.log_artifacts(output_dir / ".hydra", ".hydra")
         if launch.spawns:
-            resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # no Hydra
+            # workers have no HydraConfig: hand them the config with every value resolved
+            resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
             best, best_epoch = distributed.spawn_fit(
                 launch, resolved, output_dir, choices, tracker.run_id, resume
             )
