@@ -40,3 +40,58 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not isinstance(state, dict):
         raise TrainlabError(f"{path} holds a {type(state).__name__}, not a checkpoint dict")
     return state
+
+
+def resolve_resume(value: str | None, output_dir: str | os.PathLike) -> Path | None:
+    """``trainer.resume``: null (fresh run), a checkpoint path, or ``last``: the newest
+    ``checkpoints/last.pt`` among the sibling run folders of ``output_dir``."""
+    if value in (None, "", "null"):
+        return None
+    if value != "last":
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise TrainlabError(f"trainer.resume={value}: no such checkpoint file")
+        return path
+    output_dir = Path(output_dir).resolve()
+    found = [
+        p for p in output_dir.parent.glob("*/checkpoints/last.pt")
+        if p.parent.parent.resolve() != output_dir
+    ]
+    if not found:
+        raise TrainlabError(
+            f"trainer.resume=last but no run under {output_dir.parent} has checkpoints/last.pt; "
+            "give a checkpoint path instead"
+        )
+    return max(found, key=lambda p: p.stat().st_mtime)
+
+
+def rng_state() -> dict[str, Any]:
+    """The state of every random generator a run draws from, as plain tensors and lists (so
+    ``weights_only`` loading reads it back)."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,8 +1,18 @@
-"""Which device a run uses, chosen from ``trainer.accelerator``."""
+"""Devices and processes: which device a run uses, DDP workers the job spawns itself (or the
+group an outside ``torchrun`` made), and the rank-0 / cross-rank helpers the runner needs."""
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
 import torch
+import torch.distributed as dist
 
 from trainlab.errors import TrainlabError
 
@@ -24,3 +34,218 @@ def select_device(accelerator: str = "auto") -> torch.device:
     if accelerator == "mps" and not mps:
         raise TrainlabError("trainer.accelerator=mps but MPS is not available; use cpu or auto")
     return torch.device(accelerator)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How a job runs: on which device type, with which device indices, in how many processes.
+
+    ``external`` means an outside launcher (``torchrun``) started the processes and set
+    RANK/WORLD_SIZE; the job then joins that group instead of spawning its own.
+    """
+
+    device_type: str
+    device_ids: tuple[int, ...]
+    world_size: int
+    external: bool = False
+
+    @property
+    def spawns(self) -> bool:
+        return self.world_size > 1 and not self.external
+
+    def device(self, rank: int) -> torch.device:
+        if self.device_type == "cuda":
+            index = int(os.environ.get("LOCAL_RANK", 0)) if self.external else rank
+            return torch.device("cuda", self.device_ids[index % len(self.device_ids)])
+        return torch.device(self.device_type)
+
+
+def plan_launch(accelerator: str, devices: Any = "auto") -> Launch:
+    """Resolve ``trainer.accelerator`` and ``trainer.devices`` (``auto``, a count, or a list
+    of GPU indices) into a :class:`Launch`."""
+    device_type = select_device(accelerator).type
+    if device_type == "cuda":
+        available = list(range(torch.cuda.device_count()))
+    else:
+        available = [0] if device_type == "mps" else None  # cpu: any number of processes
+    ids = _device_ids(device_type, devices, available)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return Launch(device_type, ids, int(os.environ["WORLD_SIZE"]), external=True)
+    return Launch(device_type, ids, len(ids))
+
+
+def _device_ids(device_type: str, devices: Any, available: list[int] | None) -> tuple[int, ...]:
+    if devices == "auto":
+        return tuple(available) if device_type == "cuda" and available else (0,)
+    if isinstance(devices, str) and devices.isdigit():
+        devices = int(devices)
+    if isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1:
+        if available is not None and devices > len(available):
+            raise TrainlabError(
+                f"trainer.devices={devices} but only {len(available)} {device_type} device(s) "
+                "are visible"
+            )
+        return tuple(range(devices))
+    if not isinstance(devices, (str, int, bool)) and device_type == "cuda":
+        ids = tuple(int(i) for i in devices)
+        bad = [i for i in ids if i not in available]
+        if bad or not ids or len(set(ids)) != len(ids):
+            raise TrainlabError(
+                f"trainer.devices={list(ids)} names GPUs that are not visible or repeats one; "
+                f"visible: {available}"
+            )
+        return ids
+    raise TrainlabError(
+        f"trainer.devices={devices!r} is not valid for {device_type}; use auto, a number of "
+        "devices (processes on cpu), or a list of GPU indices like [0,2] with accelerator=cuda"
+    )
+
+
+# --------------------------------------------------------------- process group
+def init_process_group(launch: Launch, rank: int) -> torch.device:
+    """Join (or form) the group of ``launch``; returns this rank's device."""
+    device = launch.device(rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if launch.external:
+        dist.init_process_group(backend)  # env:// from torchrun
+    else:
+        dist.init_process_group(backend, rank=rank, world_size=launch.world_size)
+    return device
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def reduce_mean(values: Mapping[str, float], weight: float = 1.0) -> dict[str, float]:
+    """The ``weight``-weighted mean of ``values`` over all ranks (identity in one process)."""
+    if not is_distributed():
+        return dict(values)
+    keys = sorted(values)
+    packed = torch.tensor([values[k] * weight for k in keys] + [weight], dtype=torch.float64)
+    dist.all_reduce(packed)
+    return {k: (packed[i] / packed[-1]).item() for i, k in enumerate(keys)}
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any rank."""
+    if not is_distributed():
+        return flag
+    packed = torch.tensor([int(flag)])
+    dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+    return bool(packed.item())
+
+
+def ranks_in_sync(model: torch.nn.Module) -> bool:
+    """Whether every rank holds the same parameters as rank 0."""
+    if not is_distributed():
+        return True
+    flat = torch.cat([p.detach().reshape(-1).double().cpu() for p in model.parameters()])
+    reference = flat.clone()
+    dist.broadcast(reference, src=0)
+    return not any_rank(not torch.equal(flat, reference))
+
+
+# ---------------------------------------------------------------------- spawning
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def spawn_fit(
+    launch: Launch, cfg: Any, output_dir: Path, choices: dict, run_id: str | None,
+    resume: Path | None,
+) -> tuple[float, int]:
+    """Run ``train.fit`` in ``launch.world_size`` worker processes of this job.
+
+    The MLflow run stays owned by the calling process; rank 0 logs into it. SIGINT/SIGTERM
+    sent to this process are passed on to the workers, which checkpoint and stop; the call
+    then raises KeyboardInterrupt. Returns rank 0's (best, best_epoch).
+    """
+    import torch.multiprocessing as mp
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = str(_free_port())
+    results = mp.get_context("spawn").SimpleQueue()
+    context = mp.start_processes(
+        _worker, args=(launch, cfg, output_dir, choices, run_id, resume, results),
+        nprocs=launch.world_size, join=False, start_method="spawn",
+    )
+    received: list[int] = []
+
+    def forward(signum, _frame):
+        received.append(signum)
+        for process in context.processes:
+            if process.is_alive():
+                os.kill(process.pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        try:
+            while not context.join(grace_period=10):
+                pass
+        except mp.ProcessExitedException:
+            pass  # the worker's own report (below) says why
+        outcome = {}
+        while not results.empty():
+            kind, *payload = results.get()
+            outcome.setdefault(kind, payload)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if "error" in outcome:
+        raise TrainlabError(outcome["error"][0])
+    if "interrupted" in outcome or received:
+        raise KeyboardInterrupt
+    if "done" not in outcome:
+        raise RuntimeError("the DDP workers ended without a result")
+    return tuple(outcome["done"])
+
+
+def _worker(rank_: int, launch: Launch, cfg, output_dir, choices, run_id, resume, results):
+    """One DDP rank: join the group, build every part, fit; rank 0 logs into ``run_id``."""
+    import contextlib
+
+    from trainlab.components import build
+    from trainlab.seeding import seed_everything
+    from trainlab.tracking import NullTracker
+    from trainlab.train import fit
+
+    device = init_process_group(launch, rank_)
+    if device.type == "cpu":  # the ranks share the cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // launch.world_size))
+    seed_everything(int(cfg.seed), bool(cfg.trainer.deterministic))
+    try:
+        if rank_ == 0:
+            tracker = build(cfg.logger, "logger", choices.get("logger"))
+            attached = tracker.attach(run_id)
+        else:
+            tracker, attached = NullTracker(cfg.logger), contextlib.nullcontext()
+        with attached:
+            result = fit(cfg, tracker, output_dir, choices, device=device, resume=resume)
+        if rank_ == 0:
+            results.put(("done", result.best, result.best_epoch))
+        dist.barrier()  # rank 0 may still be logging; leave the group together
+    except TrainlabError as err:
+        results.put(("error", str(err)))
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        results.put(("interrupted",))
+        raise
+    finally:
+        dist.destroy_process_group()

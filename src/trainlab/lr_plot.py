@@ -24,6 +24,7 @@ HYDRA_ARGS = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=
 def plot(cfg: DictConfig, out: Path) -> Path:
     from trainlab.components import build
     from trainlab.data.loaders import build_loaders
+    from trainlab.models.finetune import build_model
     from trainlab.optim import build_optimizer
     from trainlab.schedulers import build_scheduler, lr_names, plot_lr, simulate
 
@@ -31,7 +32,7 @@ def plot(cfg: DictConfig, out: Path) -> Path:
     epochs = int(cfg.trainer.max_epochs)
     splits = build(cfg.data.dataset, "data", choices.get("data"))
     train_loader, _ = build_loaders(splits, cfg.data, int(cfg.seed), "cpu")
-    model = build(cfg.model, "model", choices.get("model"))
+    model, _ = build_model(cfg.model, choices.get("model"))
     optimizer = build_optimizer(cfg.optimizer, model, choices.get("optimizer"))
     steps = len(train_loader)
     scheduled = build_scheduler(cfg.scheduler, optimizer, choices.get("scheduler"), steps, epochs)

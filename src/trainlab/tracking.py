@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -46,6 +48,23 @@ def git_commit(cwd: str | Path = ".") -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler or `kill` stopping the job) ends the run like Ctrl-C: KILLED."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(_signum, _frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class MlflowTracker:
@@ -108,8 +127,13 @@ class MlflowTracker:
         return experiment.experiment_id
 
     @contextlib.contextmanager
-    def run(self, run_name: str, tags: Mapping[str, str]) -> Iterator[MlflowTracker]:
-        """A run that ends FINISHED, FAILED (exception) or KILLED (Ctrl-C), whatever happens."""
+    def run(
+        self, run_name: str, tags: Mapping[str, str], run_id: str | None = None
+    ) -> Iterator[MlflowTracker]:
+        """A run that ends FINISHED, FAILED (exception) or KILLED (Ctrl-C), whatever happens.
+
+        With ``run_id`` (a resumed checkpoint's run) that run is reopened and continued.
+        """
         experiment_id = self.connect()
         # A run left active by an earlier job in this process must not swallow this one.
         while mlflow.active_run() is not None:
@@ -118,12 +142,17 @@ class MlflowTracker:
         parent = os.environ.get(PARENT_RUN_ENV)  # a sweep's parent run (sweeps.MlflowSweep)
         if parent:
             tags["mlflow.parentRunId"] = parent
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
+        if run_id is None:
+            run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
+        else:
+            run = self._reopen(run_id)
+            mlflow.set_tags(tags)
         self.run_id = run.info.run_id
         log.info("MLflow run %s (%s) in %s", run_name, self.run_id, mlflow.get_tracking_uri())
         status = "FAILED"
         try:
-            yield self
+            with _sigterm_as_interrupt():
+                yield self
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
@@ -138,11 +167,43 @@ class MlflowTracker:
             finally:
                 mlflow.end_run(status=status)
 
+    def _reopen(self, run_id: str):
+        try:
+            return mlflow.start_run(run_id=run_id)
+        except MlflowException as err:
+            raise TrainlabError(
+                f"the checkpoint's MLflow run {run_id} is not in {mlflow.get_tracking_uri()}; "
+                "resume against the store the run was tracked in (logger.tracking_uri)"
+            ) from err
+
+    @contextlib.contextmanager
+    def attach(self, run_id: str) -> Iterator[MlflowTracker]:
+        """Log into a run another process owns (a DDP worker logging for the launching job);
+        its final status stays the owner's to set."""
+        self.connect()
+        self.run_id = self._reopen(run_id).info.run_id
+        try:
+            yield self
+        finally:
+            try:
+                self.flush()
+            finally:
+                mlflow.flush_async_logging()
+
     # ----------------------------------------------------------------- logging
     def log_params(self, params: Mapping[str, Any]) -> None:
-        """Log params in one batched call, long values truncated to MLflow's limit."""
+        """Log params in one batched call, long values truncated to MLflow's limit.
+
+        On a resumed run, params logged before stay as they are (MLflow cannot change
+        them); new values for them are reported, not logged.
+        """
         clean = {key: str(value)[:PARAM_VALUE_LIMIT] for key, value in params.items()}
-        mlflow.log_params(clean)
+        logged = MlflowClient().get_run(self.run_id).data.params if self.run_id else {}
+        changed = sorted(k for k in clean if k in logged and logged[k] != clean[k])
+        if changed:
+            log.warning("resumed run keeps its logged params; not re-logged: %s",
+                        ", ".join(f"{k}={clean[k]}" for k in changed))
+        mlflow.log_params({k: v for k, v in clean.items() if k not in logged})
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Queue ``metrics`` at ``step``; they reach MLflow every ``flush_every_s`` seconds."""
@@ -204,3 +265,19 @@ class MlflowTracker:
             input_example=input_example,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
         )
+
+
+class NullTracker:
+    """The tracker of DDP ranks other than 0: takes every call and records nothing."""
+
+    log_model_enabled = False
+    log_checkpoints = False
+    run_id = None
+
+    def __init__(self, logger_cfg: Mapping[str, Any] | None = None) -> None:
+        self.log_every_n_steps = int((logger_cfg or {}).get("log_every_n_steps", 10))
+
+    def __getattr__(self, name: str):
+        if name.startswith(("log_", "set_")):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)

@@ -43,12 +43,14 @@ def run_name_and_tags(hydra_cfg: DictConfig) -> tuple[str, dict[str, str]]:
     return name, tags
 
 
-def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbacks=()):
-    """Build data → model → loss → optimizer → scheduler → runner, then train."""
+def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbacks=(),
+        device=None, resume: Path | None = None):
+    """Build data → model → loss → optimizer → scheduler → runner, then train (as one DDP
+    rank when a process group is up: its shard of the data, rank 0 logging)."""
+    from trainlab import distributed
     from trainlab.components import build
     from trainlab.data.loaders import build_loaders
     from trainlab.data.preview import write_preview
-    from trainlab.distributed import select_device
     from trainlab.losses import build_loss
     from trainlab.metrics import TaskMetrics
     from trainlab.models.finetune import build_model
@@ -58,12 +60,13 @@ def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbac
 
     metrics = TaskMetrics(cfg.data.task, cfg.data.num_classes, cfg.data.get("ignore_index"))
     metrics.check_monitor(cfg.trainer.monitor)  # before any data is loaded
-    device = job_device(select_device(cfg.trainer.accelerator))
+    device = device or job_device(distributed.select_device(cfg.trainer.accelerator))
     splits = build(cfg.data.dataset, "data", choices.get("data"))
     augmentation = build(cfg.augment, "augment", choices.get("augment"))
-    train_loader, val_loader = build_loaders(splits, cfg.data, int(cfg.seed), device, augmentation)
-    preview = write_preview(splits, augmentation, output_dir / "augment_preview.png", seed=cfg.seed)
-    tracker.log_artifact(preview, "preview")
+    train_loader, val_loader = build_loaders(
+        splits, cfg.data, int(cfg.seed), device, augmentation,
+        rank=distributed.rank(), world_size=distributed.world_size(),
+    )
     model, model_callbacks = build_model(cfg.model, choices.get("model"))
     loss = build_loss(cfg.loss, choices.get("loss"), cfg.data)
     optimizer = build_optimizer(cfg.optimizer, model, choices.get("optimizer"))
@@ -72,6 +75,9 @@ def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbac
         steps_per_epoch=len(train_loader), max_epochs=int(cfg.trainer.max_epochs),
     )
     precision = build(cfg.precision, "precision", choices.get("precision"))
+    if distributed.is_main_process():
+        preview = output_dir / "augment_preview.png"
+        tracker.log_artifact(write_preview(splits, augmentation, preview, seed=cfg.seed), "preview")
     runner = build(cfg.trainer, "trainer", choices.get("trainer"))(
         model=model,
         loss=loss,
@@ -85,13 +91,15 @@ def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbac
         metrics=metrics,
         device=device,
         callbacks=(*callbacks, *model_callbacks),
+        resume=resume,
     )
     try:
         result = runner.fit()
     finally:
         if tracker.log_checkpoints:
             tracker.log_artifacts(output_dir / "checkpoints", "checkpoints")
-    log_best_model(runner, tracker, output_dir / "checkpoints" / "best.pt", val_loader)
+    if distributed.is_main_process():
+        log_best_model(runner, tracker, output_dir / "checkpoints" / "best.pt", val_loader)
     return result
 
 
@@ -108,25 +116,51 @@ def log_best_model(runner, tracker, best_path: Path, val_loader) -> None:
 
 
 def run(cfg: DictConfig) -> float:
-    """One training job; returns the best value of ``trainer.monitor`` for sweepers."""
+    """One training job; returns the best value of ``trainer.monitor`` for sweepers.
+
+    More than one device: the job spawns the DDP workers (one output dir, one MLflow run
+    that rank 0 logs into); under an outside ``torchrun`` each process joins its group.
+    """
+    from trainlab import distributed
+    from trainlab.checkpoint import load_checkpoint, resolve_resume
     from trainlab.components import build
     from trainlab.seeding import seed_everything
     from trainlab.sweeps import job_callbacks
-    from trainlab.tracking import flatten
+    from trainlab.tracking import NullTracker, flatten
 
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
+    choices = OmegaConf.to_container(hydra_cfg.runtime.choices)
     seed_everything(int(cfg.seed), bool(cfg.trainer.deterministic))
-    tracker = build(cfg.logger, "logger", hydra_cfg.runtime.choices.get("logger"))
+    launch = distributed.plan_launch(cfg.trainer.accelerator, cfg.trainer.get("devices", 1))
+    resume = resolve_resume(cfg.trainer.get("resume"), output_dir)
+    run_id = load_checkpoint(resume).get("mlflow_run_id") if resume else None
+    device = None
+    if launch.external:
+        device = distributed.init_process_group(launch, int(os.environ["RANK"]))
+        if not distributed.is_main_process():
+            fit(cfg, NullTracker(cfg.logger), output_dir, choices, device=device, resume=resume)
+            return float("nan")
+    tracker = build(cfg.logger, "logger", choices.get("logger"))
     run_name, tags = run_name_and_tags(hydra_cfg)
-    with tracker.run(run_name, tags):
+    if resume:
+        tags["trainlab.resumed_from"] = str(resume.resolve())
+    with tracker.run(run_name, tags, run_id=run_id):
         tracker.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
         tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         tracker.log_artifacts(output_dir / ".hydra", ".hydra")
-        callbacks = job_callbacks(hydra_cfg)
-        result = fit(cfg, tracker, output_dir, hydra_cfg.runtime.choices, callbacks)
-    log.info("best %s = %.4f (epoch %d)", cfg.trainer.monitor, result.best, result.best_epoch + 1)
-    return result.best
+        if launch.spawns:
+            # workers have no HydraConfig: hand them the config with every value resolved
+            resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+            best, best_epoch = distributed.spawn_fit(
+                launch, resolved, output_dir, choices, tracker.run_id, resume
+            )
+        else:
+            result = fit(cfg, tracker, output_dir, choices, job_callbacks(hydra_cfg),
+                         device=device, resume=resume)
+            best, best_epoch = result.best, result.best_epoch
+    log.info("best %s = %.4f (epoch %d)", cfg.trainer.monitor, best, best_epoch + 1)
+    return best
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 
 from trainlab.data.datasets import DataSplits
 from trainlab.errors import TrainlabError
@@ -31,7 +31,10 @@ class InMemoryLoader:
     Per-sample ``__getitem__`` plus collate costs more than the forward pass of a small
     model; shuffling the whole tensor once per epoch and slicing views costs nearly nothing.
     The order is a function of (seed, epoch), like a seeded DataLoader's. An
-    ``augmentation`` (see trainlab.data.augment) is applied to each whole batch.
+    ``augmentation`` (see trainlab.data.augment) is applied to each whole batch. As one of
+    ``world_size`` DDP ranks it takes every ``world_size``-th sample of that order (as
+    torch's DistributedSampler does), so the ranks' batch ``i`` together are the global
+    batch ``i``; ``pad`` repeats samples so every rank gets as many batches.
     """
 
     def __init__(
@@ -43,11 +46,17 @@ class InMemoryLoader:
         seed: int = 0,
         device: torch.device | str = "cpu",
         augmentation=None,
+        rank: int = 0,
+        world_size: int = 1,
+        pad: bool = True,
     ) -> None:
         self.augmentation = augmentation
         if augmentation is not None:
             device = "cpu"  # imgaug works on host memory; the runner moves each batch
         self.tensors = tuple(t.to(device) for t in tensors)
+        self.rank, self.world_size = rank, world_size
+        total = len(self.tensors[0])
+        self.num_samples = -(-total // world_size) if pad else len(range(rank, total, world_size))
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.drop_last = drop_last
@@ -62,15 +71,22 @@ class InMemoryLoader:
             self.augmentation.seed(epoch_seed(self.seed, epoch))
 
     def __len__(self) -> int:
-        n = len(self.tensors[0])
+        n = self.num_samples
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         tensors = self.tensors
+        total = len(tensors[0])
+        order = None
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(len(tensors[0]), generator=generator).to(tensors[0].device)
-            tensors = tuple(t[order] for t in tensors)
+            order = torch.randperm(total, generator=generator)
+        if self.world_size > 1:
+            order = torch.arange(total) if order is None else order
+            order = order.repeat(-(-self.num_samples * self.world_size // total))
+            order = order[: self.num_samples * self.world_size][self.rank :: self.world_size]
+        if order is not None:
+            tensors = tuple(t[order.to(t.device)] for t in tensors)
         augment = self.augmentation
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             batch = tuple(t[start : start + self.batch_size] for t in tensors)
@@ -161,11 +177,14 @@ def check_labels(splits: DataSplits, data_cfg: DictConfig) -> None:
 
 
 def build_loaders(
-    splits: DataSplits, data_cfg: DictConfig, seed: int, device: torch.device, augmentation=None
+    splits: DataSplits, data_cfg: DictConfig, seed: int, device: torch.device,
+    augmentation=None, rank: int = 0, world_size: int = 1,
 ) -> tuple[InMemoryLoader | DataLoader, InMemoryLoader | DataLoader]:
     """Train and validation loaders: the in-memory fast path when both splits allow it.
 
     ``augmentation`` (an enabled trainlab.data.augment.Augmentation) applies to training only.
+    ``batch_size`` is per process. Under DDP each rank gets its shard; validation shards
+    are not padded, so metrics summed over ranks are exact.
     """
     check_labels(splits, data_cfg)
     if augmentation is not None and not augmentation.enabled:
@@ -173,13 +192,16 @@ def build_loaders(
     batch_size = int(data_cfg.batch_size)
     workers = int(data_cfg.get("num_workers", 0))
     drop_last = bool(data_cfg.get("drop_last", False))
+    shard = dict(rank=rank, world_size=world_size)
     if workers == 0 and _is_in_memory(splits.train) and _is_in_memory(splits.val):
         return (
             InMemoryLoader(
                 splits.train.tensors, batch_size, shuffle=True, drop_last=drop_last,
-                seed=seed, device=device, augmentation=augmentation,
+                seed=seed, device=device, augmentation=augmentation, **shard,
             ),
-            InMemoryLoader(splits.val.tensors, batch_size, shuffle=False, device=device),
+            InMemoryLoader(
+                splits.val.tensors, batch_size, shuffle=False, device=device, pad=False, **shard
+            ),
         )
     common = dict(
         batch_size=batch_size,
@@ -192,5 +214,14 @@ def build_loaders(
         from trainlab.data.augment import AugmentedDataset
 
         train_set = AugmentedDataset(train_set, augmentation)
-    train = SeededLoader(train_set, seed, shuffle=True, drop_last=drop_last, **common)
-    return train, SeededLoader(splits.val, seed, shuffle=False, **common)
+    if world_size == 1:
+        train = SeededLoader(train_set, seed, shuffle=True, drop_last=drop_last, **common)
+        return train, SeededLoader(splits.val, seed, shuffle=False, **common)
+    # A rank's shard; the sampler's order is a function of (seed, epoch) like SeededLoader's.
+    sampler = DistributedSampler(
+        train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+        drop_last=drop_last,
+    )
+    train = SeededLoader(train_set, seed, sampler=sampler, drop_last=drop_last, **common)
+    val = Subset(splits.val, range(rank, len(splits.val), world_size))
+    return train, SeededLoader(val, seed, shuffle=False, **common)

@@ -1,0 +1,130 @@
+"""DDP on CPU with gloo: two real processes, checked against one process on the same global
+batch; device selection errors; the rank-sharded in-memory loader."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+
+from conftest import QUICK, runs_of
+from trainlab.data.loaders import InMemoryLoader
+from trainlab.distributed import Launch, plan_launch
+from trainlab.errors import TrainlabError
+
+FAST = ["model=mlp", "trainer.progress_bar=false", "logger.log_model=false",
+        "trainer.max_epochs=2", "model.hidden=[32]"]
+
+
+class KeepFinalState:
+    """Epoch-end callback: every rank saves its weights and metrics after the last epoch."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def on_epoch_end(self, runner, epoch, metrics):
+        if epoch == runner.max_epochs - 1:
+            torch.save({"model": runner.model.state_dict(), "metrics": metrics}, self.path)
+
+
+def _rank(rank, cfg, out, port):
+    from trainlab.distributed import init_process_group
+    from trainlab.seeding import seed_everything
+    from trainlab.tracking import NullTracker
+    from trainlab.train import fit
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    init_process_group(Launch("cpu", (0, 1), 2), rank)
+    torch.set_num_threads(1)
+    seed_everything(int(cfg.seed))
+    try:
+        fit(cfg, NullTracker(cfg.logger), out, {}, callbacks=[KeepFinalState(out / f"{rank}.pt")])
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_gloo_ranks_stay_identical_and_match_one_process_on_the_global_batch(
+    compose, tmp_path
+):
+    import torch.multiprocessing as mp
+
+    from trainlab.seeding import seed_everything
+    from trainlab.tracking import NullTracker
+    from trainlab.train import fit
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_rank, args=(compose(*FAST, "data.batch_size=32"), tmp_path / "ddp", port),
+             nprocs=2)
+    rank0, rank1 = (torch.load(tmp_path / f"ddp/{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(rank0["model"][k], rank1["model"][k]) for k in rank0["model"])
+    assert rank0["metrics"] == rank1["metrics"], "metrics are reduced across ranks"
+
+    cfg = compose(*FAST, "data.batch_size=64")
+    seed_everything(int(cfg.seed))
+    single = tmp_path / "single"
+    fit(cfg, NullTracker(cfg.logger), single, {}, callbacks=[KeepFinalState(single / "0.pt")])
+    one = torch.load(single / "0.pt", weights_only=True)
+    for key, value in one["model"].items():
+        assert torch.allclose(rank0["model"][key], value, atol=1e-5), key
+    for name, value in one["metrics"].items():
+        assert rank0["metrics"][name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+
+
+def test_ranks_shard_the_same_order_into_the_global_batch():
+    x = torch.arange(10.0)
+    whole = [b[0] for b in InMemoryLoader((x,), batch_size=4, shuffle=True, seed=5)]
+    shards = [
+        [b[0] for b in InMemoryLoader((x,), 2, shuffle=True, seed=5, rank=r, world_size=2)]
+        for r in (0, 1)
+    ]
+    assert len(shards[0]) == len(shards[1]) == len(whole)
+    for i, batch in enumerate(whole):
+        assert sorted(torch.cat([shards[0][i], shards[1][i]]).tolist()) == sorted(batch.tolist())
+    val = [InMemoryLoader((torch.arange(5.0),), 2, shuffle=False, rank=r, world_size=2,
+                          pad=False) for r in (0, 1)]
+    assert sorted(torch.cat([b[0] for v in val for b in v]).tolist()) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    ("accelerator", "devices", "message"),
+    [
+        ("cpu", 0, "trainer.devices=0 is not valid for cpu"),
+        ("cpu", [0, 2], r"list of GPU indices like \[0,2\] with accelerator=cuda"),
+        ("cuda", 1, "no CUDA GPU is visible"),
+        ("tpu", 1, "trainer.accelerator='tpu' is not known"),
+    ],
+)
+def test_device_choices_that_cannot_work_are_clear_errors(accelerator, devices, message):
+    with pytest.raises(TrainlabError, match=message):
+        plan_launch(accelerator, devices)
+
+
+def test_cpu_devices_count_processes(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    assert plan_launch("cpu", "auto").world_size == 1
+    launch = plan_launch("cpu", 2)
+    assert launch.world_size == 2 and launch.spawns
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    joined = plan_launch("cpu", "auto")
+    assert joined.external and joined.world_size == 4 and not joined.spawns
+
+
+@pytest.mark.slow
+def test_trainlab_train_on_two_cpu_processes_makes_one_run_and_one_output_dir(
+    run_trainlab, mlflow_client, tmp_path
+):
+    proc = run_trainlab("train", *QUICK, "logger.log_model=false", "trainer.accelerator=cpu",
+                        "trainer.devices=2")
+    assert proc.stdout.count("epoch   2/2") == 1, "only rank 0 prints"
+    assert len(list((tmp_path / "outputs" / "runs").iterdir())) == 1
+    (run,) = runs_of(mlflow_client)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["trainer.devices"] == "2"
+    assert len(mlflow_client.get_metric_history(run.info.run_id, "val/acc")) == 2
+    ckpts = {a.path for a in mlflow_client.list_artifacts(run.info.run_id, "checkpoints")}
+    assert ckpts == {"checkpoints/best.pt", "checkpoints/last.pt"}
