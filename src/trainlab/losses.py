@@ -208,6 +208,18 @@ FITTING = {
 }
 
 
+class MaskAsFloatTarget(nn.Module):
+    """Torch's element-wise losses want float targets shaped like the outputs; binary
+    segmentation data gives integer masks (N, H, W): cast and reshape them on the way in."""
+
+    def __init__(self, loss: nn.Module) -> None:
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.loss(logits, targets.to(logits.dtype).reshape(logits.shape))
+
+
 def build_loss(node: DictConfig, choice: str | None, data: DictConfig) -> Any:
     """Build the loss of config ``node`` and check it on a tiny batch shaped like ``data``'s.
 
@@ -221,6 +233,9 @@ def build_loss(node: DictConfig, choice: str | None, data: DictConfig) -> Any:
         for key in TENSOR_ARGS if isinstance(options.get(key), list)
     }
     loss = build(OmegaConf.create(options), "loss", choice, **tensors)
+    binary_masks = data.task == "segmentation" and int(data.num_classes) == 1
+    if binary_masks and isinstance(loss, FLOAT_TARGET_LOSSES):
+        loss = MaskAsFloatTarget(loss)
     check_loss(loss, choice or str(node.get("_target_")), data.task, int(data.num_classes))
     return loss
 
@@ -235,7 +250,7 @@ def check_loss(loss: Any, name: str, task: str, num_classes: int) -> None:
     n = num_classes + 2  # a batch size that cannot be mistaken for the class count
     shape = (n,) if task == "classification" else (n, 3, 3)
     if kind == "binary segmentation":
-        logits, targets = torch.randn(n, 1, 3, 3), torch.randint(0, 2, (n, 1, 3, 3)).float()
+        logits, targets = torch.randn(n, 1, 3, 3), torch.randint(0, 2, (n, 3, 3))  # as data gives
     else:
         logits, targets = torch.randn(n, num_classes, *shape[1:]), torch.randint(
             0, num_classes, shape
@@ -253,9 +268,10 @@ def check_loss(loss: Any, name: str, task: str, num_classes: int) -> None:
             f"loss={name}: weight has {weight.numel()} values but {described} needs "
             f"{num_classes} (one per class)"
         )
-    if isinstance(loss, nn.NLLLoss):
+    core = loss.loss if isinstance(loss, MaskAsFloatTarget) else loss
+    if isinstance(core, nn.NLLLoss):
         logits = torch.log_softmax(logits, dim=1)  # NLL takes log-probabilities
-    elif isinstance(loss, nn.BCELoss):
+    elif isinstance(core, nn.BCELoss):
         logits = torch.sigmoid(logits)  # BCE takes probabilities
     try:
         value = loss(logits, targets)

@@ -1,0 +1,50 @@
+"""The course's segmentation worked examples, run as a user would: `trainlab train experiment=…`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import runs_of
+
+
+def _write_carvana_layout(root, count=12, size=40):
+    """Car-like blobs in the Carvana layout: train/NAME.jpg and train_masks/NAME_mask.gif."""
+    rng = np.random.default_rng(0)
+    (root / "train").mkdir(parents=True)
+    (root / "train_masks").mkdir()
+    for index in range(count):
+        mask = np.zeros((size, size), np.uint8)
+        top, left = rng.integers(2, size // 2, 2)
+        mask[top : top + size // 3, left : left + size // 2] = 255
+        image = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+        image[mask > 0] = (200, 40, 40)
+        Image.fromarray(image).save(root / "train" / f"car{index}.jpg")
+        Image.fromarray(mask).save(root / "train_masks" / f"car{index}_mask.gif")
+
+
+def test_carvana_recipe_runs_on_files_in_its_layout(run_trainlab, mlflow_client, tmp_path):
+    _write_carvana_layout(tmp_path / "carvana")
+    run_trainlab(
+        "train", "experiment=carvana_unet", f"data.dataset.root={tmp_path / 'carvana'}",
+        "data.image_size=[32,32]", "data.batch_size=4", "data.num_workers=0",
+        "model.base_channels=4", "model.depth=2", "trainer.max_epochs=2",
+        "trainer.progress_bar=false", "logger.log_model=false",
+    )
+    (run,) = runs_of(mlflow_client, "carvana_unet")
+    assert run.info.status == "FINISHED"
+    assert run.data.params["loss._target_"].endswith("BCEWithLogitsLoss")
+    assert 0.0 <= run.data.metrics["val/dice"] <= 1.0
+    history = mlflow_client.get_metric_history(run.info.run_id, "lr")
+    assert sorted({round(m.value, 6) for m in history}, reverse=True)[:2] == [0.001, 0.0008]
+
+
+@pytest.mark.slow
+def test_shapes_unet_dice_reaches_the_promised_dice(run_trainlab, mlflow_client):
+    run_trainlab("train", "experiment=shapes_unet_dice", "trainer.progress_bar=false",
+                 "logger.log_model=false", timeout=1800)
+    (run,) = runs_of(mlflow_client, "shapes_unet_dice")
+    assert run.info.status == "FINISHED"
+    best = max(m.value for m in mlflow_client.get_metric_history(run.info.run_id, "val/dice"))
+    assert best >= 0.8
