@@ -154,10 +154,9 @@ def format_csv(rows: Sequence[Row], metric: str) -> str:
 
 def plot_curves(client, runs: Sequence, metric: str, path: str) -> None:
     """Draw ``metric`` against its step for every run on one figure."""
-    import matplotlib
+    from trainlab.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for run in runs:
@@ -170,9 +169,7 @@ def plot_curves(client, runs: Sequence, metric: str, path: str) -> None:
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 # ------------------------------------------------------------------ commands

@@ -227,10 +227,9 @@ class ValMetrics:
 
 def plot_confusion(matrix: torch.Tensor, path: str | Path) -> Path:
     """Write ``matrix`` (rows: true class, columns: predicted) as a PNG heat map with counts."""
-    import matplotlib
+    from trainlab.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     classes = matrix.shape[0]
     size = max(4.0, 0.45 * classes + 2)
@@ -245,9 +244,4 @@ def plot_confusion(matrix: torch.Tensor, path: str | Path) -> Path:
                 ax.text(col, row, count, ha="center", va="center", fontsize=7,
                         color="white" if count > half else "black")
     ax.set(xlabel="predicted class", ylabel="true class", title="validation confusion matrix")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

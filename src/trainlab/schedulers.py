@@ -175,10 +175,9 @@ def plot_lr(
     path: str | Path, title: str = "learning rate", steps_per_epoch: int | None = None,
 ) -> Path:
     """Write the lr of each param group over training steps as a PNG (a step plot)."""
-    import matplotlib
+    from trainlab.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for index, name in enumerate(names):
@@ -191,9 +190,4 @@ def plot_lr(
     fig.suptitle(title)
     if len(names) > 1:
         ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

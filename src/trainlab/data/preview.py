@@ -39,10 +39,9 @@ def preview_batch(dataset, augmentation, n: int, seed: int):
 def write_preview(splits, augmentation, path: str | Path, n: int = 8, seed: int = 0) -> Path:
     """Draw originals (top row) over augmented versions (bottom row) into the PNG ``path``;
     segmentation masks are overlaid in red, classification labels are the titles."""
-    import matplotlib
+    from trainlab.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     images, targets, augmented, augmented_targets = preview_batch(
@@ -69,12 +68,7 @@ def write_preview(splits, augmentation, path: str | Path, n: int = 8, seed: int 
             ax.set_axis_off()
         axes[row][0].text(-0.1, 0.5, title, transform=axes[row][0].transAxes, rotation=90,
                           ha="right", va="center", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="preview")
