@@ -39,11 +39,11 @@ def preview_batch(dataset, augmentation, n: int, seed: int):
 def write_preview(splits, augmentation, path: str | Path, n: int = 8, seed: int = 0) -> Path:
     """Draw originals (top row) over augmented versions (bottom row) into the PNG ``path``;
     segmentation masks are overlaid in red, classification labels are the titles."""
+    import numpy as np
+
     from trainlab.plots import pyplot, save_figure
 
     plt = pyplot()
-    import numpy as np
-
     images, targets, augmented, augmented_targets = preview_batch(
         splits.train, augmentation, n, seed
     )
