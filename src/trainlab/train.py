@@ -57,10 +57,12 @@ def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbac
     from trainlab.optim import build_optimizer
     from trainlab.schedulers import build_scheduler
     from trainlab.sweeps import job_device
+    from trainlab.threads import set_training_threads
 
     metrics = TaskMetrics(cfg.data.task, cfg.data.num_classes, cfg.data.get("ignore_index"))
     metrics.check_monitor(cfg.trainer.monitor)  # before any data is loaded
     device = device or job_device(distributed.select_device(cfg.trainer.accelerator))
+    set_training_threads(device, int(cfg.data.get("num_workers", 0)), distributed.world_size())
     splits = build(cfg.data.dataset, "data", choices.get("data"))
     augmentation = build(cfg.augment, "augment", choices.get("augment"))
     train_loader, val_loader = build_loaders(

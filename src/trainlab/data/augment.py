@@ -15,12 +15,12 @@ import torch
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from trainlab.data.imgaug_compat import SegmentationMapsOnImage, iaa
 from trainlab.errors import TrainlabError
 
 
 def build_augmenter(node: Any) -> Any:
     """Recursively build an imgaug object from a config node (see the module docstring)."""
+    import trainlab.data.imgaug_compat  # noqa: F401  imgaug patched for NumPy 2 first
     if isinstance(node, DictConfig | ListConfig):
         node = OmegaConf.to_container(node, resolve=True)
     if isinstance(node, Mapping):
@@ -54,8 +54,13 @@ class Augmentation:
     """
 
     def __init__(self, pipeline: Any = None) -> None:
-        self.augmenter = None if pipeline is None else build_augmenter(pipeline)
-        if self.augmenter is not None and not isinstance(self.augmenter, iaa.Augmenter):
+        self.augmenter = None
+        if pipeline is None:
+            return  # augment=none: imgaug (and OpenCV) are never imported
+        from trainlab.data.imgaug_compat import iaa
+
+        self.augmenter = build_augmenter(pipeline)
+        if not isinstance(self.augmenter, iaa.Augmenter):
             raise TrainlabError(
                 f"augment.pipeline must build an imgaug augmenter, got {type(self.augmenter)}"
             )
@@ -96,6 +101,8 @@ class Augmentation:
             out = np.asarray(self.augmenter(images=rgb))
             out_masks = None
         else:
+            from trainlab.data.imgaug_compat import SegmentationMapsOnImage
+
             segmaps = [
                 SegmentationMapsOnImage(mask.astype(np.int32), shape=image.shape)
                 for image, mask in zip(rgb, masks, strict=True)

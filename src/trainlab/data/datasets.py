@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, TensorDataset
 
+from trainlab.data.cache import build_cache
 from trainlab.errors import TrainlabError
 
 log = logging.getLogger(__name__)
@@ -37,17 +39,33 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor,
 
 def load_digits(val_fraction: float = 0.2, seed: int = 0) -> DataSplits:
     """scikit-learn's bundled 8x8 digits as (N, 1, 8, 8) floats in [0, 1]; no download."""
-    from sklearn.datasets import load_digits as sklearn_digits
-
-    bunch = sklearn_digits()
-    images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    targets = torch.tensor(bunch.target, dtype=torch.long)
+    pixels, target = _digits_table()
+    images = torch.from_numpy(pixels).reshape(-1, 1, 8, 8) / 16.0
+    targets = torch.from_numpy(target)
     train_idx, val_idx = split_indices(len(targets), val_fraction, seed)
     return DataSplits(
         train=TensorDataset(images[train_idx], targets[train_idx]),
         val=TensorDataset(images[val_idx], targets[val_idx]),
-        class_names=[str(name) for name in bunch.target_names],
+        class_names=[str(digit) for digit in range(10)],
     )
+
+
+def _digits_table() -> tuple[np.ndarray, np.ndarray]:
+    """The digits' pixels (float32, N×64) and labels (int64), read straight from the CSV
+    scikit-learn ships: importing scikit-learn for it costs over a second per run."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    table = None
+    if spec is not None and spec.submodule_search_locations:
+        table = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    if table is None or not table.is_file():  # another layout: ask scikit-learn itself
+        from sklearn.datasets import load_digits as sklearn_digits
+
+        bunch = sklearn_digits()
+        return bunch.data.astype(np.float32), bunch.target.astype(np.int64)
+    rows = np.loadtxt(table, delimiter=",", dtype=np.float32)
+    return np.ascontiguousarray(rows[:, :-1]), rows[:, -1].astype(np.int64)
 
 
 # ------------------------------------------------------------------ torchvision sources
@@ -151,20 +169,32 @@ def _read_pixel_csv(path, image_size, label_column, num_classes):
 
 # -------------------------------------------------------------------- image files
 class ImageFiles(Dataset):
-    """Images read from disk per sample: resized (bilinear) to ``image_size``, 1 or 3 channels."""
+    """Images read from disk per sample: resized (bilinear) to ``image_size``, 1 or 3 channels.
 
-    def __init__(self, samples: list[tuple[Path, int]], image_size: Sequence[int], channels: int):
+    ``cache`` (``memory`` or ``disk``, see trainlab.data.cache) keeps the decoded, resized
+    images so later epochs skip decoding.
+    """
+
+    def __init__(self, samples: list[tuple[Path, int]], image_size: Sequence[int], channels: int,
+                 cache: str | None = None, cache_dir: str | None = None):
         self.samples = samples
         self.size = (int(image_size[1]), int(image_size[0]))  # PIL wants (width, height)
         self.mode = {1: "L", 3: "RGB"}[int(channels)]
+        shape = (self.size[1], self.size[0]) + (() if self.mode == "L" else (3,))
+        self.cache = build_cache(cache, len(samples), [(shape, np.uint8)],
+                                 f"image {self.size} {self.mode}", cache_dir)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         path, label = self.samples[index]
-        image = _open_image(path).convert(self.mode).resize(self.size, Image.BILINEAR)
-        return _to_tensor(image), torch.tensor(label)
+        (pixels,) = self.cache.fetch(index, (path,), lambda: (self.decode(path),))
+        return _to_tensor(pixels), torch.tensor(label)
+
+    def decode(self, path: Path) -> np.ndarray:
+        image = _open_image(path, draft=(self.mode, self.size))
+        return np.asarray(image.convert(self.mode).resize(self.size, Image.BILINEAR))
 
 
 def load_image_folder(
@@ -175,6 +205,8 @@ def load_image_folder(
     val_fraction: float = 0.2,
     seed: int = 0,
     skip_bad_files: bool = False,
+    cache: str | None = None,
+    cache_dir: str | None = None,
 ) -> DataSplits:
     """One sub-folder per class (torchvision's ImageFolder layout); no val_root: split by seed."""
     from torchvision.datasets import ImageFolder
@@ -195,8 +227,8 @@ def load_image_folder(
     else:
         samples, val_samples = _split_list(samples, val_fraction, seed)
     return DataSplits(
-        ImageFiles(samples, image_size, channels),
-        ImageFiles(val_samples, image_size, channels),
+        ImageFiles(samples, image_size, channels, cache, cache_dir),
+        ImageFiles(val_samples, image_size, channels, cache, cache_dir),
         list(train.classes),
     )
 
@@ -212,6 +244,8 @@ def load_csv_images(
     val_fraction: float = 0.2,
     seed: int = 0,
     skip_bad_files: bool = False,
+    cache: str | None = None,
+    cache_dir: str | None = None,
 ) -> DataSplits:
     """An image folder plus a CSV of file → label (an integer, or a class name)."""
     import csv as csv_module
@@ -242,7 +276,9 @@ def load_csv_images(
     samples = _readable(samples, skip_bad_files)
     train, val = _split_list(samples, val_fraction, seed)
     return DataSplits(
-        ImageFiles(train, image_size, channels), ImageFiles(val, image_size, channels), names
+        ImageFiles(train, image_size, channels, cache, cache_dir),
+        ImageFiles(val, image_size, channels, cache, cache_dir),
+        names,
     )
 
 
@@ -252,21 +288,35 @@ class SegmentationFiles(Dataset):
 
     Images resize bilinearly, masks by nearest neighbour so labels stay labels. Mask pixel
     values map through ``lut`` (binarise / label_map); ``ignore_index`` pixels stay as they are.
+    ``cache`` keeps both, decoded and mapped (see trainlab.data.cache).
     """
 
-    def __init__(self, pairs, image_size, channels, lut: np.ndarray, allowed: int, ignore_index):
+    def __init__(self, pairs, image_size, channels, lut: np.ndarray, allowed: int, ignore_index,
+                 cache: str | None = None, cache_dir: str | None = None):
         self.pairs = pairs
         self.size = (int(image_size[1]), int(image_size[0]))
         self.mode = {1: "L", 3: "RGB"}[int(channels)]
         self.lut = lut
         self.allowed = allowed
         self.ignore_index = ignore_index
+        height, width = self.size[1], self.size[0]
+        image_shape = (height, width) + (() if self.mode == "L" else (3,))
+        lut_hash = hashlib.sha1(lut.tobytes()).hexdigest()[:16]
+        self.cache = build_cache(
+            cache, len(pairs), [(image_shape, np.uint8), ((height, width), np.int32)],
+            f"segmentation {self.size} {self.mode} lut={lut_hash} ignore={ignore_index} "
+            f"allowed={allowed}", cache_dir, files_per_sample=2,
+        )
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image_path, mask_path = self.pairs[index]
+        pair = self.pairs[index]
+        pixels, labels = self.cache.fetch(index, pair, lambda: self.decode(*pair))
+        return _to_tensor(pixels), torch.from_numpy(labels.astype(np.int64, copy=False))
+
+    def decode(self, image_path: Path, mask_path: Path) -> tuple[np.ndarray, np.ndarray]:
         image, mask = _open_image(image_path), _open_image(mask_path)
         if image.size != mask.size:
             raise TrainlabError(
@@ -284,7 +334,7 @@ class SegmentationFiles(Dataset):
                 f"0..{self.allowed - 1}; set data.num_classes, data.label_map or data.binarize"
             )
         image = image.convert(self.mode).resize(self.size, Image.BILINEAR)
-        return _to_tensor(image), torch.from_numpy(labels)
+        return np.asarray(image), labels
 
 
 def load_segmentation_folder(
@@ -301,6 +351,8 @@ def load_segmentation_folder(
     val_fraction: float = 0.3,
     seed: int = 0,
     skip_bad_files: bool = False,
+    cache: str | None = None,
+    cache_dir: str | None = None,
 ) -> DataSplits:
     """The Carvana layout: ``images/NAME.jpg`` with ``masks/`` + ``mask_name`` (``{stem}``,
     ``{name}``, ``{suffix}`` are filled in); split into train/val by seed.
@@ -334,7 +386,7 @@ def load_segmentation_folder(
     train, val = _split_list(pairs, val_fraction, seed)
     allowed = max(int(num_classes), 2)
     splits = [
-        SegmentationFiles(items, image_size, channels, lut, allowed, ignore_index)
+        SegmentationFiles(items, image_size, channels, lut, allowed, ignore_index, cache, cache_dir)
         for items in (train, val)
     ]
     binary = int(num_classes) == 1
@@ -401,10 +453,17 @@ def _existing(path: str | Path, what: str) -> Path:
     return path
 
 
-def _open_image(path: Path) -> Image.Image:
-    """Open and fully decode an image; an unreadable or truncated file names itself."""
+def _open_image(path: Path, draft: tuple[str, tuple[int, int]] | None = None) -> Image.Image:
+    """Open and fully decode an image; an unreadable or truncated file names itself.
+
+    ``draft`` ((mode, (width, height))) lets a JPEG decode at the smallest power-of-two
+    scale still at least that size: a large photo bound for a small model decodes several
+    times faster, and the resize after it sees the same pixels averaged.
+    """
     try:
         image = Image.open(path)
+        if draft is not None:
+            image.draft(*draft)
         image.load()
     except (OSError, SyntaxError, ValueError) as err:
         raise TrainlabError(
