@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.conftest import TRAINLAB, runs_of
+
+from conftest import TRAINLAB, runs_of
 
 pytestmark = pytest.mark.slow
 
