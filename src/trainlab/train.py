@@ -66,7 +66,7 @@ def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbac
     from trainlab.metrics import TaskMetrics
     from trainlab.models.finetune import build_model
     from trainlab.optim import build_optimizer
-    from trainlab.schedulers import build_scheduler
+    from trainlab.schedulers import build_scheduler, optimizer_steps
 
     metrics = TaskMetrics(cfg.data.task, cfg.data.num_classes, cfg.data.get("ignore_index"))
     metrics.check_monitor(cfg.trainer.monitor)  # before any data is loaded
@@ -82,7 +82,8 @@ def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbac
     optimizer = build_optimizer(cfg.optimizer, model, choices.get("optimizer"))
     scheduler = build_scheduler(
         cfg.scheduler, optimizer, choices.get("scheduler"),
-        steps_per_epoch=len(train_loader), max_epochs=int(cfg.trainer.max_epochs),
+        steps_per_epoch=optimizer_steps(len(train_loader), cfg.trainer.accumulate_grad_batches),
+        max_epochs=int(cfg.trainer.max_epochs),
     )
     precision = build(cfg.precision, "precision", choices.get("precision"))
     if distributed.is_main_process():
