@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                 "trainlab predict run_id=ID input=FOLDER"),
     "runs": ("trainlab.compare", "runs_cli", "compare runs: trainlab runs [--sweep ID] [--plot F]"),
     "ui": ("trainlab.compare", "ui_cli", "serve the MLflow UI and print the run table's URL"),
+    "sync": ("trainlab.outbox", "sync_cli", "send what a run spooled while MLflow was down: "
+             "trainlab sync OUTPUT_DIR"),
 }
 
 USAGE = """\
@@ -33,13 +35,6 @@ examples:
 
 Runs are tracked in MLflow (sqlite:///mlflow.db here by default): `mlflow ui` shows them.
 """
-
-
-def run_hydra_app(app, name: str, args: list[str]) -> int:
-    """Call a ``@hydra.main`` function with ``args`` as its command line."""
-    sys.argv = [f"trainlab-{name}", *args]
-    app()
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

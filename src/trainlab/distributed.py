@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,26 @@ def select_device(accelerator: str = "auto") -> torch.device:
     if accelerator == "mps" and not mps:
         raise TrainlabError("trainer.accelerator=mps but MPS is not available; use cpu or auto")
     return torch.device(accelerator)
+
+
+def gpu_for_job(job_num: int, n_gpus: int) -> int:
+    """Parallel sweep jobs spread over the GPUs: job i gets GPU ``i % n_gpus``."""
+    return job_num % n_gpus
+
+
+def job_device(device: torch.device) -> torch.device:
+    """In a sweep, a CUDA job runs on GPU ``job.num % n_gpus`` instead of all on GPU 0."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if device.type != "cuda" or not HydraConfig.initialized():
+        return device
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return device
+    device = torch.device("cuda", gpu_for_job(hydra_cfg.job.num, torch.cuda.device_count()))
+    torch.cuda.set_device(device)
+    return device
 
 
 @dataclass(frozen=True)
@@ -150,6 +170,15 @@ def any_rank(flag: bool) -> bool:
     return bool(packed.item())
 
 
+def from_rank0(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (a picklable object)."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def ranks_in_sync(model: torch.nn.Module) -> bool:
     """Whether every rank holds the same parameters as rank 0."""
     if not is_distributed():
@@ -168,22 +197,28 @@ def _free_port() -> int:
 
 
 def spawn_fit(
-    launch: Launch, cfg: Any, output_dir: Path, choices: dict, run_id: str | None,
-    resume: Path | None,
+    fit: Callable[..., Any], launch: Launch, cfg: Any, output_dir: Path, choices: dict,
+    run_id: str | None, resume: Path | None,
 ) -> tuple[float, int]:
-    """Run ``train.fit`` in ``launch.world_size`` worker processes of this job.
+    """Run ``fit`` (an importable function, called like ``train.fit``) in
+    ``launch.world_size`` worker processes of this job.
 
     The MLflow run stays owned by the calling process; rank 0 logs into it. SIGINT/SIGTERM
     sent to this process are passed on to the workers, which checkpoint and stop; the call
     then raises KeyboardInterrupt. Returns rank 0's (best, best_epoch).
     """
     import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import (
+        ProcessException,
+        ProcessExitedException,
+        ProcessRaisedException,
+    )
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ["MASTER_PORT"] = str(_free_port())
     results = mp.get_context("spawn").SimpleQueue()
     context = mp.start_processes(
-        _worker, args=(launch, cfg, output_dir, choices, run_id, resume, results),
+        _worker, args=(fit, launch, cfg, output_dir, choices, run_id, resume, results),
         nprocs=launch.world_size, join=False, start_method="spawn",
     )
     received: list[int] = []
@@ -195,12 +230,13 @@ def spawn_fit(
                 os.kill(process.pid, signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    failure: ProcessException | None = None
     try:
         try:
             while not context.join(grace_period=10):
                 pass
-        except mp.ProcessExitedException:
-            pass  # the worker's own report (below) says why
+        except ProcessException as err:
+            failure = err  # the workers' own reports (below) say more when they could
         outcome = {}
         while not results.empty():
             kind, *payload = results.get()
@@ -212,26 +248,34 @@ def spawn_fit(
         raise TrainlabError(outcome["error"][0])
     if "interrupted" in outcome or received:
         raise KeyboardInterrupt
+    if isinstance(failure, ProcessRaisedException):  # a bug: keep the worker's traceback
+        raise RuntimeError(f"DDP worker rank {failure.error_index} failed:\n{failure.msg}")
+    if isinstance(failure, ProcessExitedException):
+        how = (f"was killed by {failure.signal_name}" if failure.signal_name
+               else f"exited with code {failure.exit_code}")
+        raise TrainlabError(f"DDP worker rank {failure.error_index} (pid {failure.error_pid}) "
+                            f"{how}; the job stopped")
     if "done" not in outcome:
-        raise RuntimeError("the DDP workers ended without a result")
+        raise TrainlabError("the DDP workers ended without a result")
     return tuple(outcome["done"])
 
 
-def _worker(rank_: int, launch: Launch, cfg, output_dir, choices, run_id, resume, results):
-    """One DDP rank: join the group, build every part, fit; rank 0 logs into ``run_id``."""
+def _worker(rank_: int, fit, launch: Launch, cfg, output_dir, choices, run_id, resume, results):
+    """One DDP rank: join the group, build every part, ``fit``; rank 0 logs into ``run_id``."""
     import contextlib
 
     from trainlab.components import build
+    from trainlab.outbox import SPOOL_DIR
     from trainlab.seeding import seed_everything
     from trainlab.tracking import NullTracker
-    from trainlab.train import fit
 
+    os.setpgrp()  # a terminal's Ctrl-C reaches the launching process only; it forwards it once
     device = init_process_group(launch, rank_)  # fit() sizes the rank's share of the cores
     seed_everything(int(cfg.seed), bool(cfg.trainer.deterministic))
     try:
         if rank_ == 0:
             tracker = build(cfg.logger, "logger", choices.get("logger"))
-            attached = tracker.attach(run_id)
+            attached = tracker.attach(run_id, spool_dir=Path(output_dir) / SPOOL_DIR)
         else:
             tracker, attached = NullTracker(cfg.logger), contextlib.nullcontext()
         with attached:
@@ -244,6 +288,6 @@ def _worker(rank_: int, launch: Launch, cfg, output_dir, choices, run_id, resume
         raise SystemExit(1) from None
     except KeyboardInterrupt:
         results.put(("interrupted",))
-        raise
+        raise SystemExit(130) from None  # the launching process reports it, in one line
     finally:
         dist.destroy_process_group()

@@ -3,7 +3,7 @@
 ``MlflowSweep`` is a Hydra callback (registered in conf/hydra/default.yaml). It runs in the
 sweeping process, and Hydra hands a copy of it to every job, also to jobs in other
 processes (joblib, submitit): ``on_job_start`` tells the job its parent run and which
-overrides were swept, through ``PARENT_RUN_ENV`` and this module's ``_swept`` keys.
+overrides were swept, through ``tracking.PARENT_RUN_ENV`` and this module's ``_swept`` keys.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
-PARENT_RUN_ENV = "TRAINLAB_PARENT_RUN_ID"
 OPTUNA_RESULTS = "optimization_results.yaml"  # written by the Optuna sweeper in the sweep dir
 _swept: set[str] = set()  # keys swept by the sweep this job belongs to
 _open: list[MlflowSweep] = []  # sweeps not summarised yet (Hydra skips the end on errors)
@@ -55,27 +54,6 @@ def job_callbacks(hydra_cfg: DictConfig) -> list[Any]:
     return list(factory(hydra_cfg)) if factory else []
 
 
-def gpu_for_job(job_num: int, n_gpus: int) -> int:
-    """Parallel jobs spread over the GPUs: job i gets GPU ``i % n_gpus``."""
-    return job_num % n_gpus
-
-
-def job_device(device):
-    """In a sweep, a CUDA job runs on GPU ``job.num % n_gpus`` instead of all on GPU 0."""
-    import torch
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if device.type != "cuda" or not HydraConfig.initialized():
-        return device
-    hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode != RunMode.MULTIRUN:
-        return device
-    device = torch.device("cuda", gpu_for_job(hydra_cfg.job.num, torch.cuda.device_count()))
-    torch.cuda.set_device(device)
-    return device
-
-
 class MlflowSweep(Callback):
     """Opens a sweep's parent run, nests the jobs under it and logs the summary to it."""
 
@@ -84,6 +62,7 @@ class MlflowSweep(Callback):
         self.parent_run_id: str | None = None
         self.swept: set[str] = set()
         self.monitor = ("val/acc", "max")
+        self.register_model: str | None = None  # its best job's version becomes the champion
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from hydra.utils import instantiate
@@ -97,6 +76,7 @@ class MlflowSweep(Callback):
         experiment_id = instantiate(config.logger).connect()
         self.swept = swept_keys(overrides, config.hydra.sweeper)
         self.monitor = (config.trainer.monitor, config.trainer.monitor_mode)
+        self.register_model = OmegaConf.select(config, "logger.register_model")
         command = shlex.join(["trainlab", "train", "-m", *overrides])
         run = MlflowClient().create_run(
             experiment_id,
@@ -111,6 +91,8 @@ class MlflowSweep(Callback):
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if self.parent_run_id is None:  # a single run, not a sweep
             return
+        from trainlab.tracking import PARENT_RUN_ENV
+
         os.environ[PARENT_RUN_ENV] = self.parent_run_id
         _swept.clear()
         _swept.update(self.swept)
@@ -123,6 +105,7 @@ class MlflowSweep(Callback):
         from mlflow.tracking import MlflowClient
 
         from trainlab import compare
+        from trainlab.tracking import PARENT_RUN_ENV
 
         if self in _open:
             _open.remove(self)
@@ -150,6 +133,13 @@ class MlflowSweep(Callback):
                 client.log_param(self.parent_run_id, f"best.{key}", value)
             client.log_metric(self.parent_run_id, f"best/{metric}", float(best.best_value))
             client.log_artifact(self.parent_run_id, str(results))
+        if self.register_model:
+            from trainlab.tracking import promote_champion
+
+            version = promote_champion(client, self.register_model, children, metric, mode)
+            if version is not None:
+                client.set_tag(self.parent_run_id, "trainlab.champion",
+                               f"{self.register_model} version {version}")
         client.set_terminated(self.parent_run_id, status)
 
 
