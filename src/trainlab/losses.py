@@ -228,6 +228,8 @@ def build_loss(node: DictConfig, choice: str | None, data: DictConfig) -> Any:
     here, before any training step, with the losses that fit.
     """
     options = OmegaConf.to_container(node, resolve=True)
+    if "ignore_index" in options and options["ignore_index"] is None:
+        del options["ignore_index"]  # data.ignore_index unset: the loss's own default (torch: -100)
     tensors = {
         key: torch.as_tensor(options.pop(key), dtype=torch.float)
         for key in TENSOR_ARGS if isinstance(options.get(key), list)
@@ -257,6 +259,8 @@ def check_loss(loss: Any, name: str, task: str, num_classes: int) -> None:
         )
     described = f"data.task={task} with {num_classes} classes"
     fits = f"losses that fit: {FITTING[kind]}"
+    if kind == "binary segmentation" and isinstance(loss, nn.CrossEntropyLoss | nn.NLLLoss):
+        fits += "; or set data.num_classes=2 for two-class masks with one logit per class"
     if kind != "binary segmentation" and isinstance(loss, FLOAT_TARGET_LOSSES):
         raise TrainlabError(
             f"loss={name} ({type(loss).__name__}) wants float targets shaped like the outputs, "
