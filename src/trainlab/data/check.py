@@ -50,12 +50,17 @@ class DataReport:
     problems: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     bad_files: int = 0  # problems that data.skip_bad_files would leave out
+    files: bool = True  # read from files (else held in memory)
 
     def text(self) -> str:
         """The report as a person reads it: classes, a table of counts, the problems."""
         how = {"fast": "file headers and sizes; data.check=full decodes every file",
                "full": "every file decoded", "off": "not scanned (data.check=off)"}[self.mode]
+        if not self.files and self.mode != "off":
+            how = "in memory: every label checked"
         origin = "inferred from the data" if self.inferred else "data.num_classes"
+        if self.unit == "pixels" and self.num_classes == 1:
+            origin += ", binary: one logit"
         names = ", ".join(self.class_names[:12]) + (", ..." if len(self.class_names) > 12 else "")
         lines = [f"data check of {self.source} ({how})",
                  f"  classes: {self.num_classes} ({origin}): {names}"]
@@ -142,6 +147,7 @@ def scan(splits, num_classes, task: str, mode: str, source: str, skip: bool) -> 
         elif hasattr(dataset, "samples"):
             _scan_samples(dataset, split, mode == "full", counts, report, skip)
         elif hasattr(dataset, "tensors") and len(dataset.tensors) > 1:
+            report.files = False
             counts.update(np.asarray(dataset.tensors[1]).ravel().tolist())
         report.counts[split] = counts
         report.sizes[split] = len(dataset)
