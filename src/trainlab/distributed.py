@@ -208,6 +208,11 @@ def spawn_fit(
     then raises KeyboardInterrupt. Returns rank 0's (best, best_epoch).
     """
     import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import (
+        ProcessException,
+        ProcessExitedException,
+        ProcessRaisedException,
+    )
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ["MASTER_PORT"] = str(_free_port())
@@ -225,12 +230,12 @@ def spawn_fit(
                 os.kill(process.pid, signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
-    failure: mp.ProcessException | None = None
+    failure: ProcessException | None = None
     try:
         try:
             while not context.join(grace_period=10):
                 pass
-        except mp.ProcessException as err:
+        except ProcessException as err:
             failure = err  # the workers' own reports (below) say more when they could
         outcome = {}
         while not results.empty():
@@ -243,9 +248,9 @@ def spawn_fit(
         raise TrainlabError(outcome["error"][0])
     if "interrupted" in outcome or received:
         raise KeyboardInterrupt
-    if isinstance(failure, mp.ProcessRaisedException):  # a bug: keep the worker's traceback
+    if isinstance(failure, ProcessRaisedException):  # a bug: keep the worker's traceback
         raise RuntimeError(f"DDP worker rank {failure.error_index} failed:\n{failure.msg}")
-    if isinstance(failure, mp.ProcessExitedException):
+    if isinstance(failure, ProcessExitedException):
         how = (f"was killed by {failure.signal_name}" if failure.signal_name
                else f"exited with code {failure.exit_code}")
         raise TrainlabError(f"DDP worker rank {failure.error_index} (pid {failure.error_pid}) "
