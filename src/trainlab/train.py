@@ -59,6 +59,7 @@ def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbac
     """Build data → model → loss → optimizer → scheduler → runner, then train (as one DDP
     rank when a process group is up: its shard of the data, rank 0 logging)."""
     from trainlab import distributed
+    from trainlab.checkpoint import save_class_names
     from trainlab.components import build
     from trainlab.data.loaders import build_loaders
     from trainlab.data.preview import write_preview
@@ -77,6 +78,8 @@ def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbac
         splits, cfg.data, int(cfg.seed), device, augmentation,
         rank=distributed.rank(), world_size=distributed.world_size(),
     )
+    if distributed.is_main_process() and splits.class_names:
+        save_class_names(splits.class_names, output_dir / "checkpoints")
     model, model_callbacks = build_model(cfg.model, choices.get("model"))
     loss = build_loss(cfg.loss, choices.get("loss"), cfg.data)
     optimizer = build_optimizer(cfg.optimizer, model, choices.get("optimizer"))
