@@ -6,7 +6,6 @@ import csv
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from test_finetune_e2e import train_in_process
@@ -21,12 +20,7 @@ TASKS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("task", TASKS)
