@@ -62,6 +62,7 @@ def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbac
     ``data`` is the checked data of :func:`trainlab.data.check.prepare_data`; a DDP worker
     passes none and checks its own copy the same way."""
     from trainlab import distributed
+    from trainlab.checkpoint import save_class_names
     from trainlab.components import build
     from trainlab.data.check import prepare_data
     from trainlab.data.loaders import build_loaders
@@ -81,6 +82,8 @@ def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbac
         splits, cfg.data, int(cfg.seed), device, augmentation,
         rank=distributed.rank(), world_size=distributed.world_size(),
     )
+    if distributed.is_main_process() and splits.class_names:
+        save_class_names(splits.class_names, output_dir / "checkpoints")
     model, model_callbacks = build_model(cfg.model, choices.get("model"))
     loss = build_loss(cfg.loss, choices.get("loss"), cfg.data)
     optimizer = build_optimizer(cfg.optimizer, model, choices.get("optimizer"))
