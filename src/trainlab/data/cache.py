@@ -81,9 +81,10 @@ class MemoryCache:
 
 class DiskCache:
     """One file per sample under ``folder``, named by a hash of its files' paths and stamps
-    and of ``variant`` (what decoding produced: size, channels, label mapping)."""
+    and of ``variant()`` (what decoding produces: size, channels, how mask values map;
+    read at each fetch, as the data check may infer the classes after the dataset is made)."""
 
-    def __init__(self, folder: str | Path, variant: str) -> None:
+    def __init__(self, folder: str | Path, variant: Callable[[], str]) -> None:
         self.folder = Path(folder).expanduser()
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -96,7 +97,7 @@ class DiskCache:
 
     def path_of(self, paths: Sequence[Path]) -> Path:
         stamps = file_stamps(paths)
-        key = "|".join([self.variant, *(str(Path(p).resolve()) for p in paths), *map(str, stamps)])
+        key = "|".join([self.variant(), *(str(Path(p).resolve()) for p in paths), *map(str, stamps)])
         digest = hashlib.sha1(key.encode()).hexdigest()
         return self.folder / digest[:2] / f"{digest}.npy"
 
@@ -119,8 +120,8 @@ class DiskCache:
         return arrays
 
 
-def build_cache(mode: str | None, count: int, shapes, variant: str, cache_dir: str | None,
-                files_per_sample: int = 1):
+def build_cache(mode: str | None, count: int, shapes, variant: Callable[[], str],
+                cache_dir: str | None, files_per_sample: int = 1):
     """The cache ``data.cache`` names (null, ``memory`` or ``disk``) for a split of
     ``count`` samples decoding to ``shapes``."""
     if mode in (None, "none", False):
