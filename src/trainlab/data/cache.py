@@ -97,7 +97,8 @@ class DiskCache:
 
     def path_of(self, paths: Sequence[Path]) -> Path:
         stamps = file_stamps(paths)
-        key = "|".join([self.variant(), *(str(Path(p).resolve()) for p in paths), *map(str, stamps)])
+        files = [str(Path(path).resolve()) for path in paths]
+        key = "|".join([self.variant(), *files, *map(str, stamps)])
         digest = hashlib.sha1(key.encode()).hexdigest()
         return self.folder / digest[:2] / f"{digest}.npy"
 
