@@ -24,6 +24,7 @@ from trainlab.outbox import Outbox, bounded_http_calls
 log = logging.getLogger(__name__)
 
 PARENT_RUN_ENV = "TRAINLAB_PARENT_RUN_ID"  # set in a sweep's jobs: the sweep's parent run
+MODEL_FORMATS = ("pickle", "pt2")
 PARAM_VALUE_LIMIT = 6000  # MLflow rejects longer param values
 
 
@@ -95,7 +96,16 @@ class MlflowTracker:
         flush_every_s: float = 5.0,
         retry_every_s: float = 5.0,
         close_timeout_s: float = 10.0,
+        model_format: str = "pickle",
+        register_model: str | None = None,
     ) -> None:
+        if model_format not in MODEL_FORMATS:
+            raise TrainlabError(
+                f"logger.model_format={model_format!r}; choose pickle (load_model gives back "
+                "the trained module) or pt2 (a torch.export graph, for inference only)"
+            )
+        self.model_format = model_format
+        self.register_model = register_model or None
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment_name
         self.log_every_n_steps = int(log_every_n_steps)
@@ -296,12 +306,14 @@ class MlflowTracker:
                               "artifact_path": artifact_path})
 
     def log_model(self, model: Any, input_example: Any) -> None:
-        """Log the model so ``mlflow.pytorch.load_model("runs:/<id>/model")`` brings it back.
+        """Log the model so ``mlflow.pytorch.load_model("runs:/<id>/model")`` brings it back,
+        registered as ``register_model`` when that is set.
 
+        ``pickle`` (the default) gives back the module itself (``.eval()``, ``.train()``,
+        fine-tunable) and saves in well under a second; trainlab's own code travels with it
+        so it loads where trainlab is not installed. ``pt2`` is torch.export's graph.
         Requirements are given explicitly: inferring them costs several seconds per run.
         """
-        import torch
-
         if not self.log_model_enabled:
             return
         if self._outbox is not None and self._outbox.offline:
@@ -310,12 +322,55 @@ class MlflowTracker:
             return
         import mlflow.pytorch
 
+        import trainlab
+
         mlflow.pytorch.log_model(
             model,
             name="model",
             input_example=input_example,
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            serialization_format=self.model_format,
+            pip_requirements=model_requirements(model),
+            code_paths=[str(Path(trainlab.__file__).parent)] if self.model_format == "pickle"
+            else None,
+            registered_model_name=self.register_model,
         )
+
+
+def model_requirements(model: Any) -> list[str]:
+    """torch, and the model libraries whose classes the model is made of (timm, torchvision)."""
+    from importlib.metadata import version
+
+    libraries = {"torch"} | {
+        type(module).__module__.split(".")[0] for module in model.modules()
+    } & {"timm", "torchvision"}
+    return [f"{name}=={version(name).split('+')[0]}" for name in sorted(libraries)]
+
+
+CHAMPION = "champion"
+
+
+def promote_champion(client: MlflowClient, name: str, runs: Sequence, metric: str,
+                     mode: str) -> str | None:
+    """Give alias ``champion`` to the version of registered model ``name`` whose run (among
+    ``runs``, a sweep's jobs) reached the best ``metric``; returns that version."""
+    import math
+
+    versions = {v.run_id: v.version for v in client.search_model_versions(f"name='{name}'")}
+    scored = []
+    for run in runs:
+        if run.info.run_id in versions and run.info.status == "FINISHED":
+            history = client.get_metric_history(run.info.run_id, metric)
+            values = [m.value for m in history if math.isfinite(m.value)]
+            if values:
+                best = min(values) if mode == "min" else max(values)
+                scored.append((best if mode == "min" else -best, run.info.run_id))
+    if not scored:
+        log.warning("no finished job of this sweep registered a version of %s", name)
+        return None
+    version = versions[min(scored)[1]]
+    client.set_registered_model_alias(name, CHAMPION, version)
+    log.info("registered model %s: version %s is the %s", name, version, CHAMPION)
+    return version
 
 
 class NullTracker:
