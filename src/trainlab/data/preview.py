@@ -72,13 +72,12 @@ def write_preview(splits, augmentation, path: str | Path, n: int = 8, seed: int 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="preview")
 def main(cfg: DictConfig) -> None:
-    from trainlab.components import build
+    from trainlab.data.check import prepare_data
 
     choices = hydra.core.hydra_config.HydraConfig.get().runtime.choices
     try:
-        splits = build(cfg.data.dataset, "data", choices.get("data"))
-        augmentation = build(cfg.augment, "augment", choices.get("augment"))
-        path = write_preview(splits, augmentation, cfg.out, int(cfg.n), int(cfg.seed))
+        data = prepare_data(cfg, choices)
+        path = write_preview(data.splits, data.augmentation, cfg.out, int(cfg.n), int(cfg.seed))
     except TrainlabError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
