@@ -134,6 +134,9 @@ def test_multiclass_masks_are_never_merged_and_classes_are_inferred(compose, tmp
     data = prepare_data(cfg, {})
     assert cfg.data.num_classes == 3 and set(all_masks(data).unique().tolist()) == {0, 1, 2}
     assert "(class columns count mask pixels)" in data.report.text()
+    with pytest.raises(TrainlabError, match=r"data.num_classes=null reads the classes from the "
+                                            r"masks, which data.check=off skips"):
+        prepare_data(compose(*seg(root, "data.num_classes=null", "data.check=off")), {})
     with pytest.raises(TrainlabError, match=r"binarize=true would merge the 3 classes"):
         prepare_data(compose(*seg(root, "data.num_classes=3", "data.dataset.binarize=true")), {})
     with pytest.raises(TrainlabError, match=r"has class 2, outside 0..1 \(data.num_classes=2\); "
@@ -303,3 +306,13 @@ def test_cross_entropy_trains_on_segmentation_folder(run_trainlab, mlflow_client
                  "model.base_channels=4", "model.depth=2")
     (run,) = runs_of(mlflow_client)
     assert run.info.status == "FINISHED" and "val/iou" in run.data.metrics
+
+
+def test_preview_colours_each_class_and_greys_ignored_pixels():
+    from trainlab.data.preview import mask_overlay
+
+    mask = np.array([[0, 1, 2, 255]])
+    overlay = mask_overlay(mask, ignore_index=255)
+    assert overlay[0, 0, 3] == 0  # background stays clear
+    assert tuple(overlay[0, 1, :3]) == (1.0, 0.0, 0.0)  # the binary foreground is red
+    assert len({tuple(overlay[0, i, :3]) for i in (1, 2, 3)}) == 3  # classes apart, ignore grey

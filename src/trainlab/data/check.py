@@ -134,6 +134,11 @@ def scan(splits, num_classes, task: str, mode: str, source: str, skip: bool) -> 
     report = DataReport(source, mode, list(splits.class_names), given, given is None,
                         unit="pixels" if segmentation else "labels")
     if mode == "off":
+        if classes is not None and classes.allowed is None:
+            raise TrainlabError(
+                "data.num_classes=null reads the classes from the masks, which data.check=off "
+                "skips; set data.num_classes, or data.check=fast"
+            )
         report.sizes = {"train": len(splits.train), "val": len(splits.val)}
         report.num_classes = given or len(splits.class_names)
         return report
