@@ -90,7 +90,7 @@ def test_layer_decay_gives_each_block_a_lower_lr_through_the_loop(compose, tmp_p
     decayed = sorted((name for name in lrs if not name.endswith("_no_decay")),
                      key=lambda name: int(name[5:]))
     assert len(decayed) >= 3
-    for lower, higher in zip(decayed, decayed[1:]):
+    for lower, higher in zip(decayed, decayed[1:], strict=False):
         assert lrs[lower] == pytest.approx(0.5 * lrs[higher])
     assert lrs[decayed[-1]] == pytest.approx(cfg.optimizer.lr)
     assert all(g["weight_decay"] == 0 for g in groups if g["name"].endswith("_no_decay"))
