@@ -4,12 +4,11 @@ batch; device selection errors; the rank-sharded in-memory loader."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 
-from conftest import QUICK, runs_of
+from conftest import QUICK, free_port, runs_of
 from trainlab.data.loaders import InMemoryLoader
 from trainlab.distributed import Launch, plan_launch
 from trainlab.errors import TrainlabError
@@ -32,7 +31,7 @@ class KeepFinalState:
 def _rank(rank, cfg, out, port):
     from trainlab.distributed import init_process_group
     from trainlab.seeding import seed_everything
-    from trainlab.tracking import NullTracker
+    from trainlab.tracker import NullTracker
     from trainlab.train import fit
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -40,7 +39,8 @@ def _rank(rank, cfg, out, port):
     torch.set_num_threads(1)
     seed_everything(int(cfg.seed))
     try:
-        fit(cfg, NullTracker(cfg.logger), out, {}, callbacks=[KeepFinalState(out / f"{rank}.pt")])
+        fit(cfg, NullTracker.like(cfg.logger), out, {},
+            callbacks=[KeepFinalState(out / f"{rank}.pt")])
     finally:
         torch.distributed.destroy_process_group()
 
@@ -51,12 +51,10 @@ def test_two_gloo_ranks_stay_identical_and_match_one_process_on_the_global_batch
     import torch.multiprocessing as mp
 
     from trainlab.seeding import seed_everything
-    from trainlab.tracking import NullTracker
+    from trainlab.tracker import NullTracker
     from trainlab.train import fit
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     mp.spawn(_rank, args=(compose(*FAST, "data.batch_size=32"), tmp_path / "ddp", port),
              nprocs=2)
     rank0, rank1 = (torch.load(tmp_path / f"ddp/{r}.pt", weights_only=True) for r in (0, 1))
@@ -66,7 +64,7 @@ def test_two_gloo_ranks_stay_identical_and_match_one_process_on_the_global_batch
     cfg = compose(*FAST, "data.batch_size=64")
     seed_everything(int(cfg.seed))
     single = tmp_path / "single"
-    fit(cfg, NullTracker(cfg.logger), single, {}, callbacks=[KeepFinalState(single / "0.pt")])
+    fit(cfg, NullTracker.like(cfg.logger), single, {}, callbacks=[KeepFinalState(single / "0.pt")])
     one = torch.load(single / "0.pt", weights_only=True)
     for key, value in one["model"].items():
         assert torch.allclose(rank0["model"][key], value, atol=1e-5), key

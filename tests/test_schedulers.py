@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.optim import lr_scheduler as S
 
+from conftest import RecordingTracker
 from trainlab.errors import TrainlabError
 from trainlab.metrics import TaskMetrics
 from trainlab.optim import build_optimizer
@@ -43,27 +44,6 @@ CASES = {
 PER_BATCH = {"cycliclr", "onecycle", "warmup_cosine"}
 
 
-class Recorder:
-    """Keeps what the runner logs (the tracker is not under test here)."""
-
-    log_every_n_steps = 2
-
-    def __init__(self):
-        self.metrics: dict[str, list[tuple[int, float]]] = {}
-        self.artifacts: list[str] = []
-
-    def log_metrics(self, metrics, step):
-        for key, value in metrics.items():
-            self.metrics.setdefault(key, []).append((step, value))
-
-    def log_metric_series(self, rows):
-        for step, metrics in rows:
-            self.log_metrics(metrics, step)
-
-    def log_artifact(self, path, artifact_path=None):
-        self.artifacts.append(str(path))
-
-
 def batches(seed: int, sizes=(8, 8, 5)):
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g))
@@ -76,7 +56,7 @@ def fit(compose, tmp_path, option, overrides=()):
     model = nn.Linear(4, 3)
     optimizer = build_optimizer(cfg.optimizer, model, "adam")
     scheduled = build_scheduler(cfg.scheduler, optimizer, option, BATCHES, EPOCHS)
-    tracker = Recorder()
+    tracker = RecordingTracker(log_every_n_steps=2)
     runner = Runner(
         model, nn.CrossEntropyLoss(), optimizer, batches(1), batches(2, (6, 4)), tracker,
         tmp_path / "checkpoints", scheduler=scheduled, max_epochs=EPOCHS, progress_bar=False,
@@ -115,12 +95,12 @@ def test_runner_steps_each_scheduler_as_torch_does(compose, tmp_path, option):
         elif option not in PER_BATCH:
             scheduler.step()
 
-    got = per_step(runner.lr_history)
+    got = per_step(runner.lr.history)
     assert got == pytest.approx(expected, rel=1e-9)
     assert len(set(expected)) > 1, "the schedule under test never changes the lr"
     # logged to the tracker at every step it changes (and once per epoch), never twice a step
     logged = tracker.metrics["lr"]
-    assert {(step, lrs[0]) for step, lrs in runner.lr_history} <= set(logged)
+    assert {(step, lrs[0]) for step, lrs in runner.lr.history} <= set(logged)
     assert len({step for step, _ in logged}) == len(logged)
     if option != "plateau":  # lr-plot steps the same schedule without training
         cfg = compose(f"scheduler={option}", f"trainer.max_epochs={EPOCHS}", *overrides)
@@ -141,7 +121,7 @@ def test_param_groups_each_get_their_lr_logged(compose, tmp_path):
     model.add_module("head", nn.Linear(4, 3))
     optimizer = build_optimizer(cfg.optimizer, model, "adam")
     scheduled = build_scheduler(cfg.scheduler, optimizer, "onecycle", BATCHES, 2)
-    tracker = Recorder()
+    tracker = RecordingTracker(log_every_n_steps=2)
     Runner(model, nn.CrossEntropyLoss(), optimizer, batches(1), batches(2), tracker,
            tmp_path, scheduler=scheduled, max_epochs=2, progress_bar=False).fit()
     assert {key for key in tracker.metrics if key.startswith("lr")} == {

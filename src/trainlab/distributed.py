@@ -4,7 +4,6 @@ group an outside ``torchrun`` made), and the rank-0 / cross-rank helpers the run
 from __future__ import annotations
 
 import os
-import signal
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from trainlab.errors import TrainlabError
+from trainlab.signals import forwarded_to
 
 ACCELERATORS = ("auto", "cpu", "cuda", "mps")
 
@@ -207,16 +207,7 @@ def spawn_fit(
         _worker, args=(fit, launch, cfg, output_dir, choices, run_id, resume, results),
         nprocs=launch.world_size, join=False, start_method="spawn",
     )
-    received: list[int] = []
-
-    def forward(signum, _frame):
-        received.append(signum)
-        for process in context.processes:
-            if process.is_alive():
-                os.kill(process.pid, signum)
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with forwarded_to(context.processes) as received:
         try:
             while not context.join(grace_period=10):
                 pass
@@ -226,9 +217,6 @@ def spawn_fit(
         while not results.empty():
             kind, *payload = results.get()
             outcome.setdefault(kind, payload)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     if "error" in outcome:
         raise TrainlabError(outcome["error"][0])
     if "interrupted" in outcome or received:
@@ -240,11 +228,9 @@ def spawn_fit(
 
 def _worker(rank_: int, fit, launch: Launch, cfg, output_dir, choices, run_id, resume, results):
     """One DDP rank: join the group, build every part, ``fit``; rank 0 logs into ``run_id``."""
-    import contextlib
-
     from trainlab.components import build
     from trainlab.seeding import seed_everything
-    from trainlab.tracking import NullTracker
+    from trainlab.tracker import NullTracker
 
     device = init_process_group(launch, rank_)
     if device.type == "cpu":  # the ranks share the cores
@@ -253,10 +239,9 @@ def _worker(rank_: int, fit, launch: Launch, cfg, output_dir, choices, run_id, r
     try:
         if rank_ == 0:
             tracker = build(cfg.logger, "logger", choices.get("logger"))
-            attached = tracker.attach(run_id)
         else:
-            tracker, attached = NullTracker(cfg.logger), contextlib.nullcontext()
-        with attached:
+            tracker = NullTracker.like(cfg.logger)
+        with tracker.attach(run_id):
             result = fit(cfg, tracker, output_dir, choices, device=device, resume=resume)
         if rank_ == 0:
             results.put(("done", result.best, result.best_epoch))

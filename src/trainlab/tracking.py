@@ -5,9 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import subprocess
-import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -19,6 +17,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from trainlab.errors import TrainlabError
+from trainlab.signals import sigterm_as_interrupt
 
 log = logging.getLogger(__name__)
 
@@ -50,25 +49,10 @@ def git_commit(cwd: str | Path = ".") -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a scheduler or `kill` stopping the job) ends the run like Ctrl-C: KILLED."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(_signum, _frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 class MlflowTracker:
-    """Owns one MLflow run: opens it, logs to it in batches, and always closes it with a status."""
+    """Owns one MLflow run: opens it, logs to it in batches, and always closes it with a status.
+
+    Implements :class:`trainlab.tracker.Tracker`."""
 
     def __init__(
         self,
@@ -151,7 +135,7 @@ class MlflowTracker:
         log.info("MLflow run %s (%s) in %s", run_name, self.run_id, mlflow.get_tracking_uri())
         status = "FAILED"
         try:
-            with _sigterm_as_interrupt():
+            with sigterm_as_interrupt():
                 yield self
             status = "FINISHED"
         except KeyboardInterrupt:
@@ -265,19 +249,3 @@ class MlflowTracker:
             input_example=input_example,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
         )
-
-
-class NullTracker:
-    """The tracker of DDP ranks other than 0: takes every call and records nothing."""
-
-    log_model_enabled = False
-    log_checkpoints = False
-    run_id = None
-
-    def __init__(self, logger_cfg: Mapping[str, Any] | None = None) -> None:
-        self.log_every_n_steps = int((logger_cfg or {}).get("log_every_n_steps", 10))
-
-    def __getattr__(self, name: str):
-        if name.startswith(("log_", "set_")):
-            return lambda *args, **kwargs: None
-        raise AttributeError(name)
