@@ -170,6 +170,15 @@ def any_rank(flag: bool) -> bool:
     return bool(packed.item())
 
 
+def from_rank0(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (a picklable object)."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def ranks_in_sync(model: torch.nn.Module) -> bool:
     """Whether every rank holds the same parameters as rank 0."""
     if not is_distributed():
@@ -199,6 +208,11 @@ def spawn_fit(
     then raises KeyboardInterrupt. Returns rank 0's (best, best_epoch).
     """
     import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import (
+        ProcessException,
+        ProcessExitedException,
+        ProcessRaisedException,
+    )
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ["MASTER_PORT"] = str(_free_port())
@@ -207,12 +221,13 @@ def spawn_fit(
         _worker, args=(fit, launch, cfg, output_dir, choices, run_id, resume, results),
         nprocs=launch.world_size, join=False, start_method="spawn",
     )
+    failure: ProcessException | None = None
     with forwarded_to(context.processes) as received:
         try:
             while not context.join(grace_period=10):
                 pass
-        except mp.ProcessExitedException:
-            pass  # the worker's own report (below) says why
+        except ProcessException as err:
+            failure = err  # the workers' own reports (below) say more when they could
         outcome = {}
         while not results.empty():
             kind, *payload = results.get()
@@ -221,17 +236,26 @@ def spawn_fit(
         raise TrainlabError(outcome["error"][0])
     if "interrupted" in outcome or received:
         raise KeyboardInterrupt
+    if isinstance(failure, ProcessRaisedException):  # a bug: keep the worker's traceback
+        raise RuntimeError(f"DDP worker rank {failure.error_index} failed:\n{failure.msg}")
+    if isinstance(failure, ProcessExitedException):
+        how = (f"was killed by {failure.signal_name}" if failure.signal_name
+               else f"exited with code {failure.exit_code}")
+        raise TrainlabError(f"DDP worker rank {failure.error_index} (pid {failure.error_pid}) "
+                            f"{how}; the job stopped")
     if "done" not in outcome:
-        raise RuntimeError("the DDP workers ended without a result")
+        raise TrainlabError("the DDP workers ended without a result")
     return tuple(outcome["done"])
 
 
 def _worker(rank_: int, fit, launch: Launch, cfg, output_dir, choices, run_id, resume, results):
     """One DDP rank: join the group, build every part, ``fit``; rank 0 logs into ``run_id``."""
     from trainlab.components import build
+    from trainlab.outbox import SPOOL_DIR
     from trainlab.seeding import seed_everything
     from trainlab.tracker import NullTracker
 
+    os.setpgrp()  # a terminal's Ctrl-C reaches the launching process only; it forwards it once
     device = init_process_group(launch, rank_)
     if device.type == "cpu":  # the ranks share the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // launch.world_size))
@@ -241,7 +265,7 @@ def _worker(rank_: int, fit, launch: Launch, cfg, output_dir, choices, run_id, r
             tracker = build(cfg.logger, "logger", choices.get("logger"))
         else:
             tracker = NullTracker.like(cfg.logger)
-        with tracker.attach(run_id):
+        with tracker.attach(run_id, spool_dir=Path(output_dir) / SPOOL_DIR):
             result = fit(cfg, tracker, output_dir, choices, device=device, resume=resume)
         if rank_ == 0:
             results.put(("done", result.best, result.best_epoch))
@@ -251,6 +275,6 @@ def _worker(rank_: int, fit, launch: Launch, cfg, output_dir, choices, run_id, r
         raise SystemExit(1) from None
     except KeyboardInterrupt:
         results.put(("interrupted",))
-        raise
+        raise SystemExit(130) from None  # the launching process reports it, in one line
     finally:
         dist.destroy_process_group()

@@ -163,6 +163,7 @@ class Runner:
             self._print_epoch(epoch, metrics, time.perf_counter() - started, improved)
             for callback in self.callbacks:
                 callback.on_epoch_end(self, epoch, metrics)
+            self.lr.record(self.global_step)  # a callback may have added a group (unfreezing)
             if distributed.any_rank(self.stop.requested):
                 self._interrupted()
             if self.should_stop:

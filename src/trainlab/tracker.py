@@ -25,12 +25,14 @@ class Tracker(Protocol):
     def connect(self) -> str | None:
         """Reach the store before anything runs; returns the experiment id (None: no store)."""
 
-    def run(self, run_name: str, tags: Mapping[str, str],
-            run_id: str | None = None) -> contextlib.AbstractContextManager:
+    def run(self, run_name: str, tags: Mapping[str, str], run_id: str | None = None,
+            spool_dir: Path | None = None) -> contextlib.AbstractContextManager:
         """Open (or, with ``run_id``, reopen) the run; it always ends with a status:
-        FINISHED, FAILED on an exception, KILLED on KeyboardInterrupt."""
+        FINISHED, FAILED on an exception, KILLED on KeyboardInterrupt. What the store does
+        not take in time waits in ``spool_dir``."""
 
-    def attach(self, run_id: str) -> contextlib.AbstractContextManager:
+    def attach(self, run_id: str,
+               spool_dir: Path | None = None) -> contextlib.AbstractContextManager:
         """Log into a run another process owns (a DDP worker); its status stays the owner's."""
 
     def log_params(self, params: Mapping[str, Any]) -> None: ...
@@ -73,12 +75,12 @@ class NullTracker:
         return None
 
     @contextlib.contextmanager
-    def run(self, run_name: str, tags: Mapping[str, str],
-            run_id: str | None = None) -> Iterator[NullTracker]:
+    def run(self, run_name: str, tags: Mapping[str, str], run_id: str | None = None,
+            spool_dir: Path | None = None) -> Iterator[NullTracker]:
         yield self
 
     @contextlib.contextmanager
-    def attach(self, run_id: str) -> Iterator[NullTracker]:
+    def attach(self, run_id: str, spool_dir: Path | None = None) -> Iterator[NullTracker]:
         yield self
 
     def log_params(self, params: Mapping[str, Any]) -> None:

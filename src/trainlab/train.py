@@ -45,6 +45,20 @@ def run_name_and_tags(hydra_cfg: DictConfig) -> tuple[str, dict[str, str]]:
     return name, tags
 
 
+def torchrun_rank_overrides() -> list[str]:
+    """Under an outside ``torchrun``, ranks other than 0 write no output dir of their own:
+    Hydra's is pointed at a temporary folder, and the run uses rank 0's (``from_rank0``)."""
+    if os.environ.get("RANK", "0") == "0" or "WORLD_SIZE" not in os.environ:
+        return []
+    import atexit
+    import shutil
+    import tempfile
+
+    scratch = tempfile.mkdtemp(prefix="trainlab-rank")
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    return [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
+
+
 @dataclass
 class Prepared:
     """Every part of a run, built and tried on one batch; nothing tracked yet."""
@@ -68,7 +82,7 @@ def prepare(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, cal
     from trainlab.models.finetune import build_model
     from trainlab.optim import build_optimizer
     from trainlab.preflight import resume_into, try_one_batch
-    from trainlab.schedulers import build_scheduler
+    from trainlab.schedulers import build_scheduler, optimizer_steps
 
     metrics = TaskMetrics(cfg.data.task, cfg.data.num_classes, cfg.data.get("ignore_index"))
     metrics.check_monitor(cfg.trainer.monitor)  # before any data is loaded
@@ -84,7 +98,8 @@ def prepare(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, cal
     optimizer = build_optimizer(cfg.optimizer, model, choices.get("optimizer"))
     scheduler = build_scheduler(
         cfg.scheduler, optimizer, choices.get("scheduler"),
-        steps_per_epoch=len(train_loader), max_epochs=int(cfg.trainer.max_epochs),
+        steps_per_epoch=optimizer_steps(len(train_loader), cfg.trainer.accumulate_grad_batches),
+        max_epochs=int(cfg.trainer.max_epochs),
     )
     precision = build(cfg.precision, "precision", choices.get("precision"))
     preview = None
@@ -173,6 +188,7 @@ def run(cfg: DictConfig) -> float:
     from trainlab.checkpoint import resolve_resume
     from trainlab.components import build
     from trainlab.config_check import check_config
+    from trainlab.outbox import SPOOL_DIR
     from trainlab.seeding import seed_everything
     from trainlab.sweeps import job_callbacks
     from trainlab.tracker import NullTracker
@@ -184,10 +200,11 @@ def run(cfg: DictConfig) -> float:
     check_config(cfg, choices)
     seed_everything(int(cfg.seed), bool(cfg.trainer.deterministic))
     launch = distributed.plan_launch(cfg.trainer.accelerator, cfg.trainer.get("devices", 1))
-    resume = resolve_resume(cfg.trainer.get("resume"), output_dir)
     device = None
     if launch.external:
         device = distributed.init_process_group(launch, int(os.environ["RANK"]))
+        output_dir = Path(distributed.from_rank0(str(output_dir)))  # the others made none
+    resume = resolve_resume(cfg.trainer.get("resume"), output_dir)
     tracker = build(cfg.logger, "logger", choices.get("logger"))
     if launch.spawns:  # the workers build their own parts; these only check them
         device = distributed.select_device("cpu")
@@ -199,7 +216,8 @@ def run(cfg: DictConfig) -> float:
     run_name, tags = run_name_and_tags(hydra_cfg)
     if resume:
         tags["trainlab.resumed_from"] = str(resume.resolve())
-    with tracker.run(run_name, tags, run_id=prepared.resumed_run_id):
+    with tracker.run(run_name, tags, run_id=prepared.resumed_run_id,
+                     spool_dir=output_dir / SPOOL_DIR):
         tracker.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
         tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         tracker.log_artifacts(output_dir / ".hydra", ".hydra")
@@ -233,7 +251,7 @@ def cli(args: list[str]) -> int:
     from trainlab.sweeps import close_open_sweeps
 
     try:
-        return run_hydra_app(main, "train", args)
+        return run_hydra_app(main, "train", [*args, *torchrun_rank_overrides()])
     except KeyboardInterrupt:
         close_open_sweeps("KILLED")
         raise
