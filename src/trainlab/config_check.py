@@ -99,7 +99,8 @@ class EarlyStoppingSchema:
 @dataclass
 class DataSchema:
     task: str = spec("classification or segmentation", _one_of("classification", "segmentation"))
-    num_classes: int = spec("an integer >= 1", _int(1))
+    num_classes: int = spec("an integer >= 1, or null to infer it from the data", _int(1),
+                            optional=True)
     in_channels: int = spec("an integer >= 1", _int(1))
     image_size: Sequence[int] = spec("[height, width], integers >= 1", _size)
     batch_size: int = spec("an integer >= 1", _int(1))

@@ -69,12 +69,17 @@ class Prepared:
 
 
 def prepare(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbacks=(),
-            device=None, resume: Path | None = None) -> Prepared:
+            device=None, resume: Path | None = None, data=None) -> Prepared:
     """Build data → model → loss → optimizer → scheduler → runner (as one DDP rank when a
     process group is up: its shard of the data), try one batch through them and load the
-    ``resume`` checkpoint into them. Touches no tracking store."""
+    ``resume`` checkpoint into them. Touches no tracking store.
+
+    ``data`` is the checked data of :func:`trainlab.data.check.prepare_data`; a DDP worker
+    passes none and checks its own copy the same way."""
     from trainlab import distributed
+    from trainlab.checkpoint import save_class_names
     from trainlab.components import build
+    from trainlab.data.check import prepare_data
     from trainlab.data.loaders import build_loaders
     from trainlab.data.preview import write_preview
     from trainlab.losses import build_loss
@@ -84,15 +89,17 @@ def prepare(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, cal
     from trainlab.preflight import resume_into, try_one_batch
     from trainlab.schedulers import build_scheduler, optimizer_steps
 
+    data = data or prepare_data(cfg, choices)
+    splits, augmentation = data.splits, data.augmentation
     metrics = TaskMetrics(cfg.data.task, cfg.data.num_classes, cfg.data.get("ignore_index"))
-    metrics.check_monitor(cfg.trainer.monitor)  # before any data is loaded
+    metrics.check_monitor(cfg.trainer.monitor)
     device = device or distributed.job_device(distributed.select_device(cfg.trainer.accelerator))
-    splits = build(cfg.data.dataset, "data", choices.get("data"))
-    augmentation = build(cfg.augment, "augment", choices.get("augment"))
     train_loader, val_loader = build_loaders(
         splits, cfg.data, int(cfg.seed), device, augmentation,
         rank=distributed.rank(), world_size=distributed.world_size(),
     )
+    if distributed.is_main_process() and splits.class_names:
+        save_class_names(splits.class_names, output_dir / "checkpoints")
     model, model_callbacks = build_model(cfg.model, choices.get("model"))
     loss = build_loss(cfg.loss, choices.get("loss"), cfg.data)
     optimizer = build_optimizer(cfg.optimizer, model, choices.get("optimizer"))
@@ -158,9 +165,9 @@ def train_prepared(prepared: Prepared, tracker, output_dir: Path):
 
 
 def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbacks=(),
-        device=None, resume: Path | None = None):
+        device=None, resume: Path | None = None, data=None):
     """Prepare every part and train them, logging to ``tracker`` (a DDP rank's whole job)."""
-    prepared = prepare(cfg, tracker, output_dir, choices, callbacks, device, resume)
+    prepared = prepare(cfg, tracker, output_dir, choices, callbacks, device, resume, data)
     return train_prepared(prepared, tracker, output_dir)
 
 
@@ -188,6 +195,7 @@ def run(cfg: DictConfig) -> float:
     from trainlab.checkpoint import resolve_resume
     from trainlab.components import build
     from trainlab.config_check import check_config
+    from trainlab.data.check import log_to_run, prepare_data
     from trainlab.outbox import SPOOL_DIR
     from trainlab.seeding import seed_everything
     from trainlab.sweeps import job_callbacks
@@ -200,6 +208,8 @@ def run(cfg: DictConfig) -> float:
     check_config(cfg, choices)
     seed_everything(int(cfg.seed), bool(cfg.trainer.deterministic))
     launch = distributed.plan_launch(cfg.trainer.accelerator, cfg.trainer.get("devices", 1))
+    data = prepare_data(cfg, choices)  # every file, mask and label checked before MLflow
+    log.info("%s", data.report.text())
     device = None
     if launch.external:
         device = distributed.init_process_group(launch, int(os.environ["RANK"]))
@@ -209,7 +219,7 @@ def run(cfg: DictConfig) -> float:
     if launch.spawns:  # the workers build their own parts; these only check them
         device = distributed.select_device("cpu")
     prepared = prepare(cfg, tracker, output_dir, choices, job_callbacks(hydra_cfg),
-                       device=device, resume=resume)
+                       device=device, resume=resume, data=data)
     if not distributed.is_main_process():
         train_prepared(prepared, NullTracker.like(cfg.logger), output_dir)
         return float("nan")
@@ -221,6 +231,7 @@ def run(cfg: DictConfig) -> float:
         tracker.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
         tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         tracker.log_artifacts(output_dir / ".hydra", ".hydra")
+        log_to_run(data.report, tracker)
         if launch.spawns:
             # workers have no HydraConfig: hand them the config with every value resolved
             resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
