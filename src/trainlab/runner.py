@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -24,6 +25,15 @@ from trainlab.schedulers import LrLog, ScheduledLR
 from trainlab.signals import StopRequest
 
 log = logging.getLogger(__name__)
+
+
+# trainer keys the launcher and ``train.run`` read (and the YAML callbacks they build)
+NOT_LOOP_KEYS = ("accelerator", "devices", "deterministic", "resume", "callbacks")
+
+
+def loop_settings(trainer: DictConfig) -> DictConfig:
+    """The ``trainer`` node without the keys the loop does not take."""
+    return OmegaConf.masked_copy(trainer, [k for k in trainer if k not in NOT_LOOP_KEYS])
 
 
 @dataclass

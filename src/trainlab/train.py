@@ -23,9 +23,6 @@ from trainlab.errors import TrainlabError
 
 log = logging.getLogger(__name__)
 
-# trainer keys read by the launcher and by ``run`` (and its callbacks, built by ``prepare``)
-NOT_LOOP_KEYS = ("accelerator", "devices", "deterministic", "resume", "callbacks")
-
 
 def run_name_and_tags(hydra_cfg: DictConfig) -> tuple[str, dict[str, str]]:
     """A run is named by its overrides (``loss=dice,optimizer.lr=0.01``), or ``default``."""
@@ -87,6 +84,7 @@ def prepare(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, cal
     from trainlab.models.finetune import build_model
     from trainlab.optim import build_optimizer
     from trainlab.preflight import resume_into, try_one_batch
+    from trainlab.runner import loop_settings
     from trainlab.schedulers import build_scheduler, optimizer_steps
 
     data = data or prepare_data(cfg, choices)
@@ -138,11 +136,6 @@ def configured_callbacks(trainer: DictConfig, choices: DictConfig) -> list:
 
     nodes = trainer.get("callbacks") or []
     return [build(node, "trainer", choices.get("trainer")) for node in nodes]
-
-
-def loop_settings(trainer: DictConfig) -> DictConfig:
-    """The ``trainer`` node without the keys the launcher and ``run`` read themselves."""
-    return OmegaConf.masked_copy(trainer, [k for k in trainer if k not in NOT_LOOP_KEYS])
 
 
 def train_prepared(prepared: Prepared, tracker, output_dir: Path):
