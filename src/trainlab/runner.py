@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from trainlab import distributed
 from trainlab.checkpoint import Checkpoints, load_checkpoint, rng_state, set_rng_state
 from trainlab.errors import TrainlabError
-from trainlab.metrics import TaskMetrics, plot_confusion
+from trainlab.metrics import TaskMetrics, confusion_report
 from trainlab.precision import Precision
 from trainlab.schedulers import LrLog, ScheduledLR
 from trainlab.signals import StopRequest
@@ -121,7 +121,8 @@ class Runner:
         self.global_step = 0
         self.epoch = 0
         self.should_stop = False  # set by a callback (early stopping, pruning) to end fit
-        self.confusion: torch.Tensor | None = None
+        self.confusion: torch.Tensor | None = None  # of the last validation
+        self.best_confusion: torch.Tensor | None = None  # of the best epoch's
         self._skip_batches = 0  # batches of the first epoch a mid-epoch checkpoint already did
         self._pending_rng: dict | None = None
 
@@ -163,6 +164,8 @@ class Runner:
                 self.scheduler.step(metrics[self.monitor])
                 self.lr.record(self.global_step)
             improved = self.checkpoints.note(metrics[self.monitor], epoch)
+            if improved:
+                self.best_confusion = self.confusion
             self.checkpoints.save(self._state(metrics), improved)
             metrics["epoch"] = epoch
             if not self.lr.changed_at(self.global_step):  # else logged as a change just now
@@ -295,14 +298,16 @@ class Runner:
         }
 
     def _log_plots(self) -> None:
-        """The lr curve over the run and (classification) the last confusion matrix, as PNGs."""
+        """The lr curve over the run; the best epoch's confusion matrix and per-class table."""
         folder = self.checkpoints.folder.parent / "plots"
         self.tracker.log_artifact(
             self.lr.plot(folder / "lr_curve.png", self.global_step, len(self.train_loader)),
             "plots")
-        if self.confusion is not None:
-            self.tracker.log_artifact(
-                plot_confusion(self.confusion, folder / "confusion_matrix.png"), "plots")
+        if self.best_confusion is not None:  # the logged model's epoch
+            figure, table = confusion_report(self.best_confusion, self.metrics, folder,
+                                             self.best_epoch)
+            self.tracker.log_artifact(figure, "plots")
+            self.tracker.log_artifact(table, "metrics")
 
     def _check_finite(self, value: float) -> None:
         if not math.isfinite(value):
