@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import QUICK, TRAINLAB, free_port, runs_of
+from trainlab.checkpoint import CLASS_NAMES
 
 
 def test_default_run_learns_digits_and_logs_everything(run_trainlab, mlflow_client, tracking_uri,
@@ -40,7 +41,7 @@ def test_default_run_learns_digits_and_logs_everything(run_trainlab, mlflow_clie
     top = {a.path for a in mlflow_client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", ".hydra", "checkpoints"} <= top
     ckpts = {a.path for a in mlflow_client.list_artifacts(run.info.run_id, "checkpoints")}
-    assert ckpts == {"checkpoints/best.pt", "checkpoints/last.pt"}
+    assert ckpts == {"checkpoints/best.pt", "checkpoints/last.pt", f"checkpoints/{CLASS_NAMES}"}
     hydra_files = {a.path for a in mlflow_client.list_artifacts(run.info.run_id, ".hydra")}
     assert ".hydra/overrides.yaml" in hydra_files
 
