@@ -16,14 +16,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from trainlab.app import CONFIG_DIR, run_hydra_app
 from trainlab.errors import TrainlabError
 
 log = logging.getLogger(__name__)
-
-CONFIG_DIR = os.environ.get(
-    "TRAINLAB_CONFIG_DIR", str(Path(__file__).resolve().parents[2] / "conf")
-)
-
 
 def run_name_and_tags(hydra_cfg: DictConfig) -> tuple[str, dict[str, str]]:
     """A run is named by its overrides (``loss=dice,optimizer.lr=0.01``), or ``default``."""
@@ -51,6 +47,7 @@ def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbac
     from trainlab.components import build
     from trainlab.data.loaders import build_loaders
     from trainlab.data.preview import write_preview
+    from trainlab.debug import limit_loaders, profiled
     from trainlab.losses import build_loss
     from trainlab.metrics import TaskMetrics
     from trainlab.models.finetune import build_model
@@ -67,6 +64,7 @@ def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbac
         splits, cfg.data, int(cfg.seed), device, augmentation,
         rank=distributed.rank(), world_size=distributed.world_size(),
     )
+    train_loader, val_loader = limit_loaders(train_loader, val_loader, cfg.get("debug"))
     model, model_callbacks = build_model(cfg.model, choices.get("model"))
     loss = build_loss(cfg.loss, choices.get("loss"), cfg.data)
     optimizer = build_optimizer(cfg.optimizer, model, choices.get("optimizer"))
@@ -94,7 +92,8 @@ def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbac
         resume=resume,
     )
     try:
-        result = runner.fit()
+        with profiled(bool(cfg.get("debug", {}).get("profile")), output_dir, tracker):
+            result = runner.fit()
     finally:
         if tracker.log_checkpoints:
             tracker.log_artifacts(output_dir / "checkpoints", "checkpoints")
@@ -176,7 +175,6 @@ def main(cfg: DictConfig) -> float:
 
 def cli(args: list[str]) -> int:
     """`trainlab train ARGS`."""
-    from trainlab.cli import run_hydra_app
     from trainlab.sweeps import close_open_sweeps
 
     try:
