@@ -6,7 +6,6 @@ import contextlib
 import logging
 import os
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -39,17 +38,6 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def git_commit(cwd: str | Path = ".") -> str | None:
-    """The commit checked out at ``cwd``, or None outside a git work tree."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
 @contextlib.contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
     """SIGTERM (a scheduler or `kill` stopping the job) ends the run like Ctrl-C: KILLED."""
@@ -78,6 +66,8 @@ class MlflowTracker:
         log_model: bool = True,
         log_checkpoints: bool = True,
         flush_every_s: float = 5.0,
+        log_system_metrics: bool = True,
+        system_metrics_every_s: float = 10.0,
     ) -> None:
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment_name
@@ -85,6 +75,8 @@ class MlflowTracker:
         self.log_model_enabled = log_model
         self.log_checkpoints = log_checkpoints
         self.flush_every_s = float(flush_every_s)
+        self.log_system_metrics = bool(log_system_metrics)
+        self.system_metrics_every_s = float(system_metrics_every_s)
         self.run_id: str | None = None
         self._pending: list = []  # metrics not yet sent, flushed by time and at run end
         self._flushed_at = time.monotonic()
@@ -142,10 +134,13 @@ class MlflowTracker:
         parent = os.environ.get(PARENT_RUN_ENV)  # a sweep's parent run (sweeps.MlflowSweep)
         if parent:
             tags["mlflow.parentRunId"] = parent
+        if self.log_system_metrics:
+            mlflow.set_system_metrics_sampling_interval(self.system_metrics_every_s)
         if run_id is None:
-            run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
+            run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags,
+                                   log_system_metrics=self.log_system_metrics)
         else:
-            run = self._reopen(run_id)
+            run = self._reopen(run_id, self.log_system_metrics)
             mlflow.set_tags(tags)
         self.run_id = run.info.run_id
         log.info("MLflow run %s (%s) in %s", run_name, self.run_id, mlflow.get_tracking_uri())
@@ -167,9 +162,9 @@ class MlflowTracker:
             finally:
                 mlflow.end_run(status=status)
 
-    def _reopen(self, run_id: str):
+    def _reopen(self, run_id: str, log_system_metrics: bool = False):
         try:
-            return mlflow.start_run(run_id=run_id)
+            return mlflow.start_run(run_id=run_id, log_system_metrics=log_system_metrics)
         except MlflowException as err:
             raise TrainlabError(
                 f"the checkpoint's MLflow run {run_id} is not in {mlflow.get_tracking_uri()}; "
@@ -247,6 +242,13 @@ class MlflowTracker:
     def log_artifacts(self, folder: str | Path, artifact_path: str | None = None) -> None:
         if Path(folder).is_dir():
             mlflow.log_artifacts(str(folder), artifact_path)
+
+    def log_datasets(self, splits: Any, data_cfg: Mapping[str, Any], name: str) -> None:
+        """The data splits as the run's MLflow dataset inputs (the UI's Dataset column)."""
+        from trainlab.provenance import mlflow_datasets
+
+        for context, dataset in mlflow_datasets(splits, data_cfg, name):
+            mlflow.log_input(dataset, context=context)
 
     def log_model(self, model: Any, input_example: Any) -> None:
         """Log the model so ``mlflow.pytorch.load_model("runs:/<id>/model")`` brings it back.

@@ -24,7 +24,6 @@ log = logging.getLogger(__name__)
 def run_name_and_tags(hydra_cfg: DictConfig) -> tuple[str, dict[str, str]]:
     """A run is named by its overrides (``loss=dice,optimizer.lr=0.01``), or ``default``."""
     from trainlab.sweeps import run_name
-    from trainlab.tracking import git_commit
 
     overrides = list(hydra_cfg.overrides.task)
     name = run_name(overrides) or hydra_cfg.job.override_dirname or "default"
@@ -33,9 +32,6 @@ def run_name_and_tags(hydra_cfg: DictConfig) -> tuple[str, dict[str, str]]:
         "trainlab.output_dir": str(Path(hydra_cfg.runtime.output_dir).resolve()),
         "trainlab.command": " ".join(["trainlab", "train", *overrides]),
     }
-    commit = git_commit(hydra_cfg.runtime.cwd)
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
     return name, tags
 
 
@@ -59,6 +55,9 @@ def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbac
     metrics.check_monitor(cfg.trainer.monitor)  # before any data is loaded
     device = device or job_device(distributed.select_device(cfg.trainer.accelerator))
     splits = build(cfg.data.dataset, "data", choices.get("data"))
+    if distributed.is_main_process():
+        tracker.log_datasets(splits, OmegaConf.to_container(cfg.data, resolve=True),
+                             choices.get("data") or "data")
     augmentation = build(cfg.augment, "augment", choices.get("augment"))
     train_loader, val_loader = build_loaders(
         splits, cfg.data, int(cfg.seed), device, augmentation,
@@ -123,6 +122,7 @@ def run(cfg: DictConfig) -> float:
     from trainlab import distributed
     from trainlab.checkpoint import load_checkpoint, resolve_resume
     from trainlab.components import build
+    from trainlab.provenance import record as record_provenance
     from trainlab.seeding import seed_everything
     from trainlab.sweeps import job_callbacks
     from trainlab.tracking import NullTracker, flatten
@@ -145,6 +145,7 @@ def run(cfg: DictConfig) -> float:
     if resume:
         tags["trainlab.resumed_from"] = str(resume.resolve())
     with tracker.run(run_name, tags, run_id=run_id):
+        record_provenance(tracker, hydra_cfg.runtime.cwd)
         tracker.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
         tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         tracker.log_artifacts(output_dir / ".hydra", ".hydra")
