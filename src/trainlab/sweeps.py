@@ -3,7 +3,7 @@
 ``MlflowSweep`` is a Hydra callback (registered in conf/hydra/default.yaml). It runs in the
 sweeping process, and Hydra hands a copy of it to every job, also to jobs in other
 processes (joblib, submitit): ``on_job_start`` tells the job its parent run and which
-overrides were swept, through ``PARENT_RUN_ENV`` and this module's ``_swept`` keys.
+overrides were swept, through ``tracking.PARENT_RUN_ENV`` and this module's ``_swept`` keys.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
-PARENT_RUN_ENV = "TRAINLAB_PARENT_RUN_ID"
 OPTUNA_RESULTS = "optimization_results.yaml"  # written by the Optuna sweeper in the sweep dir
 _swept: set[str] = set()  # keys swept by the sweep this job belongs to
 _open: list[MlflowSweep] = []  # sweeps not summarised yet (Hydra skips the end on errors)
@@ -53,27 +52,6 @@ def job_callbacks(hydra_cfg: DictConfig) -> list[Any]:
     target = OmegaConf.select(hydra_cfg, "sweeper._target_")
     factory = getattr(get_class(target), "job_callbacks", None) if target else None
     return list(factory(hydra_cfg)) if factory else []
-
-
-def gpu_for_job(job_num: int, n_gpus: int) -> int:
-    """Parallel jobs spread over the GPUs: job i gets GPU ``i % n_gpus``."""
-    return job_num % n_gpus
-
-
-def job_device(device):
-    """In a sweep, a CUDA job runs on GPU ``job.num % n_gpus`` instead of all on GPU 0."""
-    import torch
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if device.type != "cuda" or not HydraConfig.initialized():
-        return device
-    hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode != RunMode.MULTIRUN:
-        return device
-    device = torch.device("cuda", gpu_for_job(hydra_cfg.job.num, torch.cuda.device_count()))
-    torch.cuda.set_device(device)
-    return device
 
 
 class MlflowSweep(Callback):
@@ -111,6 +89,8 @@ class MlflowSweep(Callback):
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if self.parent_run_id is None:  # a single run, not a sweep
             return
+        from trainlab.tracking import PARENT_RUN_ENV
+
         os.environ[PARENT_RUN_ENV] = self.parent_run_id
         _swept.clear()
         _swept.update(self.swept)
@@ -123,6 +103,7 @@ class MlflowSweep(Callback):
         from mlflow.tracking import MlflowClient
 
         from trainlab import compare
+        from trainlab.tracking import PARENT_RUN_ENV
 
         if self in _open:
             _open.remove(self)

@@ -21,6 +21,7 @@ from trainlab.errors import TrainlabError
 
 log = logging.getLogger(__name__)
 
+
 def run_name_and_tags(hydra_cfg: DictConfig) -> tuple[str, dict[str, str]]:
     """A run is named by its overrides (``loss=dice,optimizer.lr=0.01``), or ``default``."""
     from trainlab.sweeps import run_name
@@ -49,11 +50,10 @@ def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbac
     from trainlab.models.finetune import build_model
     from trainlab.optim import build_optimizer
     from trainlab.schedulers import build_scheduler
-    from trainlab.sweeps import job_device
 
     metrics = TaskMetrics(cfg.data.task, cfg.data.num_classes, cfg.data.get("ignore_index"))
     metrics.check_monitor(cfg.trainer.monitor)  # before any data is loaded
-    device = device or job_device(distributed.select_device(cfg.trainer.accelerator))
+    device = device or distributed.job_device(distributed.select_device(cfg.trainer.accelerator))
     splits = build(cfg.data.dataset, "data", choices.get("data"))
     if distributed.is_main_process():
         tracker.log_datasets(splits, OmegaConf.to_container(cfg.data, resolve=True),
@@ -153,7 +153,7 @@ def run(cfg: DictConfig) -> float:
             # workers have no HydraConfig: hand them the config with every value resolved
             resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
             best, best_epoch = distributed.spawn_fit(
-                launch, resolved, output_dir, choices, tracker.run_id, resume
+                fit, launch, resolved, output_dir, choices, tracker.run_id, resume
             )
         else:
             result = fit(cfg, tracker, output_dir, choices, job_callbacks(hydra_cfg),

@@ -18,6 +18,7 @@ from trainlab.errors import TrainlabError
 
 log = logging.getLogger(__name__)
 
+
 def preview_batch(dataset, augmentation, n: int, seed: int):
     """The first ``n`` training samples, and the same samples through ``augmentation``."""
     import torch
