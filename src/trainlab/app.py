@@ -100,14 +100,14 @@ def run_hydra_app(app, name: str, args: list[str]) -> int:
 
 
 def compose(config_name: str = "train", overrides: list[str] | tuple[str, ...] = ()):
-    """The config ``trainlab train overrides…`` would run (hydra keys included), without
-    running anything: for tools that need a config outside a Hydra app."""
+    """The config ``trainlab train overrides…`` would run (without Hydra's own keys), on the
+    same search path, running nothing: for tools that need a config outside a Hydra app."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     make_user_code_importable()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return hydra_compose(config_name, overrides=list(overrides), return_hydra_config=True)
+        return hydra_compose(config_name, overrides=list(overrides))
 
 
 class ProjectConfigSource(FileConfigSource):
