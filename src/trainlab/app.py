@@ -52,6 +52,13 @@ def user_config_dirs() -> list[Path]:
     return found
 
 
+def config_groups() -> set[str]:
+    """The config group names on the search path (``model``, ``experiment``, the user's …)."""
+    folders = [Path(CONFIG_DIR), *user_config_dirs()]
+    names = {child.name for folder in folders for child in folder.iterdir() if child.is_dir()}
+    return names | {EXPERIMENT_GROUP}
+
+
 def take_config_dirs(args: list[str]) -> list[str]:
     """Move ``--config-dir DIR`` / ``-cd DIR`` from ``args`` into ``$TRAINLAB_CONFIG_DIR``.
 
