@@ -149,38 +149,21 @@ def data_source(dataset_cfg: Mapping[str, Any]) -> tuple[str, str | None]:
     return "code", str(dataset_cfg.get("_target_"))
 
 
-def mlflow_datasets(splits: Any, data_cfg: Mapping[str, Any], name: str):
-    """One MLflow dataset per split (``train``, ``val``): name, source, digest and size, so
-    the run table's Dataset column says what the run read."""
-    from mlflow.data.code_dataset_source import CodeDatasetSource
-    from mlflow.data.meta_dataset import MetaDataset
-    from mlflow.data.sources import LocalArtifactDatasetSource
-
-    class SplitDataset(MetaDataset):
-        """A MetaDataset with a profile (the split's size and classes)."""
-
-        def __init__(self, profile: dict, **kwargs: Any) -> None:
-            self._profile = profile
-            super().__init__(**kwargs)
-
-        @property
-        def profile(self) -> dict:
-            return self._profile
-
-        def to_dict(self) -> dict[str, str]:
-            return {**super().to_dict(), "profile": json.dumps(self._profile)}
-
+def dataset_inputs(splits: Any, data_cfg: Mapping[str, Any], name: str) -> list[dict]:
+    """One MLflow dataset input per split (``train``, ``val``): name, source, digest and a
+    profile with its size, so the run table's Dataset column says what the run read.
+    Plain dicts (the fields of ``mlflow.entities.Dataset``), to be queued and sent later."""
     kind, where = data_source(data_cfg.get("dataset", {}))
-    source = LocalArtifactDatasetSource(where) if kind == "local" else CodeDatasetSource(
-        {"target": where})
-    found = []
+    source = {"uri": where} if kind == "local" else {"tags": {"target": where}}
+    inputs = []
     for split in ("train", "val"):
         dataset = getattr(splits, split)
         profile = {"num_rows": len(dataset), "task": data_cfg.get("task"),
                    "num_classes": data_cfg.get("num_classes")}
-        found.append((split, SplitDataset(profile=profile, source=source, name=name,
-                                          digest=fingerprint(dataset))))
-    return found
+        inputs.append({"context": split, "dataset": {
+            "name": name, "digest": fingerprint(dataset), "source_type": kind,
+            "source": json.dumps(source), "profile": json.dumps(profile)}})
+    return inputs
 
 
 def record(tracker: Any, cwd: str | Path) -> None:

@@ -62,6 +62,7 @@ class MlflowSweep(Callback):
         self.parent_run_id: str | None = None
         self.swept: set[str] = set()
         self.monitor = ("val/acc", "max")
+        self.register_model: str | None = None  # its best job's version becomes the champion
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from hydra.utils import instantiate
@@ -75,6 +76,7 @@ class MlflowSweep(Callback):
         experiment_id = instantiate(config.logger).connect()
         self.swept = swept_keys(overrides, config.hydra.sweeper)
         self.monitor = (config.trainer.monitor, config.trainer.monitor_mode)
+        self.register_model = OmegaConf.select(config, "logger.register_model")
         command = shlex.join(["trainlab", "train", "-m", *overrides])
         run = MlflowClient().create_run(
             experiment_id,
@@ -131,6 +133,13 @@ class MlflowSweep(Callback):
                 client.log_param(self.parent_run_id, f"best.{key}", value)
             client.log_metric(self.parent_run_id, f"best/{metric}", float(best.best_value))
             client.log_artifact(self.parent_run_id, str(results))
+        if self.register_model:
+            from trainlab.tracking import promote_champion
+
+            version = promote_champion(client, self.register_model, children, metric, mode)
+            if version is not None:
+                client.set_tag(self.parent_run_id, "trainlab.champion",
+                               f"{self.register_model} version {version}")
         client.set_terminated(self.parent_run_id, status)
 
 

@@ -120,7 +120,8 @@ class OptunaSweeper(Sweeper):
                      max(remaining, 0))
         launched, failures = 0, []
         while remaining > 0:
-            trials = [study.ask(fixed_distributions=space) for _ in range(min(self.n_jobs, remaining))]
+            trials = [study.ask(fixed_distributions=space)
+                      for _ in range(min(self.n_jobs, remaining))]
             batch = [fixed + [f"{key}={value}" for key, value in t.params.items()]
                      for t in trials]
             for trial in trials:
