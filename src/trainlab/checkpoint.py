@@ -11,6 +11,18 @@ import torch
 
 from trainlab.errors import TrainlabError
 
+CLASS_NAMES = "class_names.json"  # beside the checkpoints: what predictions are called
+
+
+def save_class_names(names: list[str], folder: str | os.PathLike) -> Path:
+    """The training data's class names, for `trainlab predict` and the metrics tables."""
+    import json
+
+    path = Path(folder) / CLASS_NAMES
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([str(name) for name in names]))
+    return path
+
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write ``state`` via a temp file and rename: a crash never leaves half a file. The
