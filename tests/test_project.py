@@ -130,6 +130,8 @@ def git_project(folder: Path) -> None:
 
 def assert_reproducible(client, run, dirty: bool) -> None:
     """What `trainlab reproduce` needs is in the run, read back from the store."""
+    from importlib.metadata import version
+
     import torch
 
     tags = run.data.tags
@@ -139,7 +141,7 @@ def assert_reproducible(client, run, dirty: bool) -> None:
     assert len(tags["mlflow.source.git.commit"]) == 40
     assert tags["trainlab.git.dirty"] == str(dirty).lower()
     packages = Path(client.download_artifacts(run.info.run_id, "environment/requirements.txt"))
-    assert f"torch=={torch.__version__}" in packages.read_text().splitlines()
+    assert f"torch=={version('torch')}" in packages.read_text().splitlines()
     git_files = [a.path for a in client.list_artifacts(run.info.run_id, "git")]
     assert git_files == (["git/uncommitted.diff"] if dirty else [])
     inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
