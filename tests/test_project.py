@@ -183,7 +183,7 @@ def test_runs_record_environment_git_state_data_and_system_metrics(
 def test_reproduce_names_an_unknown_run(run_trainlab):
     proc = run_trainlab("reproduce", "0123456789abcdef", check=False)
     assert proc.returncode == 1
-    assert proc.stderr.startswith("error: no run 0123456789abcdef")
+    assert proc.stderr.splitlines()[-1].startswith("error: no run 0123456789abcdef in ")
 
 
 # -------------------------------------------------------------------------- init
