@@ -101,7 +101,7 @@ def test_the_wheel_carries_configs_and_trains_a_new_project_from_anywhere(tmp_pa
     assert tags["trainlab.git.dirty"] == "false" and len(tags["mlflow.source.git.commit"]) == 40
     assert tags["trainlab.env.trainlab"] == "0.1.0" and tags["trainlab.env.gpu"] == "none"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"environment", "config.yaml", "checkpoints", "model"} <= artifacts
+    assert {"environment", "config.yaml", "checkpoints", "preview"} <= artifacts
     assert "git" not in artifacts  # a clean tree: no diff
     packages = Path(client.download_artifacts(run.info.run_id, "environment/requirements.txt"))
     assert "trainlab==0.1.0" in packages.read_text().splitlines()
