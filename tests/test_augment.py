@@ -183,3 +183,12 @@ def test_masks_stay_pixel_aligned_under_every_geometric_augmenter(key):
     assert np.abs(errors.mean(axis=0)).max() < 0.2, f"{key}: mean shift {errors.mean(axis=0)}"
     limit = 1.2 if key == "Resize" else 0.6  # a mask resized down keeps coarser edges
     assert np.abs(errors).max() < limit, f"{key}: worst shift {np.abs(errors).max():.2f} px"
+
+
+def test_a_size_change_found_only_while_augmenting_is_one_line():
+    """Jigsaw pads images it cannot split evenly, which no check before training can see."""
+    augmentation = Augmentation(iaa("Jigsaw", nb_rows=5, nb_cols=5))
+    augmentation.check("classification")
+    with pytest.raises(TrainlabError, match=r"^augment changed the image size \(32, 32\) → "
+                                            r"\(35, 35\); .*KeepSizeByResize$"):
+        augmentation(torch.rand(2, 3, 32, 32), torch.arange(2))

@@ -58,8 +58,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 def resolve_resume(value: str | None, output_dir: str | os.PathLike) -> Path | None:
-    """``trainer.resume``: null (fresh run), a checkpoint path, or ``last``: the newest
-    ``checkpoints/last.pt`` among the sibling run folders of ``output_dir``."""
+    """``trainer.resume``: null (fresh run), a checkpoint path, or ``last``: this run's own
+    ``checkpoints/last.pt`` (``hydra.run.dir`` pointed at an interrupted run), else the newest
+    one among the sibling run folders of ``output_dir``."""
     if value in (None, "", "null"):
         return None
     if value != "last":
@@ -68,6 +69,9 @@ def resolve_resume(value: str | None, output_dir: str | os.PathLike) -> Path | N
             raise TrainlabError(f"trainer.resume={value}: no such checkpoint file")
         return path
     output_dir = Path(output_dir).resolve()
+    own = output_dir / "checkpoints" / "last.pt"
+    if own.is_file():
+        return own
     found = [
         p for p in output_dir.parent.glob("*/checkpoints/last.pt")
         if p.parent.parent.resolve() != output_dir

@@ -246,7 +246,7 @@ def predict(options: dict[str, str], overrides: list[str]) -> Path:
     import torch
     from tqdm.auto import tqdm
 
-    from trainlab.data.datasets import ImageFiles
+    from trainlab.data.images import ImageFiles
 
     if "tracking_uri" in options:
         mlflow.set_tracking_uri(options["tracking_uri"])

@@ -21,7 +21,7 @@ from trainlab import distributed
 from trainlab.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from trainlab.distributed import select_device
 from trainlab.errors import TrainlabError
-from trainlab.metrics import TaskMetrics, plot_confusion
+from trainlab.metrics import TaskMetrics, confusion_report
 from trainlab.precision import Precision
 from trainlab.schedulers import ScheduledLR, current_lrs, plot_lr
 
@@ -113,7 +113,8 @@ class Runner:
         # (step, {metric name: lr}) at every change; groups may join mid-run (unfreezing)
         self.lr_history: list[tuple[int, dict[str, float]]] = []
         self._lr_pending: list[tuple[int, dict[str, float]]] = []  # changes not yet logged
-        self.confusion: torch.Tensor | None = None
+        self.confusion: torch.Tensor | None = None  # of the last validation
+        self.best_confusion: torch.Tensor | None = None  # of the best epoch's
         self.max_epochs = int(max_epochs)
         self.monitor = monitor
         self.monitor_mode = monitor_mode
@@ -164,6 +165,7 @@ class Runner:
             improved = self._is_better(metrics[self.monitor])
             if improved:
                 self.best, self.best_epoch = metrics[self.monitor], epoch
+                self.best_confusion = self.confusion
             self._save_checkpoints(metrics, improved)
             metrics["epoch"] = epoch
             if self.lr_history[-1][0] != self.global_step:  # else logged as a change just now
@@ -294,16 +296,18 @@ class Runner:
         self._lr_pending.clear()
 
     def _log_plots(self) -> None:
-        """The lr curve over the run and (classification) the last confusion matrix, as PNGs."""
+        """The lr curve over the run; the best epoch's confusion matrix and per-class table."""
         folder = self.checkpoint_dir.parent / "plots"
         steps = [step for step, _ in self.lr_history] + [self.global_step]
         lrs = [lrs for _, lrs in self.lr_history] + [self.lr_history[-1][1]]
         self.tracker.log_artifact(
             plot_lr(steps, lrs, folder / "lr_curve.png",
                     steps_per_epoch=len(self.train_loader)), "plots")
-        if self.confusion is not None:
-            self.tracker.log_artifact(
-                plot_confusion(self.confusion, folder / "confusion_matrix.png"), "plots")
+        if self.best_confusion is not None:  # the logged model's epoch
+            figure, table = confusion_report(self.best_confusion, self.metrics, folder,
+                                             self.best_epoch)
+            self.tracker.log_artifact(figure, "plots")
+            self.tracker.log_artifact(table, "metrics")
 
     def _check_finite(self, value: float) -> None:
         if not math.isfinite(value):

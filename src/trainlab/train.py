@@ -72,7 +72,8 @@ def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbac
 
     data = data or prepare_data(cfg, choices)
     splits, augmentation = data.splits, data.augmentation
-    metrics = TaskMetrics(cfg.data.task, cfg.data.num_classes, cfg.data.get("ignore_index"))
+    metrics = TaskMetrics(cfg.data.task, cfg.data.num_classes, cfg.data.get("ignore_index"),
+                          splits.class_names)
     metrics.check_monitor(cfg.trainer.monitor)
     device = device or distributed.job_device(distributed.select_device(cfg.trainer.accelerator))
     if distributed.is_main_process():

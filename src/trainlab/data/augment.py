@@ -144,9 +144,9 @@ class Augmentation:
         """uint8 N×H×W×C images (and int N×H×W masks) through imgaug, same shapes back."""
         gray = images.shape[-1] == 1
         rgb = np.repeat(images, 3, axis=-1) if gray else images
+        out_masks = None
         if masks is None:
-            out = np.asarray(self.augmenter(images=rgb))
-            out_masks = None
+            augmented = self.augmenter(images=list(rgb))
         else:
             # imgaug fills uncovered mask pixels with 0: shift classes up by one so 0 marks
             # them, and give them ignore_index afterwards
@@ -156,15 +156,18 @@ class Augmentation:
                 for image, mask in zip(rgb, masks, strict=True)
             ]
             augmented, augmented_maps = self.augmenter(images=list(rgb), segmentation_maps=segmaps)
-            out = np.stack(augmented)
+        sizes = sorted({tuple(image.shape[:2]) for image in augmented})
+        if sizes != [tuple(images.shape[1:3])]:
+            raise TrainlabError(
+                f"augment changed the image size {tuple(images.shape[1:3])} → "
+                f"{', '.join(map(str, sizes))}; every image of a batch keeps data.image_size: "
+                "wrap the augmenter in imgaug.augmenters.KeepSizeByResize"
+            )
+        out = np.stack(augmented)
+        if masks is not None:
             out_masks = np.stack([m.get_arr() for m in augmented_maps]).astype(masks.dtype)
             if shift:
                 out_masks = np.where(out_masks == 0, self.ignore_index, out_masks - shift)
-        if out.shape[1:3] != images.shape[1:3]:
-            raise TrainlabError(
-                f"augment changed the image size {images.shape[1:3]} → {out.shape[1:3]}; "
-                "add keep_size: true (Crop, Pad, CropAndPad) or a Resize to the image size"
-            )
         if gray:
             out = np.round(out.astype(np.float32).mean(axis=-1, keepdims=True)).astype(np.uint8)
         return out, out_masks
