@@ -7,6 +7,7 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, f1_score, jaccard_score, top_k_accuracy_score
 
+from conftest import RecordingTracker, free_port
 from trainlab.errors import TrainlabError
 from trainlab.metrics import TaskMetrics, plot_confusion
 
@@ -120,13 +121,9 @@ def _ddp_worker(rank, world, port, out):
 
 @pytest.mark.slow
 def test_metrics_sum_over_ddp_ranks(tmp_path):
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2)
     logits, targets = segmentation_data(c=3)
     dice, iou = reference_segmentation(logits, targets)
@@ -154,27 +151,14 @@ def test_a_segmentation_run_monitors_dice(compose, tmp_path):
     model = nn.Conv2d(1, 3, 1)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
     cfg = compose("scheduler=plateau", "trainer.monitor=val/dice")
-    logged = {}
-
-    class Tracker:  # keeps the last value of each metric (the tracker is not under test)
-        log_every_n_steps = 1
-
-        def log_metrics(self, metrics, step):
-            logged.update(metrics)
-
-        def log_metric_series(self, rows):
-            pass
-
-        def log_artifact(self, path, artifact_path=None):
-            pass
-
+    tracker = RecordingTracker()
     result = Runner(
-        model, DiceLoss(ignore_index=255), optimizer, loader, loader, Tracker(), tmp_path,
+        model, DiceLoss(ignore_index=255), optimizer, loader, loader, tracker, tmp_path,
         scheduler=build_scheduler(cfg.scheduler, optimizer, "plateau"), max_epochs=2,
         monitor="val/dice", progress_bar=False,
         metrics=TaskMetrics("segmentation", 3, ignore_index=255),
     ).fit()
-    assert {"train/dice", "val/dice", "val/iou", "val/acc"} <= set(logged)
+    assert {"train/dice", "val/dice", "val/iou", "val/acc"} <= set(tracker.metrics)
     assert result.best == max(epoch["val/dice"] for epoch in result.history)
 
 
