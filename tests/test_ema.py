@@ -15,12 +15,12 @@ def test_the_average_validates_and_is_checkpointed_beside_the_training_weights(
     from trainlab.checkpoint import load_checkpoint
     from trainlab.data.datasets import load_digits
     from trainlab.models.mlp import MLP
-    from trainlab.tracking import NullTracker
+    from trainlab.tracker import NullTracker
     from trainlab.train import fit
 
     cfg = compose("model=mlp", "trainer.ema=0.9", "trainer.max_epochs=2",
                   "trainer.progress_bar=false", "optimizer.lr=0.01")
-    result = fit(cfg, NullTracker(cfg.logger), tmp_path, {})
+    result = fit(cfg, NullTracker.like(cfg.logger), tmp_path, {})
     state = load_checkpoint(tmp_path / "checkpoints/last.pt")
     assert state["ema_updates"] == 2 * 23  # one per optimizer step: 1437 images / 64
     assert any(not torch.equal(state["model"][k], state["raw_model"][k]) for k in state["model"])
@@ -38,9 +38,9 @@ def test_the_average_validates_and_is_checkpointed_beside_the_training_weights(
 
 
 def test_a_decay_outside_zero_one_is_refused_in_one_line(compose, tmp_path):
-    from trainlab.tracking import NullTracker
+    from trainlab.tracker import NullTracker
     from trainlab.train import fit
 
     cfg = compose("model=mlp", "trainer.ema=1.5", "trainer.progress_bar=false")
     with pytest.raises(TrainlabError, match=r"^trainer.ema=1.5; choose a decay in \(0, 1\)"):
-        fit(cfg, NullTracker(cfg.logger), tmp_path, {})
+        fit(cfg, NullTracker.like(cfg.logger), tmp_path, {})

@@ -116,6 +116,7 @@ class OptimizerSchema:
     lr: float = spec("a number > 0", _number(above=0))
     weight_decay: float = spec("a number >= 0", _number(at_least=0))
     head_lr: float = spec("a number > 0, or null", _number(above=0), optional=True)
+    layer_decay: float = spec("a number in (0, 1], or null", _number(above=0), optional=True)
 
 
 @dataclass
@@ -152,7 +153,8 @@ COMPONENTS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
                 ("model", "loss", "optimizer", "train_loader", "val_loader", "tracker",
                  "checkpoint_dir", "precision", "scheduler", "metrics", "device")),
     "logger": ("logger", (), ()),
-    "optimizer": ("optimizer", ("head_lr", "head", "no_decay_norm_bias"), ("params",)),
+    "optimizer": ("optimizer", ("head_lr", "head", "no_decay_norm_bias", "layer_decay"),
+                  ("params",)),
     "scheduler": ("scheduler", ("interval",), ("optimizer",)),
     "loss": ("loss", (), ()),
     "precision": ("precision", (), ()),
