@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 def run_name_and_tags(hydra_cfg: DictConfig) -> tuple[str, dict[str, str]]:
     """A run is named by its overrides (``loss=dice,optimizer.lr=0.01``), or ``default``."""
     from trainlab.sweeps import run_name
-    from trainlab.tracking import git_commit
 
     overrides = list(hydra_cfg.overrides.task)
     name = run_name(overrides) or hydra_cfg.job.override_dirname or "default"
@@ -36,9 +35,6 @@ def run_name_and_tags(hydra_cfg: DictConfig) -> tuple[str, dict[str, str]]:
         "trainlab.output_dir": str(Path(hydra_cfg.runtime.output_dir).resolve()),
         "trainlab.command": " ".join(["trainlab", "train", *overrides]),
     }
-    commit = git_commit(hydra_cfg.runtime.cwd)
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
     return name, tags
 
 
@@ -63,6 +59,7 @@ class Prepared:
     runner: Any
     preview: Path | None  # the augmentation preview PNG, logged once the run is open
     resumed_run_id: str | None = None  # the MLflow run of the resume checkpoint
+    profile: bool = False  # debug=profile: fit under torch.profiler
 
 
 def prepare(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbacks=(),
@@ -79,6 +76,7 @@ def prepare(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, cal
     from trainlab.data.check import prepare_data
     from trainlab.data.loaders import build_loaders
     from trainlab.data.preview import write_preview
+    from trainlab.debug import limit_loaders
     from trainlab.losses import build_loss
     from trainlab.metrics import TaskMetrics
     from trainlab.models.finetune import build_model
@@ -86,6 +84,7 @@ def prepare(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, cal
     from trainlab.preflight import resume_into, try_one_batch
     from trainlab.runner import loop_settings
     from trainlab.schedulers import build_scheduler, optimizer_steps
+    from trainlab.threads import set_training_threads
 
     data = data or prepare_data(cfg, choices)
     splits, augmentation = data.splits, data.augmentation
@@ -93,10 +92,12 @@ def prepare(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, cal
                           splits.class_names)
     metrics.check_monitor(cfg.trainer.monitor)
     device = device or distributed.job_device(distributed.select_device(cfg.trainer.accelerator))
+    set_training_threads(device, int(cfg.data.get("num_workers", 0)), distributed.world_size())
     train_loader, val_loader = build_loaders(
         splits, cfg.data, int(cfg.seed), device, augmentation,
         rank=distributed.rank(), world_size=distributed.world_size(),
     )
+    train_loader, val_loader = limit_loaders(train_loader, val_loader, cfg.get("debug"))
     if distributed.is_main_process() and splits.class_names:
         save_class_names(splits.class_names, output_dir / "checkpoints")
     model, model_callbacks = build_model(cfg.model, choices.get("model"))
@@ -128,7 +129,7 @@ def prepare(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, cal
     )
     try_one_batch(runner, cfg.data, choices)
     run_id = resume_into(runner, resume) if resume is not None else None
-    return Prepared(runner, preview, run_id)
+    return Prepared(runner, preview, run_id, profile=bool(cfg.get("debug", {}).get("profile")))
 
 
 def configured_callbacks(trainer: DictConfig, choices: DictConfig) -> list:
@@ -143,13 +144,15 @@ def train_prepared(prepared: Prepared, tracker, output_dir: Path):
     """Fit the prepared parts with ``tracker`` (open by now), then log checkpoints and the
     best epoch's model."""
     from trainlab import distributed
+    from trainlab.debug import profiled
 
     runner = prepared.runner
     runner.tracker = tracker
     if prepared.preview is not None:
         tracker.log_artifact(prepared.preview, "preview")
     try:
-        result = runner.fit()
+        with profiled(prepared.profile, output_dir, tracker):
+            result = runner.fit()
     finally:
         if tracker.log_checkpoints:
             tracker.log_artifacts(output_dir / "checkpoints", "checkpoints")
@@ -191,6 +194,7 @@ def run(cfg: DictConfig) -> float:
     from trainlab.config_check import check_config
     from trainlab.data.check import log_to_run, prepare_data
     from trainlab.outbox import SPOOL_DIR
+    from trainlab.provenance import record as record_provenance
     from trainlab.seeding import seed_everything
     from trainlab.sweeps import job_callbacks
     from trainlab.tracker import NullTracker
@@ -222,6 +226,9 @@ def run(cfg: DictConfig) -> float:
         tags["trainlab.resumed_from"] = str(resume.resolve())
     with tracker.run(run_name, tags, run_id=prepared.resumed_run_id,
                      spool_dir=output_dir / SPOOL_DIR):
+        record_provenance(tracker, hydra_cfg.runtime.cwd)
+        tracker.log_datasets(data.splits, OmegaConf.to_container(cfg.data, resolve=True),
+                             choices.get("data") or "data")
         tracker.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
         tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         tracker.log_artifacts(output_dir / ".hydra", ".hydra")
