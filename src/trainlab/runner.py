@@ -46,7 +46,10 @@ class Runner:
     accumulate on the device and are read once per logging interval. In a DDP group the
     model is wrapped for training, metrics are averaged over ranks, and rank 0 alone
     prints and writes checkpoints. SIGINT/SIGTERM end the run at the next step with a
-    checkpoint that ``resume`` continues from exactly. ``devices`` is read by the launcher.
+    checkpoint that ``resume`` continues from exactly; ``checkpoint_every_n_steps`` /
+    ``checkpoint_every_minutes`` write such a mid-epoch ``last.pt`` on a schedule too, so a
+    hard kill loses at most that much. ``devices`` is read by the launcher, ``resume_as`` by
+    ``trainlab.resume``.
     """
 
     def __init__(
@@ -76,6 +79,9 @@ class Runner:
         detect_anomaly: bool = False,
         early_stopping: dict | None = None,
         resume: str | Path | None = None,
+        resume_as: str = "same_run",
+        checkpoint_every_n_steps: int | None = None,
+        checkpoint_every_minutes: float | None = None,
     ) -> None:
         if monitor_mode not in ("min", "max"):
             raise TrainlabError(f"trainer.monitor_mode={monitor_mode!r}; choose 'min' or 'max'")
@@ -97,6 +103,15 @@ class Runner:
         self.detect_anomaly = bool(detect_anomaly)
         self.resume = Path(resume) if resume else None
         self._skip_batches = 0  # batches of the first epoch a mid-epoch checkpoint already did
+        self._pending_totals: dict | None = None  # that epoch's partial sums, to continue
+        self._unsaved_rows: list[tuple[int, dict[str, float]]] = []  # logged since last.pt
+        for key, value in (("checkpoint_every_n_steps", checkpoint_every_n_steps),
+                           ("checkpoint_every_minutes", checkpoint_every_minutes)):
+            if value is not None and float(value) <= 0:
+                raise TrainlabError(f"trainer.{key}={value}; must be > 0 (or null: off)")
+        self.checkpoint_every_n_steps = int(checkpoint_every_n_steps or 0)
+        self.checkpoint_every_s = float(checkpoint_every_minutes or 0) * 60
+        self._checkpointed_at = time.monotonic()
         self._pending_rng: dict | None = None
         self._signal: int | None = None
         self.loss = loss.to(self.device) if isinstance(loss, nn.Module) else loss
@@ -168,7 +183,7 @@ class Runner:
             metrics["epoch"] = epoch
             if self.lr_history[-1][0] != self.global_step:  # else logged as a change just now
                 metrics.update(self.lr_history[-1][1])
-            self.tracker.log_metrics(metrics, step=self.global_step)
+            self._log_metrics([(self.global_step, metrics)])
             self._log_lr_changes()
             history.append(metrics)
             self._print_epoch(epoch, metrics, time.perf_counter() - started, improved)
@@ -188,6 +203,9 @@ class Runner:
             if hasattr(source, "set_epoch"):
                 source.set_epoch(epoch)
         totals = self.metrics.train(self.device)
+        if self._pending_totals is not None:
+            totals.load_state_dict(self._pending_totals)
+            self._pending_totals = None
         per_batch_scheduler = self.scheduler if (
             self.scheduler is not None and self.scheduler.interval == "step"
         ) else None
@@ -226,12 +244,16 @@ class Runner:
             if at_log_step:
                 window_loss = distributed.reduce_mean({"loss": totals.window()})["loss"]
                 self._check_finite(window_loss)
-                self.tracker.log_metrics({"train/loss": window_loss}, step=self.global_step)
+                self._log_metrics([(self.global_step, {"train/loss": window_loss})])
                 self._log_lr_changes()
                 bar.set_postfix(loss=f"{window_loss:.4f}", refresh=False)
             if boundary and index + 1 < n_batches and self._interrupt_requested(at_log_step):
-                self._save(self.checkpoint_dir / "last.pt", {}, batches_done=index + 1)
+                self._save(self.checkpoint_dir / "last.pt", {}, batches_done=index + 1,
+                           totals=totals)
                 self._interrupted(self.checkpoint_dir / "last.pt")
+            elif boundary and index + 1 < n_batches and self._periodic_checkpoint_due():
+                self._save(self.checkpoint_dir / "last.pt", {}, batches_done=index + 1,
+                           totals=totals)
         result = totals.compute()
         loss = result.pop("loss")
         self._check_finite(loss)
@@ -270,6 +292,10 @@ class Runner:
         batches_done = state.get("batches_done")
         self.epoch = int(state["epoch"]) + (1 if batches_done is None else 0)
         self._skip_batches = int(batches_done or 0)
+        if self._skip_batches and state.get("train_totals") is not None:
+            self._pending_totals = state["train_totals"]
+        # the run logged these lrs before: the resumed fit starts from them, not a change
+        self.lr_history = [(self.global_step, current_lrs(self.optimizer))]
         if "rng" in state:
             if self._skip_batches:  # restored where the interrupted run stood: after them
                 self._pending_rng = state["rng"]
@@ -290,8 +316,14 @@ class Runner:
 
     def _log_lr_changes(self) -> None:
         """Log every lr change since the last call, each at the step it took effect."""
-        self.tracker.log_metric_series(list(self._lr_pending))
+        self._log_metrics(list(self._lr_pending))
         self._lr_pending.clear()
+
+    def _log_metrics(self, rows: list[tuple[int, dict[str, float]]]) -> None:
+        """Log ``(step, metrics)`` rows; the next checkpoint keeps them too, so a resume
+        re-sends what a hard kill lost on the way to MLflow."""
+        self._unsaved_rows += rows
+        self.tracker.log_metric_series(rows)
 
     def _log_plots(self) -> None:
         """The lr curve over the run and (classification) the last confusion matrix, as PNGs."""
@@ -362,9 +394,20 @@ class Runner:
             )
         raise KeyboardInterrupt
 
-    def _save(self, path: Path, metrics: dict[str, float], batches_done: int | None = None):
+    def _periodic_checkpoint_due(self) -> bool:
+        steps = self.checkpoint_every_n_steps
+        if steps and self.global_step % steps == 0:
+            return True
+        return bool(self.checkpoint_every_s) and (
+            time.monotonic() - self._checkpointed_at >= self.checkpoint_every_s
+        )
+
+    def _save(self, path: Path, metrics: dict[str, float], batches_done: int | None = None,
+              totals: Any = None):
         """Rank 0 writes everything a resumed run needs; ``batches_done`` marks a checkpoint
-        taken inside an epoch."""
+        taken inside an epoch, with that epoch's partial ``totals`` (one process: in DDP
+        each rank holds its own share, and the resumed epoch's train metrics restart)."""
+        self._checkpointed_at = time.monotonic()
         if not distributed.is_main_process():
             return
         state = {
@@ -381,8 +424,12 @@ class Runner:
             "best_epoch": self.best_epoch,
             "rng": rng_state(),
             "mlflow_run_id": getattr(self.tracker, "run_id", None),
+            "train_totals": totals.state_dict() if totals is not None
+            and not distributed.is_distributed() else None,
+            "logged_rows": [[step, dict(values)] for step, values in self._unsaved_rows],
         }
         save_checkpoint(state, path)
+        self._unsaved_rows.clear()
 
     def _save_checkpoints(self, metrics: dict[str, float], improved: bool) -> None:
         self._save(self.checkpoint_dir / "last.pt", metrics)

@@ -140,10 +140,11 @@ def run(cfg: DictConfig) -> float:
     that rank 0 logs into); under an outside ``torchrun`` each process joins its group.
     """
     from trainlab import distributed
-    from trainlab.checkpoint import load_checkpoint, resolve_resume
+    from trainlab.checkpoint import resolve_resume
     from trainlab.components import build
     from trainlab.data.check import log_to_run, prepare_data
     from trainlab.outbox import SPOOL_DIR
+    from trainlab.resume import plan_resume, unsent_metrics
     from trainlab.seeding import seed_everything
     from trainlab.sweeps import job_callbacks
     from trainlab.tracking import NullTracker, flatten
@@ -159,22 +160,26 @@ def run(cfg: DictConfig) -> float:
     if launch.external:
         device = distributed.init_process_group(launch, int(os.environ["RANK"]))
         output_dir = Path(distributed.from_rank0(str(output_dir)))  # the others made none
-    resume = resolve_resume(cfg.trainer.get("resume"), output_dir)
-    run_id = load_checkpoint(resume).get("mlflow_run_id") if resume else None
-    if launch.external:
-        if not distributed.is_main_process():
-            fit(cfg, NullTracker(cfg.logger), output_dir, choices, device=device, resume=resume,
-                data=data)
-            return float("nan")
+    if launch.external and not distributed.is_main_process():
+        resume = resolve_resume(cfg.trainer.get("resume"), output_dir)
+        fit(cfg, NullTracker(cfg.logger), output_dir, choices, device=device, resume=resume,
+            data=data)
+        return float("nan")
     tracker = build(cfg.logger, "logger", choices.get("logger"))
     run_name, tags = run_name_and_tags(hydra_cfg)
-    if resume:
-        tags["trainlab.resumed_from"] = str(resume.resolve())
+    hydra_dir = output_dir / ".hydra"
+    plan = plan_resume(cfg.trainer, output_dir, tracker)  # refusals leave the old run as it was
+    resume, run_id = (plan.checkpoint, plan.run_id) if plan else (None, None)
+    if plan:
+        tags.update(plan.tags)
+        output_dir = plan.output_dir  # best.pt and the checkpoints go on where they were
     with tracker.run(run_name, tags, run_id=run_id, spool_dir=output_dir / SPOOL_DIR):
         tracker.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
         tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-        tracker.log_artifacts(output_dir / ".hydra", ".hydra")
+        tracker.log_artifacts(hydra_dir, ".hydra")
         log_to_run(data.report, tracker)
+        if plan and run_id:
+            tracker.log_metric_series(unsent_metrics(resume))
         if launch.spawns:
             # workers have no HydraConfig: hand them the config with every value resolved
             resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
