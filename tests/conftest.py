@@ -1,13 +1,18 @@
-"""Shared fixtures: a private MLflow store per test, the real `trainlab` command, Hydra compose."""
+"""Shared helpers: a private MLflow store per test, the real `trainlab` command (as a process or
+in this one), Hydra compose, a free port, a tracker that records, the fast settings."""
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from trainlab.tracker import NullTracker
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "conf"
@@ -15,6 +20,39 @@ TRAINLAB = Path(sys.executable).with_name("trainlab")
 
 # Tiny, fast settings for end-to-end runs where the learning itself is not under test.
 QUICK = ["model=mlp", "trainer.max_epochs=2", "trainer.progress_bar=false"]
+# The same without a fixed length and without logging the MLflow model (seconds per run).
+FAST = ["model=mlp", "trainer.progress_bar=false", "logger.log_model=false"]
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RecordingTracker(NullTracker):
+    """A tracker that keeps the metrics and artifacts it is given, for tests that read back
+    what a run logged without an MLflow store."""
+
+    def __init__(self, log_every_n_steps: int = 1) -> None:
+        super().__init__(log_every_n_steps)
+        self.metrics: dict[str, list[tuple[int, float]]] = {}  # name → [(step, value)]
+        self.artifacts: list[str] = []
+
+    def log_metrics(self, metrics, step):
+        for key, value in metrics.items():
+            self.metrics.setdefault(key, []).append((step, value))
+
+    def log_metric_series(self, rows):
+        for step, metrics in rows:
+            self.log_metrics(metrics, step)
+
+    def log_artifact(self, path, artifact_path=None):
+        self.artifacts.append(str(path))
+
+    def last(self, name: str) -> float:
+        return self.metrics[name][-1][1]
 
 
 @pytest.fixture
@@ -40,6 +78,50 @@ def run_trainlab(tmp_path: Path, tracking_uri: str):
         return proc
 
     return run
+
+
+@dataclass
+class Outcome:
+    """What a `trainlab` call run in-process ended with (named like subprocess's result)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def trainlab_in_process(tmp_path: Path, tracking_uri: str, monkeypatch, capsys):
+    """``run_trainlab`` without a new interpreter: `trainlab ARGS` called in this process, in
+    ``tmp_path``, against the test's own store.
+
+    The same code path as the command (cli.main → Hydra app), without starting Python and
+    importing torch and mlflow again: seconds saved per call. Tests of signals, of the
+    installed executable or of DDP keep using ``run_trainlab``.
+    """
+    import mlflow
+
+    from trainlab.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
+
+    def run(*args: str, check: bool = True) -> Outcome:
+        capsys.readouterr()
+        try:
+            code = main(list(args))
+        except SystemExit as exit_:
+            code = exit_.code
+        captured = capsys.readouterr()
+        outcome = Outcome(int(code or 0), captured.out, captured.err)
+        if check and outcome.returncode != 0:
+            raise AssertionError(f"trainlab {' '.join(args)} exited {outcome.returncode}\n"
+                                 f"--- stdout\n{outcome.stdout[-4000:]}\n"
+                                 f"--- stderr\n{outcome.stderr[-4000:]}")
+        return outcome
+
+    yield run
+    mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture

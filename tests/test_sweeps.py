@@ -6,7 +6,6 @@ import csv
 import io
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import QUICK, TRAINLAB, runs_of
+from conftest import QUICK, TRAINLAB, free_port, runs_of
 
 FAST = [*QUICK, "logger.log_model=false", "logger.log_checkpoints=false"]
 
@@ -207,9 +206,7 @@ def test_runs_command_compares_runs_and_plots_curves(tracking_uri, mlflow_client
 def test_ui_serves_the_store_and_prints_the_run_table_url(tmp_path, tracking_uri,
                                                           mlflow_client):
     experiment = mlflow_client.create_experiment("trainlab")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen(
         [str(TRAINLAB), "ui", "--port", str(port)], cwd=tmp_path, text=True,
         env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri},

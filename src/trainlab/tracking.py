@@ -5,10 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -20,6 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from trainlab.errors import TrainlabError
 from trainlab.outbox import Outbox, bounded_http_calls
+from trainlab.signals import sigterm_as_interrupt
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +38,6 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def git_commit(cwd: str | Path = ".") -> str | None:
-    """The commit checked out at ``cwd``, or None outside a git work tree."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
 @contextlib.contextmanager
 def store_creation_lock(tracking_uri: str) -> Iterator[None]:
     """Serialise the first use of a sqlite store: MLflow creates and migrates its schema on
@@ -66,25 +53,10 @@ def store_creation_lock(tracking_uri: str) -> Iterator[None]:
         yield
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a scheduler or `kill` stopping the job) ends the run like Ctrl-C: KILLED."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(_signum, _frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 class MlflowTracker:
-    """Owns one MLflow run: opens it, logs to it in batches, and always closes it with a status."""
+    """Owns one MLflow run: opens it, logs to it in batches, and always closes it with a status.
+
+    Implements :class:`trainlab.tracker.Tracker`."""
 
     def __init__(
         self,
@@ -98,6 +70,8 @@ class MlflowTracker:
         close_timeout_s: float = 10.0,
         model_format: str = "pickle",
         register_model: str | None = None,
+        log_system_metrics: bool = True,
+        system_metrics_every_s: float = 10.0,
     ) -> None:
         if model_format not in MODEL_FORMATS:
             raise TrainlabError(
@@ -114,6 +88,8 @@ class MlflowTracker:
         self.flush_every_s = float(flush_every_s)
         self.retry_every_s = float(retry_every_s)
         self.close_timeout_s = float(close_timeout_s)
+        self.log_system_metrics = bool(log_system_metrics)
+        self.system_metrics_every_s = float(system_metrics_every_s)
         self.run_id: str | None = None
         self._outbox: Outbox | None = None  # sends the open run's calls off the training thread
         self._pending: list = []  # metrics not yet handed to the outbox, batched by time
@@ -178,11 +154,14 @@ class MlflowTracker:
         parent = os.environ.get(PARENT_RUN_ENV)  # set by sweeps.MlflowSweep
         if parent:
             tags["mlflow.parentRunId"] = parent
+        if self.log_system_metrics:
+            mlflow.set_system_metrics_sampling_interval(self.system_metrics_every_s)
         if run_id is None:
             self._logged_upto = {}
-            run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
+            run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags,
+                                   log_system_metrics=self.log_system_metrics)
         else:
-            run = self._reopen(run_id)
+            run = self._reopen(run_id, self.log_system_metrics)
         self.run_id = run.info.run_id
         log.info("MLflow run %s (%s) in %s", run_name, self.run_id, mlflow.get_tracking_uri())
         self._open_outbox(spool_dir)
@@ -190,7 +169,7 @@ class MlflowTracker:
             self.set_tags(tags)
         status = "FAILED"
         try:
-            with _sigterm_as_interrupt():
+            with sigterm_as_interrupt():
                 yield self
             status = "FINISHED"
         except KeyboardInterrupt:
@@ -228,11 +207,11 @@ class MlflowTracker:
             log.warning("MLflow did not take %d calls of run %s; they are lost", left,
                         self.run_id)
 
-    def _reopen(self, run_id: str):
+    def _reopen(self, run_id: str, log_system_metrics: bool = False):
         """Reopen ``run_id``, noting each metric's last logged step: a resumed fit re-trains
         the steps after its checkpoint, and what the run already has is not sent again."""
         try:
-            run = mlflow.start_run(run_id=run_id)
+            run = mlflow.start_run(run_id=run_id, log_system_metrics=log_system_metrics)
             self._logged_upto = {
                 key: max((m.step for m in MlflowClient().get_metric_history(run_id, key)),
                          default=-1)
@@ -316,6 +295,12 @@ class MlflowTracker:
             self._outbox.put({"call": "artifacts", "path": str(Path(folder).resolve()),
                               "artifact_path": artifact_path})
 
+    def log_datasets(self, splits: Any, data_cfg: Mapping[str, Any], name: str) -> None:
+        """The data splits as the run's MLflow dataset inputs (the UI's Dataset column)."""
+        from trainlab.provenance import dataset_inputs
+
+        self._outbox.put({"call": "inputs", "inputs": dataset_inputs(splits, data_cfg, name)})
+
     def log_model(self, model: Any, input_example: Any) -> None:
         """Log the model so ``mlflow.pytorch.load_model("runs:/<id>/model")`` brings it back,
         registered as ``register_model`` when that is set.
@@ -382,19 +367,3 @@ def promote_champion(client: MlflowClient, name: str, runs: Sequence, metric: st
     client.set_registered_model_alias(name, CHAMPION, version)
     log.info("registered model %s: version %s is the %s", name, version, CHAMPION)
     return version
-
-
-class NullTracker:
-    """The tracker of DDP ranks other than 0: takes every call and records nothing."""
-
-    log_model_enabled = False
-    log_checkpoints = False
-    run_id = None
-
-    def __init__(self, logger_cfg: Mapping[str, Any] | None = None) -> None:
-        self.log_every_n_steps = int((logger_cfg or {}).get("log_every_n_steps", 10))
-
-    def __getattr__(self, name: str):
-        if name.startswith(("log_", "set_")):
-            return lambda *args, **kwargs: None
-        raise AttributeError(name)
