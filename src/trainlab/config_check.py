@@ -116,6 +116,7 @@ class OptimizerSchema:
     lr: float = spec("a number > 0", _number(above=0))
     weight_decay: float = spec("a number >= 0", _number(at_least=0))
     head_lr: float = spec("a number > 0, or null", _number(above=0), optional=True)
+    layer_decay: float = spec("a number in (0, 1], or null", _number(above=0), optional=True)
 
 
 @dataclass

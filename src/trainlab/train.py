@@ -172,7 +172,7 @@ def log_best_model(runner, tracker, best_path: Path) -> None:
     """Log the weights of the best epoch as the run's MLflow model."""
     from trainlab.checkpoint import load_checkpoint
 
-    model = runner.model
+    model = runner.eval_model  # the average of the weights with trainer.ema
     if best_path.is_file():
         model.load_state_dict(load_checkpoint(best_path)["model"])
     example = next(iter(runner.val_loader))[0][:2].cpu()
