@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -37,17 +36,6 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
-
-
-def git_commit(cwd: str | Path = ".") -> str | None:
-    """The commit checked out at ``cwd``, or None outside a git work tree."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
 
 
 @contextlib.contextmanager
@@ -82,6 +70,8 @@ class MlflowTracker:
         close_timeout_s: float = 10.0,
         model_format: str = "pickle",
         register_model: str | None = None,
+        log_system_metrics: bool = True,
+        system_metrics_every_s: float = 10.0,
     ) -> None:
         if model_format not in MODEL_FORMATS:
             raise TrainlabError(
@@ -98,9 +88,12 @@ class MlflowTracker:
         self.flush_every_s = float(flush_every_s)
         self.retry_every_s = float(retry_every_s)
         self.close_timeout_s = float(close_timeout_s)
+        self.log_system_metrics = bool(log_system_metrics)
+        self.system_metrics_every_s = float(system_metrics_every_s)
         self.run_id: str | None = None
         self._outbox: Outbox | None = None  # sends the open run's calls off the training thread
         self._pending: list = []  # metrics not yet handed to the outbox, batched by time
+        self._logged_upto: dict[str, int] = {}  # a reopened run's last logged step per metric
         self._flushed_at = time.monotonic()
 
     # --------------------------------------------------------------- lifecycle
@@ -161,10 +154,14 @@ class MlflowTracker:
         parent = os.environ.get(PARENT_RUN_ENV)  # set by sweeps.MlflowSweep
         if parent:
             tags["mlflow.parentRunId"] = parent
+        if self.log_system_metrics:
+            mlflow.set_system_metrics_sampling_interval(self.system_metrics_every_s)
         if run_id is None:
-            run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
+            self._logged_upto = {}
+            run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags,
+                                   log_system_metrics=self.log_system_metrics)
         else:
-            run = self._reopen(run_id)
+            run = self._reopen(run_id, self.log_system_metrics)
         self.run_id = run.info.run_id
         log.info("MLflow run %s (%s) in %s", run_name, self.run_id, mlflow.get_tracking_uri())
         self._open_outbox(spool_dir)
@@ -210,9 +207,17 @@ class MlflowTracker:
             log.warning("MLflow did not take %d calls of run %s; they are lost", left,
                         self.run_id)
 
-    def _reopen(self, run_id: str):
+    def _reopen(self, run_id: str, log_system_metrics: bool = False):
+        """Reopen ``run_id``, noting each metric's last logged step: a resumed fit re-trains
+        the steps after its checkpoint, and what the run already has is not sent again."""
         try:
-            return mlflow.start_run(run_id=run_id)
+            run = mlflow.start_run(run_id=run_id, log_system_metrics=log_system_metrics)
+            self._logged_upto = {
+                key: max((m.step for m in MlflowClient().get_metric_history(run_id, key)),
+                         default=-1)
+                for key in run.data.metrics
+            }
+            return run
         except MlflowException as err:
             raise TrainlabError(
                 f"the checkpoint's MLflow run {run_id} is not in {mlflow.get_tracking_uri()}; "
@@ -263,6 +268,7 @@ class MlflowTracker:
             (key, float(value), stamp, step)
             for step, values in rows
             for key, value in values.items()
+            if step > self._logged_upto.get(key, -1)  # a resumed run re-trains those steps
         ]
         if time.monotonic() - self._flushed_at >= self.flush_every_s:
             self.flush()
@@ -288,6 +294,12 @@ class MlflowTracker:
         if Path(folder).is_dir():
             self._outbox.put({"call": "artifacts", "path": str(Path(folder).resolve()),
                               "artifact_path": artifact_path})
+
+    def log_datasets(self, splits: Any, data_cfg: Mapping[str, Any], name: str) -> None:
+        """The data splits as the run's MLflow dataset inputs (the UI's Dataset column)."""
+        from trainlab.provenance import dataset_inputs
+
+        self._outbox.put({"call": "inputs", "inputs": dataset_inputs(splits, data_cfg, name)})
 
     def log_model(self, model: Any, input_example: Any) -> None:
         """Log the model so ``mlflow.pytorch.load_model("runs:/<id>/model")`` brings it back,

@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 def run_name_and_tags(hydra_cfg: DictConfig) -> tuple[str, dict[str, str]]:
     """A run is named by its overrides (``loss=dice,optimizer.lr=0.01``), or ``default``."""
     from trainlab.sweeps import run_name
-    from trainlab.tracking import git_commit
 
     overrides = list(hydra_cfg.overrides.task)
     name = run_name(overrides) or hydra_cfg.job.override_dirname or "default"
@@ -36,9 +35,6 @@ def run_name_and_tags(hydra_cfg: DictConfig) -> tuple[str, dict[str, str]]:
         "trainlab.output_dir": str(Path(hydra_cfg.runtime.output_dir).resolve()),
         "trainlab.command": " ".join(["trainlab", "train", *overrides]),
     }
-    commit = git_commit(hydra_cfg.runtime.cwd)
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
     return name, tags
 
 
@@ -63,6 +59,7 @@ class Prepared:
     runner: Any
     preview: Path | None  # the augmentation preview PNG, logged once the run is open
     resumed_run_id: str | None = None  # the MLflow run of the resume checkpoint
+    profile: bool = False  # debug=profile: fit under torch.profiler
 
 
 def prepare(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbacks=(),
@@ -79,6 +76,7 @@ def prepare(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, cal
     from trainlab.data.check import prepare_data
     from trainlab.data.loaders import build_loaders
     from trainlab.data.preview import write_preview
+    from trainlab.debug import limit_loaders
     from trainlab.losses import build_loss
     from trainlab.metrics import TaskMetrics
     from trainlab.models.finetune import build_model
@@ -99,6 +97,7 @@ def prepare(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, cal
         splits, cfg.data, int(cfg.seed), device, augmentation,
         rank=distributed.rank(), world_size=distributed.world_size(),
     )
+    train_loader, val_loader = limit_loaders(train_loader, val_loader, cfg.get("debug"))
     if distributed.is_main_process() and splits.class_names:
         save_class_names(splits.class_names, output_dir / "checkpoints")
     model, model_callbacks = build_model(cfg.model, choices.get("model"))
@@ -130,7 +129,7 @@ def prepare(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, cal
     )
     try_one_batch(runner, cfg.data, choices)
     run_id = resume_into(runner, resume) if resume is not None else None
-    return Prepared(runner, preview, run_id)
+    return Prepared(runner, preview, run_id, profile=bool(cfg.get("debug", {}).get("profile")))
 
 
 def configured_callbacks(trainer: DictConfig, choices: DictConfig) -> list:
@@ -145,13 +144,15 @@ def train_prepared(prepared: Prepared, tracker, output_dir: Path):
     """Fit the prepared parts with ``tracker`` (open by now), then log checkpoints and the
     best epoch's model."""
     from trainlab import distributed
+    from trainlab.debug import profiled
 
     runner = prepared.runner
     runner.tracker = tracker
     if prepared.preview is not None:
         tracker.log_artifact(prepared.preview, "preview")
     try:
-        result = runner.fit()
+        with profiled(prepared.profile, output_dir, tracker):
+            result = runner.fit()
     finally:
         if tracker.log_checkpoints:
             tracker.log_artifacts(output_dir / "checkpoints", "checkpoints")
@@ -171,7 +172,7 @@ def log_best_model(runner, tracker, best_path: Path) -> None:
     """Log the weights of the best epoch as the run's MLflow model."""
     from trainlab.checkpoint import load_checkpoint
 
-    model = runner.model
+    model = runner.eval_model  # the average of the weights with trainer.ema
     if best_path.is_file():
         model.load_state_dict(load_checkpoint(best_path)["model"])
     example = next(iter(runner.val_loader))[0][:2].cpu()
@@ -193,6 +194,8 @@ def run(cfg: DictConfig) -> float:
     from trainlab.config_check import check_config
     from trainlab.data.check import log_to_run, prepare_data
     from trainlab.outbox import SPOOL_DIR
+    from trainlab.provenance import record as record_provenance
+    from trainlab.resume import plan_resume, unsent_metrics
     from trainlab.seeding import seed_everything
     from trainlab.sweeps import job_callbacks
     from trainlab.tracker import NullTracker
@@ -210,8 +213,16 @@ def run(cfg: DictConfig) -> float:
     if launch.external:
         device = distributed.init_process_group(launch, int(os.environ["RANK"]))
         output_dir = Path(distributed.from_rank0(str(output_dir)))  # the others made none
-    resume = resolve_resume(cfg.trainer.get("resume"), output_dir)
     tracker = build(cfg.logger, "logger", choices.get("logger"))
+    hydra_dir = Path(hydra_cfg.runtime.output_dir) / ".hydra"
+    plan = None
+    if distributed.is_main_process():  # refusals leave the old run as it was
+        plan = plan_resume(cfg.trainer, output_dir, tracker)
+        resume = plan.checkpoint if plan else None
+        if plan:
+            output_dir = plan.output_dir  # best.pt and the checkpoints go on where they were
+    else:
+        resume = resolve_resume(cfg.trainer.get("resume"), output_dir)
     if launch.spawns:  # the workers build their own parts; these only check them
         device = distributed.select_device("cpu")
     prepared = prepare(cfg, tracker, output_dir, choices, job_callbacks(hydra_cfg),
@@ -220,14 +231,19 @@ def run(cfg: DictConfig) -> float:
         train_prepared(prepared, NullTracker.like(cfg.logger), output_dir)
         return float("nan")
     run_name, tags = run_name_and_tags(hydra_cfg)
-    if resume:
-        tags["trainlab.resumed_from"] = str(resume.resolve())
-    with tracker.run(run_name, tags, run_id=prepared.resumed_run_id,
-                     spool_dir=output_dir / SPOOL_DIR):
+    run_id = plan.run_id if plan else None
+    if plan:
+        tags.update(plan.tags)
+    with tracker.run(run_name, tags, run_id=run_id, spool_dir=output_dir / SPOOL_DIR):
+        record_provenance(tracker, hydra_cfg.runtime.cwd)
+        tracker.log_datasets(data.splits, OmegaConf.to_container(cfg.data, resolve=True),
+                             choices.get("data") or "data")
         tracker.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
         tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-        tracker.log_artifacts(output_dir / ".hydra", ".hydra")
+        tracker.log_artifacts(hydra_dir, ".hydra")
         log_to_run(data.report, tracker)
+        if run_id:
+            tracker.log_metric_series(unsent_metrics(resume))
         if launch.spawns:
             # workers have no HydraConfig: hand them the config with every value resolved
             resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))

@@ -1,4 +1,5 @@
-"""A Hydra sweeper that searches with Optuna ≥ 4.
+"""A Hydra sweeper that searches with Optuna ≥ 4 (every Optuna call by keyword: Optuna 5
+removed positional arguments).
 
 It reads the YAML shape of the published hydra-optuna-sweeper (``params`` written in
 Hydra's override grammar: ``interval(...)``, ``int(interval(...))``, ``range(...)``,
@@ -40,16 +41,16 @@ def distribution(override: Override):
     value = override.value()
     log_scale = "log" in getattr(value, "tags", ())
     if isinstance(value, ChoiceSweep):
-        return d.CategoricalDistribution(list(value.list))
+        return d.CategoricalDistribution(choices=list(value.list))
     if isinstance(value, RangeSweep):
         if all(isinstance(x, int) for x in (value.start, value.stop, value.step)):
-            return d.IntDistribution(value.start, value.stop - 1, step=value.step)
+            return d.IntDistribution(low=value.start, high=value.stop - 1, step=value.step)
         last = value.start + value.step * int((value.stop - value.start) / value.step - 1e-9)
-        return d.FloatDistribution(value.start, last, step=value.step)
+        return d.FloatDistribution(low=value.start, high=last, step=value.step)
     if isinstance(value, IntervalSweep):
         if isinstance(value.start, int) and isinstance(value.end, int):
-            return d.IntDistribution(value.start, value.end, log=log_scale)
-        return d.FloatDistribution(value.start, value.end, log=log_scale)
+            return d.IntDistribution(low=value.start, high=value.end, log=log_scale)
+        return d.FloatDistribution(low=value.start, high=value.end, log=log_scale)
     raise ValueError(f"{override.input_line}: Optuna cannot search a {type(value).__name__}")
 
 
@@ -111,7 +112,7 @@ class OptunaSweeper(Sweeper):
         study = load_study(self.sampler, self.pruner, self.study_name, self.storage,
                            self.direction, create=True)
         for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            study.tell(stale.number, state=TrialState.FAIL)  # left by an interrupted run
+            study.tell(trial=stale.number, state=TrialState.FAIL)  # left by an interrupted run
         done = len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)))
         remaining = self.n_trials - done
         if done:
@@ -119,7 +120,8 @@ class OptunaSweeper(Sweeper):
                      max(remaining, 0))
         launched, failures = 0, []
         while remaining > 0:
-            trials = [study.ask(space) for _ in range(min(self.n_jobs, remaining))]
+            trials = [study.ask(fixed_distributions=space)
+                      for _ in range(min(self.n_jobs, remaining))]
             batch = [fixed + [f"{key}={value}" for key, value in t.params.items()]
                      for t in trials]
             for trial in trials:
@@ -132,12 +134,12 @@ class OptunaSweeper(Sweeper):
             running = {t.number: t for t in study.get_trials(states=(TrialState.RUNNING,))}
             for trial, result in zip(trials, results, strict=True):
                 if result.status == JobStatus.FAILED:
-                    study.tell(trial, state=TrialState.FAIL)
+                    study.tell(trial=trial, state=TrialState.FAIL)
                     failures.append(result)
                 elif PRUNED_ATTR in running[trial.number].user_attrs:
-                    study.tell(trial, state=TrialState.PRUNED)
+                    study.tell(trial=trial, state=TrialState.PRUNED)
                 else:
-                    study.tell(trial, float(result.return_value))
+                    study.tell(trial=trial, values=float(result.return_value))
             remaining -= len(trials)
             launched += len(trials)
         self._save_best(study, sweep_dir)
@@ -171,7 +173,7 @@ class OptunaSweeper(Sweeper):
                                DIRECTIONS[cfg.direction])
             frozen = next(t for t in study.get_trials(deepcopy=False)
                           if t.number == hydra_cfg.job.num)
-            trial = optuna.Trial(study, frozen._trial_id)
+            trial = optuna.Trial(study=study, trial_id=frozen._trial_id)
         if trial is None:
             log.warning("No Optuna trial for job %d (storage is null and the launcher runs "
                         "jobs in other processes): pruning is off", hydra_cfg.job.num)
@@ -197,8 +199,8 @@ class OptunaPruning:
         self.trial = trial
 
     def on_epoch_end(self, runner, epoch: int, metrics: Mapping[str, float]) -> None:
-        self.trial.report(float(metrics[runner.monitor]), step=epoch)
+        self.trial.report(value=float(metrics[runner.monitor]), step=epoch)
         if self.trial.should_prune():
-            self.trial.set_user_attr(PRUNED_ATTR, epoch + 1)
+            self.trial.set_user_attr(key=PRUNED_ATTR, value=epoch + 1)
             runner.tracker.set_tags({"pruned": f"epoch {epoch + 1}"})
             runner.should_stop = True
