@@ -306,8 +306,8 @@ class MlflowTracker:
         registered as ``register_model`` when that is set.
 
         ``pickle`` (the default) gives back the module itself (``.eval()``, ``.train()``,
-        fine-tunable) and saves in well under a second; trainlab's own code travels with it
-        so it loads where trainlab is not installed. ``pt2`` is torch.export's graph.
+        fine-tunable) and saves fast; trainlab's own code travels with it (``code_paths``).
+        ``pt2`` is torch.export's graph, for inference only.
         Requirements are given explicitly: inferring them costs several seconds per run.
         """
         if not self.log_model_enabled:
