@@ -26,6 +26,10 @@ BAD_VALUES = [
     ("logger.experiment_name=123", "logger.experiment_name=123: must be a non-empty string"),
     ("trainer.early_stopping.patience=0", "trainer.early_stopping.patience=0: must be an"),
     ("precision=fp16", "precision.mode=fp16 (precision=fp16) needs a GPU"),
+    ("trainer.checkpoint_every_n_steps=0",
+     "trainer.checkpoint_every_n_steps=0: must be an integer >= 1, or null (epoch ends only)"),
+    ("trainer.checkpoint_every_n_minutes=-5",
+     "trainer.checkpoint_every_n_minutes=-5: must be a number > 0, or null (epoch ends only)"),
     ("trainer.devices=0", "trainer.devices=0: must be auto, a number >= 1"),
     ("model.image_size=[4,4]", "model=mlp cannot take a batch of data=digits (in_channels=1, "
                                "image_size=[8, 8], num_classes=10), shaped 4×1×8×8:"),

@@ -1,11 +1,19 @@
-"""Resume as a record: refusals leave the old run exactly as it was, and a branch is a new
-run tagged with its origin."""
+"""Resume as a record: refusals leave the old run exactly as it was, a branch is a new run
+tagged with its origin, and a hard kill after a periodic checkpoint then resume logs every
+step once with the weights of a run never interrupted."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import time
 
-from conftest import runs_of
+import pytest
+import torch
+
+from conftest import TRAINLAB, runs_of
 
 RUN = ["model=mlp", "model.hidden=[16]", "trainer.progress_bar=false", "logger.log_model=false",
        "logger.log_checkpoints=false", "trainer.deterministic=true"]
@@ -51,3 +59,42 @@ def test_refused_resumes_leave_the_run_as_it_was_and_new_run_branches_off(
     assert [m.value for m in mlflow_client.get_metric_history(branch.info.run_id, "epoch")] == [
         2, 3]
     assert (tmp_path / "branch" / "checkpoints" / "best.pt").is_file()
+
+
+@pytest.mark.slow
+def test_hard_kill_after_a_periodic_checkpoint_then_resume_matches_an_uninterrupted_run(
+    run_trainlab, mlflow_client, tmp_path, tracking_uri
+):
+    steady = [*RUN, "trainer.max_epochs=3", "data.batch_size=8", "logger.flush_every_s=0",
+              "trainer.checkpoint_every_n_steps=25"]
+    run_trainlab("train", *steady, "hydra.run.dir=whole")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([str(TRAINLAB), "train", *steady, "hydra.run.dir=cut"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    last = tmp_path / "cut" / "checkpoints" / "last.pt"
+    for line in proc.stdout:
+        if "epoch   1/3" in line:
+            break
+    seen = last.stat().st_mtime_ns
+    while last.stat().st_mtime_ns == seen:  # a periodic checkpoint inside epoch 2
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    cut_at = torch.load(last, weights_only=True)
+    assert cut_at["epoch"] == 1 and cut_at["batches_done"] is not None
+    run_trainlab("train", *steady, "trainer.resume=last", "hydra.run.dir=cut")
+
+    whole, cut = runs_of(mlflow_client)
+    assert cut.info.status == "FINISHED"
+    for key in ("train/loss", "val/acc", "epoch", "lr"):
+        full = [m.step for m in mlflow_client.get_metric_history(whole.info.run_id, key)]
+        resumed = [m.step for m in mlflow_client.get_metric_history(cut.info.run_id, key)]
+        assert sorted(resumed) == sorted(full), key
+    for key in ("train/loss_epoch", "train/acc"):  # the cut epoch's partial totals carried over
+        full = [m.value for m in mlflow_client.get_metric_history(whole.info.run_id, key)]
+        resumed = [m.value for m in mlflow_client.get_metric_history(cut.info.run_id, key)]
+        assert resumed == pytest.approx(full, rel=1e-9), key
+    a = torch.load(tmp_path / "whole/checkpoints/last.pt", weights_only=True)["model"]
+    b = torch.load(last, weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import secrets
+import time
 from pathlib import Path
 from typing import Any
 
@@ -61,14 +62,31 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 class Checkpoints:
     """``last.pt`` and ``best.pt`` of one run: which epoch is best by the monitored metric,
-    and their atomic writes (by rank 0 only, in a DDP group)."""
+    when a mid-epoch ``last.pt`` is due (every ``every_n_steps`` steps and/or
+    ``every_n_minutes``, so a hard kill loses at most that much), and their atomic writes (by
+    rank 0 only, in a DDP group)."""
 
-    def __init__(self, folder: str | os.PathLike, monitor: str, mode: str) -> None:
+    def __init__(self, folder: str | os.PathLike, monitor: str, mode: str,
+                 every_n_steps: int | None = None, every_n_minutes: float | None = None) -> None:
         if mode not in ("min", "max"):
             raise TrainlabError(f"trainer.monitor_mode={mode!r}; choose 'min' or 'max'")
+        for key, value in (("checkpoint_every_n_steps", every_n_steps),
+                           ("checkpoint_every_n_minutes", every_n_minutes)):
+            if value is not None and not float(value) > 0:
+                raise TrainlabError(f"trainer.{key}={value}; must be > 0, or null (epoch "
+                                    "ends only)")
         self.folder, self.monitor, self.mode = Path(folder), monitor, mode
         self.best = math.inf if mode == "min" else -math.inf
         self.best_epoch = -1
+        self.every_n_steps = int(every_n_steps or 0)
+        self.every_s = float(every_n_minutes or 0) * 60
+        self._saved_at = time.monotonic()
+
+    def periodic_due(self, global_step: int) -> bool:
+        """True when a mid-epoch ``last.pt`` is due at ``global_step``."""
+        if self.every_n_steps and global_step % self.every_n_steps == 0:
+            return True
+        return bool(self.every_s) and time.monotonic() - self._saved_at >= self.every_s
 
     @property
     def last(self) -> Path:
@@ -86,6 +104,7 @@ class Checkpoints:
 
     def save(self, state: dict[str, Any], improved: bool = False) -> None:
         """Write ``last.pt`` (and ``best.pt`` when ``improved``) with the best so far."""
+        self._saved_at = time.monotonic()
         if not is_main_process():
             return
         state = {**state, "monitor": self.monitor, "best": self.best,
@@ -96,6 +115,29 @@ class Checkpoints:
 
     def restore(self, state: dict[str, Any]) -> None:
         self.best, self.best_epoch = float(state["best"]), int(state.get("best_epoch", -1))
+
+
+class KeptRows:
+    """Sends metric rows to a tracker and keeps those not yet in a checkpoint: the next
+    checkpoint holds them, so a resume re-sends what a hard kill lost on the way to MLflow
+    (the tracker drops the steps its run already has)."""
+
+    def __init__(self, tracker: Any) -> None:
+        self.tracker = tracker
+        self.rows: list[tuple[int, dict[str, float]]] = []
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.log_metric_series([(step, metrics)])
+
+    def log_metric_series(self, rows: list[tuple[int, dict[str, float]]]) -> None:
+        self.rows += [(int(step), {k: float(v) for k, v in values.items()})
+                      for step, values in rows]
+        self.tracker.log_metric_series(rows)
+
+    def take(self) -> list[list]:
+        """The rows since the previous call, as plain lists for a ``weights_only`` file."""
+        rows, self.rows = [[step, values] for step, values in self.rows], []
+        return rows
 
 
 def resolve_resume(value: str | None, output_dir: str | os.PathLike) -> Path | None:

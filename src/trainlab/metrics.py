@@ -188,6 +188,23 @@ class TrainTotals:
         mean = present.mean() if len(present) else torch.tensor(1.0)
         return {"loss": loss_sum / count, "dice": (dice[1] if self.binary else mean).item()}
 
+    def state_dict(self) -> dict:
+        """The partial sums of an epoch, for a mid-epoch checkpoint (plain CPU tensors)."""
+        self._reduce()
+        return {"loss_sum": self.loss_sum.cpu(), "hits": self.hits.cpu(), "count": self.count,
+                "confusion": None if self.confusion is None else self.confusion.cpu(),
+                "binary": self.binary, "read": list(self._read)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue an epoch's sums where a mid-epoch checkpoint left them."""
+        self.loss_sum = state["loss_sum"].to(self.device)
+        self.hits = state["hits"].to(self.device)
+        self.count = int(state["count"])
+        confusion = state.get("confusion")
+        self.confusion = None if confusion is None else confusion.to(self.device)
+        self.binary = bool(state["binary"])
+        self._read = (float(state["read"][0]), int(state["read"][1]))
+
     def window(self) -> float:
         """Mean loss over the samples seen since the previous call (for per-step logging)."""
         self._reduce()

@@ -67,11 +67,12 @@ def plan_resume(trainer: Any, output_dir: Path, tracker: Any) -> ResumePlan | No
 
 
 def unsent_metrics(checkpoint: Path) -> list[tuple[int, dict[str, float]]]:
-    """The metrics of the epoch an epoch-end checkpoint closed, as ``(step, metrics)`` rows:
-    re-sent on resume, as a hard kill may have lost them on the way to MLflow (what the run
-    already has is dropped by the tracker, not repeated)."""
+    """The metrics logged since the checkpoint before this one, and those of the epoch an
+    epoch-end checkpoint closed, as ``(step, metrics)`` rows: re-sent on resume, as a hard
+    kill may have lost them on the way to MLflow (what the run already has is dropped by
+    the tracker, not repeated)."""
     state = load_checkpoint(checkpoint)
-    rows = []
+    rows = [(int(step), dict(values)) for step, values in state.get("logged_rows") or []]
     if state.get("batches_done") is None and state.get("metrics"):
         rows.append((int(state["global_step"]),
                      {**state["metrics"], "epoch": int(state["epoch"])}))

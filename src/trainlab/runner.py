@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from trainlab import distributed
-from trainlab.checkpoint import Checkpoints, load_checkpoint, rng_state, set_rng_state
+from trainlab.checkpoint import Checkpoints, KeptRows, load_checkpoint, rng_state, set_rng_state
 from trainlab.errors import TrainlabError
 from trainlab.metrics import TaskMetrics, confusion_report
 from trainlab.precision import Precision
@@ -54,7 +54,9 @@ class Runner:
     accumulate on the device and are read once per logging interval. In a DDP group the
     model is wrapped for training, metrics are averaged over ranks, and rank 0 alone
     prints and writes checkpoints. A stop signal (trainlab.signals) ends the run at the
-    next step with a checkpoint that ``load_state`` continues from exactly.
+    next step with a checkpoint that ``load_state`` continues from exactly;
+    ``checkpoint_every_n_steps`` / ``checkpoint_every_n_minutes`` write such a mid-epoch
+    ``last.pt`` on a schedule too, so a hard kill loses at most that much.
     """
 
     def __init__(
@@ -81,6 +83,8 @@ class Runner:
         detect_anomaly: bool = False,
         early_stopping: dict | None = None,
         ema: float | None = None,
+        checkpoint_every_n_steps: int | None = None,
+        checkpoint_every_n_minutes: float | None = None,
     ) -> None:
         if int(accumulate_grad_batches) < 1:
             raise TrainlabError(
@@ -103,13 +107,14 @@ class Runner:
         self.scheduler = scheduler
         self.train_loader = train_loader
         self.val_loader = val_loader
-        self.tracker = tracker
+        self.metric_log = KeptRows(tracker)  # what the loop logs; checkpoints keep it too
         self.precision = precision or Precision()
         self.precision.setup(self.device)
         self.metrics = metrics or TaskMetrics("classification")
         self.metrics.check_monitor(monitor)
         self.monitor = monitor
-        self.checkpoints = Checkpoints(checkpoint_dir, monitor, monitor_mode)
+        self.checkpoints = Checkpoints(checkpoint_dir, monitor, monitor_mode,
+                                       checkpoint_every_n_steps, checkpoint_every_n_minutes)
         self.lr = LrLog(optimizer)
         self.stop = StopRequest()
         self.max_epochs = int(max_epochs)
@@ -128,7 +133,16 @@ class Runner:
         self.confusion: torch.Tensor | None = None  # of the last validation
         self.best_confusion: torch.Tensor | None = None  # of the best epoch's
         self._skip_batches = 0  # batches of the first epoch a mid-epoch checkpoint already did
+        self._pending_totals: dict | None = None  # that epoch's partial train sums, to continue
         self._pending_rng: dict | None = None
+
+    @property
+    def tracker(self) -> Any:
+        return self.metric_log.tracker
+
+    @tracker.setter
+    def tracker(self, tracker: Any) -> None:  # the run's tracker, set once it is open
+        self.metric_log.tracker = tracker
 
     @property
     def best(self) -> float:
@@ -174,8 +188,8 @@ class Runner:
             metrics["epoch"] = epoch
             if not self.lr.changed_at(self.global_step):  # else logged as a change just now
                 metrics.update(self.lr.current)
-            self.tracker.log_metrics(metrics, step=self.global_step)
-            self.lr.log_changes(self.tracker)
+            self.metric_log.log_metrics(metrics, step=self.global_step)
+            self.lr.log_changes(self.metric_log)
             history.append(metrics)
             self._print_epoch(epoch, metrics, time.perf_counter() - started, improved)
             for callback in self.callbacks:
@@ -194,6 +208,9 @@ class Runner:
             if hasattr(source, "set_epoch"):
                 source.set_epoch(epoch)
         totals = self.metrics.train(self.device)
+        if self._pending_totals is not None:
+            totals.load_state_dict(self._pending_totals)
+            self._pending_totals = None
         per_batch_scheduler = self.scheduler if (
             self.scheduler is not None and self.scheduler.interval == "step"
         ) else None
@@ -234,12 +251,15 @@ class Runner:
             if at_log_step:  # the only place the step waits for the device
                 window_loss = distributed.reduce_mean({"loss": totals.window()})["loss"]
                 self._check_finite(window_loss)
-                self.tracker.log_metrics({"train/loss": window_loss}, step=self.global_step)
-                self.lr.log_changes(self.tracker)
+                self.metric_log.log_metrics({"train/loss": window_loss}, step=self.global_step)
+                self.lr.log_changes(self.metric_log)
                 bar.set_postfix(loss=f"{window_loss:.4f}", refresh=False)
-            if boundary and index + 1 < n_batches and self._stop_now(at_log_step):
-                self.checkpoints.save(self._state({}, batches_done=index + 1))
-                self._interrupted()
+            if boundary and index + 1 < n_batches:
+                stop = self._stop_now(at_log_step)
+                if stop or self.checkpoints.periodic_due(self.global_step):
+                    self.checkpoints.save(self._state({}, batches_done=index + 1, totals=totals))
+                if stop:
+                    self._interrupted()
         result = totals.compute()
         loss = result.pop("loss")
         self._check_finite(loss)
@@ -277,10 +297,13 @@ class Runner:
                 f"trainer.resume={path} does not fit this run's model/optimizer: {err}"
             ) from err
         self.global_step = int(state["global_step"])
+        self.lr.resumed(self.global_step)
         self.checkpoints.restore(state)
         batches_done = state.get("batches_done")
         self.epoch = int(state["epoch"]) + (1 if batches_done is None else 0)
         self._skip_batches = int(batches_done or 0)
+        if self._skip_batches:
+            self._pending_totals = state.get("train_totals")
         if "rng" in state:
             if self._skip_batches:  # restored where the interrupted run stood: after them
                 self._pending_rng = state["rng"]
@@ -290,9 +313,11 @@ class Runner:
         return state
 
     # ----------------------------------------------------------------- helpers
-    def _state(self, metrics: dict[str, float], batches_done: int | None = None) -> dict:
+    def _state(self, metrics: dict[str, float], batches_done: int | None = None,
+               totals: Any = None) -> dict:
         """Everything a resumed run needs; ``batches_done`` marks a checkpoint taken inside
-        an epoch."""
+        an epoch, with that epoch's partial train ``totals`` (one process only: in DDP each
+        rank holds its own share, and the resumed epoch's train metrics restart)."""
         return {
             "model": self.eval_model.state_dict(),
             # with trainer.ema, "model" is the average and these the weights that train on
@@ -307,6 +332,9 @@ class Runner:
             "metrics": metrics,
             "rng": rng_state(),
             "mlflow_run_id": getattr(self.tracker, "run_id", None),
+            "train_totals": totals.state_dict() if totals is not None
+            and not distributed.is_distributed() else None,
+            "logged_rows": self.metric_log.take(),
         }
 
     def _log_plots(self) -> None:

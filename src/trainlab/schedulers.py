@@ -222,6 +222,10 @@ class LrLog:
             self.history.append((step, lrs))
             self._unlogged.append((step, lrs))
 
+    def resumed(self, step: int) -> None:
+        """A resumed run logged its lrs before ``step``: note them there, not as a change."""
+        self.history = [(step, current_lrs(self.optimizer))]
+
     def log_changes(self, tracker) -> None:
         """Log every change since the last call, each at the step it took effect."""
         tracker.log_metric_series(list(self._unlogged))
