@@ -89,6 +89,7 @@ class TrainerSchema:
     sync_batchnorm: bool = spec(*BOOL)
     detect_anomaly: bool = spec(*BOOL)
     resume: str = spec("a checkpoint path, last, or null", _text, optional=True)
+    top_k: int = spec("an integer >= 2, or null for no top-k accuracy", _int(2), optional=True)
 
 
 @dataclass

@@ -160,7 +160,7 @@ def evaluate(options: dict[str, str], overrides: list[str]) -> dict[str, float]:
             model=model, loss=build_loss(cfg.loss, None, cfg.data), optimizer=None,
             train_loader=None, val_loader=loader, tracker=None,
             checkpoint_dir=Path(tmp) / "checkpoints", precision=build(cfg.precision, "precision"),
-            metrics=TaskMetrics(cfg.data.task, cfg.data.num_classes, cfg.data.get("ignore_index")),
+            metrics=TaskMetrics.from_config(cfg),
             device=device,
         )
         metrics = {f"{split}/{key.split('/', 1)[1]}": value

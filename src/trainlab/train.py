@@ -88,8 +88,7 @@ def prepare(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, cal
 
     data = data or prepare_data(cfg, choices)
     splits, augmentation = data.splits, data.augmentation
-    metrics = TaskMetrics(cfg.data.task, cfg.data.num_classes, cfg.data.get("ignore_index"),
-                          splits.class_names)
+    metrics = TaskMetrics.from_config(cfg, splits.class_names)
     metrics.check_monitor(cfg.trainer.monitor)
     device = device or distributed.job_device(distributed.select_device(cfg.trainer.accelerator))
     set_training_threads(device, int(cfg.data.get("num_workers", 0)), distributed.world_size())
