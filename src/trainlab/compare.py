@@ -23,6 +23,19 @@ from trainlab.errors import TrainlabError
 COLUMNS = ("run", "status", "overrides", "best", "last", "duration")
 SWEEP_ROLE_TAG = "trainlab.role"  # "sweep" on a sweep's parent run
 SEED_OVERRIDE = re.compile(r"^\+*seed=\S*$")
+_FLOAT = re.compile(r"(?<![\w.])[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?(?![\w.])")
+
+
+def short_numbers(text: str, digits: int = 4) -> str:
+    """Floats cut to ``digits`` significant digits: ``lr=0.000847362913`` → ``lr=0.0008474``."""
+
+    def shorten(match: re.Match) -> str:
+        number = match.group(0)
+        if re.fullmatch(r"[-+]?\d+", number):
+            return number  # integers (seeds, epochs) stay exact
+        return f"{float(number):.{digits}g}"
+
+    return _FLOAT.sub(shorten, text)
 
 
 @dataclass
@@ -36,6 +49,8 @@ class Row:
     last: float | None
     duration: float | None
     note: str = ""
+    run_id: str = ""
+    std: float | None = None  # a seed group's standard deviation of ``best``
 
     def cells(self) -> list[str]:
         best = "" if self.best is None else f"{self.best:.4f}"
@@ -44,7 +59,7 @@ class Row:
         return [
             self.run,
             self.status,
-            self.overrides,
+            short_numbers(self.overrides),
             best,
             "" if self.last is None else f"{self.last:.4f}",
             "" if self.duration is None else f"{self.duration:.1f}s",
@@ -65,22 +80,25 @@ def rows_for(client, runs: Sequence, metric: str, mode: str) -> list[Row]:
         finite = [v for v in history if math.isfinite(v)]
         end = run.info.end_time or None
         tags = run.data.tags
-        note = tags.get("trainlab.error", "")
-        if "pruned" in tags:
-            note = f"pruned at {tags['pruned']}"
+        note, status = tags.get("trainlab.error", ""), run.info.status
+        if "pruned" in tags:  # MLflow has no such status; the Optuna trial has
+            note, status = f"pruned at {tags['pruned']}", "PRUNED"
         rows.append(
             Row(
                 run=run.info.run_name or run.info.run_id,
-                status=run.info.status,
+                status=status,
                 overrides=tags.get("trainlab.overrides", ""),
                 best=pick(finite) if finite else None,
                 last=history[-1] if history else None,
                 duration=(end - run.info.start_time) / 1000 if end else None,
                 note=note,
+                run_id=run.info.run_id,
             )
         )
     sign = 1 if mode == "min" else -1
-    return sorted(rows, key=lambda r: (r.best is None, sign * (r.best or 0.0)))
+    # Pruned runs stopped early: their values are not comparable with complete ones.
+    return sorted(rows, key=lambda r: (r.best is None, r.status == "PRUNED",
+                                       sign * (r.best or 0.0)))
 
 
 def seed_groups(rows: Sequence[Row], mode: str) -> list[Row]:
@@ -88,7 +106,8 @@ def seed_groups(rows: Sequence[Row], mode: str) -> list[Row]:
     groups: dict[str, list[Row]] = {}
     for row in rows:
         words = row.overrides.split()
-        if row.best is None or not any(SEED_OVERRIDE.match(w) for w in words):
+        if (row.best is None or row.status != "FINISHED"
+                or not any(SEED_OVERRIDE.match(w) for w in words)):
             continue
         config = " ".join(w for w in words if not SEED_OVERRIDE.match(w))
         groups.setdefault(config, []).append(row)
@@ -102,7 +121,7 @@ def seed_groups(rows: Sequence[Row], mode: str) -> list[Row]:
         summary.append(
             Row(run=name or "(defaults)", status=f"mean of {len(members)} seeds",
                 overrides=config, best=mean, last=None, duration=None,
-                note=f"{mean:.4f} ± {std:.4f}")
+                note=f"{mean:.4f} ± {std:.4f}", std=std)
         )
     sign = 1 if mode == "min" else -1
     return sorted(summary, key=lambda r: sign * r.best)
@@ -134,13 +153,22 @@ def format_table(rows: Sequence[Row], metric: str) -> str:
     return "\n".join(lines + (["", "not finished or stopped early:", *notes] if notes else []))
 
 
-def format_markdown(rows: Sequence[Row], metric: str) -> str:
+def format_markdown(rows: Sequence[Row], metric: str, shared: str = "") -> str:
+    """A compact table: the overrides every row shares stated once above it, short floats."""
     header = [*COLUMNS[:3], f"best {metric}", f"last {metric}", COLUMNS[5], "note"]
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines = [f"Overrides of every job: `{shared}`\n" if shared else "",
+             "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for r in rows:
-        cells = [*r.cells(), "" if r.status.startswith("mean") else r.note]
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    return "\n".join(lines) + "\n"
+        cells = [*r.cells(), "" if r.status.startswith("mean") else r.note[:120]]
+        lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ")
+                                       for c in cells) + " |")
+    return "\n".join(line for line in lines if line) + "\n"
+
+
+def metric_key(text: str) -> str:
+    """``optimizer.lr=0.05,loss=ce`` as part of a metric name: ``optimizer.lr:0.05,loss:ce``
+    with every character MLflow refuses in names made ``_``."""
+    return re.sub(r"[^\w.\- :/]", "_", text.replace("=", ":").replace(",", " ")).strip("/")
 
 
 def format_csv(rows: Sequence[Row], metric: str) -> str:

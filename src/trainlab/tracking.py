@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -37,6 +38,38 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+# Keys that say how a run is executed or tracked, not what it trains: config.yaml keeps them.
+NOT_COMPARED_GROUPS = {"hydra", "logger"}
+NOT_COMPARED = ("logger.", "task_name", "trainer.progress_bar", "trainer.resume",
+                "data.num_workers", "data.pin_memory", "data.persistent_workers")
+_INTERPOLATION = re.compile(r"^\$\{[^}]*\}$")
+
+
+def comparable_params(cfg, choices: Mapping[str, Any]) -> dict[str, Any]:
+    """The params a run logs for comparing runs in the MLflow UI.
+
+    Every config group's choice (``loss=focal``, ``optimizer=sgd``), so a sweep over groups
+    reads as one column; then the values a user can set (``optimizer.lr``). Left out, and
+    kept in ``config.yaml`` only: ``_target_``-style keys, unset (null) values, values that
+    only copy another key (``model.num_classes: ${data.num_classes}``) and the keys in
+    ``NOT_COMPARED``.
+    """
+    from omegaconf import OmegaConf
+
+    params: dict[str, Any] = {
+        group: choice for group, choice in choices.items()
+        if choice is not None and "/" not in group and group not in NOT_COMPARED_GROUPS
+    }
+    raw = flatten(OmegaConf.to_container(cfg, resolve=False))
+    for key, value in flatten(OmegaConf.to_container(cfg, resolve=True)).items():
+        if (value is None or key.startswith(NOT_COMPARED) or key in params
+                or any(part.startswith("_") for part in key.split("."))
+                or _INTERPOLATION.match(str(raw.get(key, "")))):
+            continue
+        params[key] = value
+    return params
 
 
 def git_commit(cwd: str | Path = ".") -> str | None:

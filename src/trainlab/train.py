@@ -16,6 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from trainlab import sweeps  # noqa: F401  (registers the job-dir resolver of conf/hydra)
 from trainlab.errors import TrainlabError
 
 log = logging.getLogger(__name__)
@@ -125,10 +126,13 @@ def run(cfg: DictConfig) -> float:
     from trainlab.checkpoint import load_checkpoint, resolve_resume
     from trainlab.components import build
     from trainlab.seeding import seed_everything
-    from trainlab.sweeps import job_callbacks
-    from trainlab.tracking import NullTracker, flatten
+    from trainlab.sweeps import finished_job, job_callbacks
+    from trainlab.tracking import NullTracker, comparable_params
 
     hydra_cfg = HydraConfig.get()
+    done = finished_job(hydra_cfg, cfg.trainer.monitor, cfg.trainer.monitor_mode)
+    if done is not None:  # a rerun sweep: this job finished in an earlier attempt
+        return done
     output_dir = Path(hydra_cfg.runtime.output_dir)
     choices = OmegaConf.to_container(hydra_cfg.runtime.choices)
     seed_everything(int(cfg.seed), bool(cfg.trainer.deterministic))
@@ -146,7 +150,7 @@ def run(cfg: DictConfig) -> float:
     if resume:
         tags["trainlab.resumed_from"] = str(resume.resolve())
     with tracker.run(run_name, tags, run_id=run_id):
-        tracker.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
+        tracker.log_params(comparable_params(cfg, choices))
         tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         tracker.log_artifacts(output_dir / ".hydra", ".hydra")
         if launch.spawns:
