@@ -28,37 +28,61 @@ def split_sweep(runs):
 
 def test_grid_sweep_nests_jobs_and_summarises_failures_and_seeds(run_trainlab, mlflow_client,
                                                                  tmp_path):
-    proc = run_trainlab("train", "-m", "optimizer=sgd", "optimizer.lr=0.05,1e10", "seed=1,2",
-                        *FAST, check=False)
+    note = "x" * 300  # a long override: job dirs must stay within filesystem limits
+    grid = ["train", "-m", "hydra.sweep.dir=grid", "optimizer=sgd",
+            "optimizer.lr=0.0512345678,1e10", "seed=1,2", f"+data.note={note}", *FAST]
+    proc = run_trainlab(*grid, check=False)
     assert proc.returncode == 1, "a failed job fails the sweep, after all jobs ran"
     runs = runs_of(mlflow_client)
     parent, children = split_sweep(runs)
     assert len(runs) == 5 and len(children) == 4
-
-    assert parent.data.tags["trainlab.command"].startswith("trainlab train -m optimizer=sgd")
-    assert "optimizer.lr=0.05,1e10" in parent.data.tags["trainlab.command"]
+    assert parent.info.run_name == "optimizer.lr × seed, 4 jobs"
+    assert parent.data.tags["trainlab.command"] == (
+        "trainlab train -m hydra.sweep.dir=grid optimizer=sgd optimizer.lr=0.0512345678,1e10 "
+        f"seed=1,2 +data.note={note} " + " ".join(FAST))
     sweep_dir = Path(parent.data.tags["trainlab.sweep_dir"])
     assert (sweep_dir / "multirun.yaml").is_file()
-    assert len([d for d in sweep_dir.iterdir() if d.is_dir()]) == 4, "one output dir per job"
+    job_dirs = [d.name for d in sweep_dir.iterdir() if d.is_dir()]
+    assert len(job_dirs) == 4 and all(len(d) <= 120 for d in job_dirs), job_dirs
+    assert any(d.startswith("0_") and "optimizer.lr=0.05123," in d for d in job_dirs)
 
-    # Children are named by their swept overrides only.
+    # Children are named by their swept overrides only, floats shortened.
     assert sorted(r.info.run_name for r in children) == [
-        "optimizer.lr=0.05,seed=1", "optimizer.lr=0.05,seed=2",
-        "optimizer.lr=10000000000.0,seed=1", "optimizer.lr=10000000000.0,seed=2",
+        "optimizer.lr=0.05123,seed=1", "optimizer.lr=0.05123,seed=2",
+        "optimizer.lr=1e+10,seed=1", "optimizer.lr=1e+10,seed=2",
     ]
+    # Params for comparing: group choices and values a user sets, no structural keys.
+    params = children[0].data.params
+    assert {"optimizer": "sgd", "model": "mlp", "loss": "ce", "data": "digits"}.items() \
+        <= params.items()
+    assert params["optimizer.lr"] in ("0.0512345678", "10000000000.0")
+    assert 25 <= len(params) <= 50, sorted(params)
+    assert not [k for k in params if "_target_" in k or k.startswith("logger.")
+                or k in ("task_name", "trainer.progress_bar", "model.num_classes")]
     failed = [r for r in children if r.info.status == "FAILED"]
     assert len(failed) == 2
     assert all("loss became nan" in r.data.tags["trainlab.error"] for r in failed)
-    assert all(r.info.status == "FINISHED" for r in children if r not in failed)
+    finished = [r for r in children if r not in failed]
+    assert all(r.info.status == "FINISHED" for r in finished)
 
     out = proc.stdout
     assert "Sweep summary (4 jobs" in out
-    assert "overrides of every job: optimizer=sgd model=mlp" in out
+    assert "overrides of every job: hydra.sweep.dir=grid" not in out
+    assert "overrides of every job: optimizer=sgd +data.note=" in out
     table = out[out.index("Sweep summary"):].splitlines()
-    assert table[3].startswith("optimizer.lr=0.05,seed="), "best job first"
-    assert "optimizer.lr=0.05 " in out and "mean of 2 seeds" in out and "±" in out
+    assert table[3].startswith("optimizer.lr=0.05123,seed="), "best job first"
+    assert "optimizer.lr=0.05123 " in out and "mean of 2 seeds" in out and "±" in out
     assert "FAILED TrainlabError: loss became nan" in out
 
+    # The parent can be sorted and compared like a run.
+    parent = mlflow_client.get_run(parent.info.run_id)
+    bests = {r.info.run_id: max(m.value for m in mlflow_client.get_metric_history(
+        r.info.run_id, "val/acc")) for r in finished}
+    assert parent.data.metrics["best/val/acc"] == pytest.approx(max(bests.values()))
+    assert parent.data.tags["trainlab.best_run"] == max(bests, key=bests.get)
+    seeds = "seeds/optimizer.lr:0.05123/val/acc"
+    assert parent.data.metrics[f"{seeds}_mean"] == pytest.approx(sum(bests.values()) / 2)
+    assert parent.data.metrics[f"{seeds}_std"] > 0
     artifacts = {a.path for a in mlflow_client.list_artifacts(parent.info.run_id)}
     assert {"summary.csv", "summary.md"} <= artifacts
     local = mlflow_client.download_artifacts(parent.info.run_id, "summary.csv", str(tmp_path))
@@ -66,13 +90,24 @@ def test_grid_sweep_nests_jobs_and_summarises_failures_and_seeds(run_trainlab, m
     assert [r["status"] for r in rows] == ["FINISHED", "FINISHED", "FAILED", "FAILED",
                                            "mean of 2 seeds"]
     assert "±" in rows[-1]["note"]
+    summary = mlflow_client.download_artifacts(parent.info.run_id, "summary.md", str(tmp_path))
+    text = Path(summary).read_text()
+    assert text.count(note) == 1, "shared overrides are stated once, above the table"
+    assert "0.0512345678" not in text and "| optimizer.lr=0.05123 seed=1 |" in text
     assert parent.info.status == "FAILED"
+
+    # The same command again: finished jobs are skipped, failed ones rerun, same parent.
+    proc = run_trainlab(*grid, check=False)
+    assert (proc.stdout + proc.stderr).count("finished in an earlier attempt") == 2
+    runs = runs_of(mlflow_client)
+    again, children = split_sweep(runs)
+    assert again.info.run_id == parent.info.run_id and len(runs) == 7
+    assert sorted(r.info.status for r in children) == ["FAILED"] * 4 + ["FINISHED"] * 2
 
 
 OPTUNA = [
-    "-m", "hydra/sweeper=optuna", "optimizer.lr=choice(0.01,0.00001)", "hydra.sweep.dir=search",
-    "hydra.sweeper.sampler._target_=optuna.samplers.RandomSampler",
-    "~hydra.sweeper.sampler.n_startup_trials", "hydra.sweeper.sampler.seed=0",
+    "-m", "hydra/sweeper=optuna", "hydra/sweeper/sampler=random", "hydra.sweep.dir=search",
+    "optimizer.lr=choice(0.00001,0.02,0.01)",  # seed 42 draws 0.02, then 1e-05
     # a trial below 50 % accuracy after its first epoch is pruned
     "hydra.sweeper.pruner._target_=optuna.pruners.ThresholdPruner",
     "~hydra.sweeper.pruner.n_startup_trials", "hydra.sweeper.pruner.n_warmup_steps=0",
@@ -80,33 +115,58 @@ OPTUNA = [
 ]
 
 
-def test_optuna_search_prunes_logs_best_and_resumes(run_trainlab, mlflow_client, tmp_path):
+def test_optuna_search_prunes_resumes_and_never_repeats_a_trial(mlflow_client, tmp_path,
+                                                                run_trainlab, tracking_uri):
     import optuna
 
-    proc = run_trainlab("train", *OPTUNA, "hydra.sweeper.n_trials=2")
-    parent, children = split_sweep(runs_of(mlflow_client))
-    assert len(children) == 2
+    # Interrupted (Ctrl-C) during its second trial ...
+    proc = subprocess.Popen(
+        [str(TRAINLAB), "train", *OPTUNA, "hydra.sweeper.n_trials=2"],
+        cwd=tmp_path, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if sum("trainlab.tracking" in x and "MLflow run" in x for x in seen) == 2:
+            proc.send_signal(signal.SIGINT)
+            break
+    out = "".join(seen) + proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, out[-3000:]
+
+    # ... then rerun until the study holds 4 trials.
+    proc = run_trainlab("train", *OPTUNA, "hydra.sweeper.n_trials=4")
+    assert "1 trials done, 3 to go" in proc.stdout + proc.stderr
+    study = optuna.load_study(study_name="train", storage=f"sqlite:///{tmp_path}/search/optuna.db")
+    (interrupted,) = [t for t in study.trials if t.state.name == "FAIL"]
+    (retry,) = [t for t in study.trials if t.user_attrs.get("retry_of") == interrupted.number]
+    assert retry.params == interrupted.params and retry.state.name in ("COMPLETE", "PRUNED")
+    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials) == 4
+
+    runs = runs_of(mlflow_client)
+    parent, children = split_sweep(runs)
+    assert len([r for r in runs if r.data.tags.get("trainlab.role") == "sweep"]) == 1, \
+        "one parent per study across reruns"
+    assert parent.info.run_name == "optimizer.lr, 4 trials"
+    trained = [r.info.run_name for r in children if r.info.status != "KILLED"]
+    assert len(trained) == len(set(trained)), "no completed point is trained twice"
+    ran = [t for t in study.trials if t.state.name != "FAIL" and "same_as_trial" not in
+           t.user_attrs]
+    assert len(trained) == len(ran)
+
     pruned = [r for r in children if "pruned" in r.data.tags]
-    (kept,) = [r for r in children if "pruned" not in r.data.tags]
     assert [r.info.run_name for r in pruned] == ["optimizer.lr=1e-05"]
     assert pruned[0].data.tags["pruned"] == "epoch 1"
     assert len(mlflow_client.get_metric_history(pruned[0].info.run_id, "val/acc")) == 1
-    assert kept.info.run_name == "optimizer.lr=0.01"
-    assert len(mlflow_client.get_metric_history(kept.info.run_id, "val/acc")) == 2
-    assert "pruned at epoch 1" in proc.stdout
+    summary = proc.stdout[proc.stdout.index("Sweep summary"):].splitlines()
+    assert "PRUNED" in summary[-1] or "pruned at epoch 1" in proc.stdout
 
-    parent = mlflow_client.get_run(parent.info.run_id)
-    assert parent.data.params["best.optimizer.lr"] == "0.01"
-    kept_history = mlflow_client.get_metric_history(kept.info.run_id, "val/acc")
-    assert parent.data.metrics["best/val/acc"] == pytest.approx(max(m.value for m in kept_history))
-
-    # Rerunning the command continues the study in the sweep dir's storage: one more trial.
-    proc = run_trainlab("train", *OPTUNA, "hydra.sweeper.n_trials=3")
-    assert "2 trials done, 1 to go" in proc.stdout + proc.stderr
-    study = optuna.load_study(study_name="train", storage=f"sqlite:///{tmp_path}/search/optuna.db")
-    states = sorted(t.state.name for t in study.trials)
-    assert len(states) == 3 and states.count("PRUNED") >= 1 and "COMPLETE" in states
-    assert len(list((tmp_path / "search").glob("[0-9]_*"))) == 3, "trial i runs in dir i_..."
+    best = study.best_trial
+    assert parent.data.tags["best.optimizer.lr"] == str(best.params["optimizer.lr"])
+    assert parent.data.metrics["best/val/acc"] == pytest.approx(best.value)
+    plots = {a.path for a in mlflow_client.list_artifacts(parent.info.run_id, "plots")}
+    assert {"plots/optuna_history.png", "plots/optuna_parallel_coordinate.png"} <= plots
+    assert len(list((tmp_path / "search").glob("[0-9]_*"))) == len(trained) + 1
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 import shlex
 import time
 from pathlib import Path
@@ -29,7 +30,8 @@ OPTUNA_RESULTS = "optimization_results.yaml"  # written by the Optuna sweeper in
 OPTUNA_PLOTS = "plots"  # the Optuna sweeper's figures, in the sweep dir
 SWEEP_KEY_TAG = "trainlab.sweep_key"  # same key: the same sweep, rerun or on another machine
 BEST_RUN_TAG = "trainlab.best_run"
-JOB_DIR_LIMIT = 120  # characters of a job dir name; filesystems allow 255 bytes
+JOB_DIR_LIMIT = 120  # bytes of a job dir name; filesystems allow 255
+VALUE_LIMIT = 24  # longer override values are cut in job dir names
 _swept: set[str] = set()  # keys swept by the sweep this job belongs to
 _open: list[MlflowSweep] = []  # sweeps not summarised yet (Hydra skips the end on errors)
 
@@ -50,13 +52,17 @@ def swept_keys(overrides: list[str], sweeper: DictConfig | None) -> set[str]:
 
 
 def job_dir_name(num: int, override_dirname: str) -> str:
-    """A sweep job's folder: ``<num>_<overrides>``, floats shortened, ``/`` made ``_``, and
-    cut with a stable hash of the full name when longer than ``JOB_DIR_LIMIT``."""
-    name = f"{num}_{short_numbers(override_dirname)}".replace("/", "_").rstrip("_")
-    if len(name.encode()) <= JOB_DIR_LIMIT:
+    """A sweep job's folder, ``<num>_<overrides>``, that a filesystem accepts and a person
+    reads: floats shortened, ``/`` made ``_``, values longer than ``VALUE_LIMIT`` cut, and
+    when anything was cut or the name is still too long, a stable hash of the full name."""
+    items = re.split(r",(?=[+~]?[\w./@-]+=)", short_numbers(override_dirname))
+    cut = [item if len(item.split("=", 1)[-1]) <= VALUE_LIMIT
+           else item[: item.index("=") + 1 + VALUE_LIMIT // 2] + "…" for item in items]
+    name = f"{num}_{','.join(cut)}".replace("/", "_").rstrip("_")
+    if cut == items and len(name.encode()) <= JOB_DIR_LIMIT:
         return name
     digest = hashlib.sha1(override_dirname.encode()).hexdigest()[:10]
-    return f"{name.encode()[:JOB_DIR_LIMIT - 12].decode(errors='ignore')}~{digest}"
+    return f"{name.encode()[: JOB_DIR_LIMIT - 11].decode(errors='ignore')}~{digest}"
 
 
 OmegaConf.register_new_resolver("trainlab_job_dir", job_dir_name, replace=True)
@@ -239,7 +245,7 @@ def open_parent(experiment_id: str, key: str, tags: dict[str, str], name: str) -
     found = client.search_runs([experiment_id], query, order_by=["attributes.start_time ASC"])
     if found:
         run_id = found[0].info.run_id
-        client.update_run(run_id, status="RUNNING")
+        client.update_run(run_id, status="RUNNING", name=name)
         log.info("MLflow sweep run %s reopened: %s", run_id, tags["trainlab.command"])
         return run_id
     mine = client.create_run(experiment_id, run_name=name,
