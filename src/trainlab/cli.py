@@ -35,13 +35,6 @@ Runs are tracked in MLflow (sqlite:///mlflow.db here by default): `mlflow ui` sh
 """
 
 
-def run_hydra_app(app, name: str, args: list[str]) -> int:
-    """Call a ``@hydra.main`` function with ``args`` as its command line."""
-    sys.argv = [f"trainlab-{name}", *args]
-    app()
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     if not args or args[0] in ("-h", "--help", "help"):

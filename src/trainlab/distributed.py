@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,26 @@ def select_device(accelerator: str = "auto") -> torch.device:
     if accelerator == "mps" and not mps:
         raise TrainlabError("trainer.accelerator=mps but MPS is not available; use cpu or auto")
     return torch.device(accelerator)
+
+
+def gpu_for_job(job_num: int, n_gpus: int) -> int:
+    """Parallel sweep jobs spread over the GPUs: job i gets GPU ``i % n_gpus``."""
+    return job_num % n_gpus
+
+
+def job_device(device: torch.device) -> torch.device:
+    """In a sweep, a CUDA job runs on GPU ``job.num % n_gpus`` instead of all on GPU 0."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if device.type != "cuda" or not HydraConfig.initialized():
+        return device
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return device
+    device = torch.device("cuda", gpu_for_job(hydra_cfg.job.num, torch.cuda.device_count()))
+    torch.cuda.set_device(device)
+    return device
 
 
 @dataclass(frozen=True)
@@ -168,10 +188,11 @@ def _free_port() -> int:
 
 
 def spawn_fit(
-    launch: Launch, cfg: Any, output_dir: Path, choices: dict, run_id: str | None,
-    resume: Path | None,
+    fit: Callable[..., Any], launch: Launch, cfg: Any, output_dir: Path, choices: dict,
+    run_id: str | None, resume: Path | None,
 ) -> tuple[float, int]:
-    """Run ``train.fit`` in ``launch.world_size`` worker processes of this job.
+    """Run ``fit`` (an importable function, called like ``train.fit``) in
+    ``launch.world_size`` worker processes of this job.
 
     The MLflow run stays owned by the calling process; rank 0 logs into it. SIGINT/SIGTERM
     sent to this process are passed on to the workers, which checkpoint and stop; the call
@@ -183,7 +204,7 @@ def spawn_fit(
     os.environ["MASTER_PORT"] = str(_free_port())
     results = mp.get_context("spawn").SimpleQueue()
     context = mp.start_processes(
-        _worker, args=(launch, cfg, output_dir, choices, run_id, resume, results),
+        _worker, args=(fit, launch, cfg, output_dir, choices, run_id, resume, results),
         nprocs=launch.world_size, join=False, start_method="spawn",
     )
     received: list[int] = []
@@ -217,14 +238,13 @@ def spawn_fit(
     return tuple(outcome["done"])
 
 
-def _worker(rank_: int, launch: Launch, cfg, output_dir, choices, run_id, resume, results):
-    """One DDP rank: join the group, build every part, fit; rank 0 logs into ``run_id``."""
+def _worker(rank_: int, fit, launch: Launch, cfg, output_dir, choices, run_id, resume, results):
+    """One DDP rank: join the group, build every part, ``fit``; rank 0 logs into ``run_id``."""
     import contextlib
 
     from trainlab.components import build
     from trainlab.seeding import seed_everything
     from trainlab.tracking import NullTracker
-    from trainlab.train import fit
 
     device = init_process_group(launch, rank_)
     if device.type == "cpu":  # the ranks share the cores

@@ -14,8 +14,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from trainlab.app import CONFIG_DIR, run_hydra_app
 from trainlab.errors import TrainlabError
-from trainlab.train import CONFIG_DIR
 
 # no output folder and no log file for a plot
 HYDRA_ARGS = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
@@ -57,6 +57,4 @@ def main(cfg: DictConfig) -> None:
 
 def cli(args: list[str]) -> int:
     """`trainlab lr-plot [overrides] [+out=FILE.png]`."""
-    from trainlab.cli import run_hydra_app
-
     return run_hydra_app(main, "lr-plot", [*HYDRA_ARGS, *args])

@@ -3,7 +3,7 @@
 ``MlflowSweep`` is a Hydra callback (registered in conf/hydra/default.yaml). It runs in the
 sweeping process, and Hydra hands a copy of it to every job, also to jobs in other
 processes (joblib, submitit): ``on_job_start`` tells the job its parent run and which
-overrides were swept, through ``PARENT_RUN_ENV`` and this module's ``_swept`` keys.
+overrides were swept, through ``tracking.PARENT_RUN_ENV`` and this module's ``_swept`` keys.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from trainlab.compare import SWEEP_ROLE_TAG, short_numbers
 
 log = logging.getLogger(__name__)
 
-PARENT_RUN_ENV = "TRAINLAB_PARENT_RUN_ID"
 OPTUNA_RESULTS = "optimization_results.yaml"  # written by the Optuna sweeper in the sweep dir
 OPTUNA_PLOTS = "plots"  # the Optuna sweeper's figures, in the sweep dir
 SWEEP_KEY_TAG = "trainlab.sweep_key"  # same key: the same sweep, rerun or on another machine
@@ -110,27 +109,6 @@ def job_callbacks(hydra_cfg: DictConfig) -> list[Any]:
     return list(factory(hydra_cfg)) if factory else []
 
 
-def gpu_for_job(job_num: int, n_gpus: int) -> int:
-    """Parallel jobs spread over the GPUs: job i gets GPU ``i % n_gpus``."""
-    return job_num % n_gpus
-
-
-def job_device(device):
-    """In a sweep, a CUDA job runs on GPU ``job.num % n_gpus`` instead of all on GPU 0."""
-    import torch
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if device.type != "cuda" or not HydraConfig.initialized():
-        return device
-    hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode != RunMode.MULTIRUN:
-        return device
-    device = torch.device("cuda", gpu_for_job(hydra_cfg.job.num, torch.cuda.device_count()))
-    torch.cuda.set_device(device)
-    return device
-
-
 class MlflowSweep(Callback):
     """Opens (or reopens) a sweep's parent run, nests the jobs under it, summarises into it.
 
@@ -164,6 +142,8 @@ class MlflowSweep(Callback):
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if self.parent_run_id is None:  # a single run, not a sweep
             return
+        from trainlab.tracking import PARENT_RUN_ENV
+
         os.environ[PARENT_RUN_ENV] = self.parent_run_id
         _swept.clear()
         _swept.update(self.swept)
@@ -181,6 +161,7 @@ class MlflowSweep(Callback):
         from mlflow.tracking import MlflowClient
 
         from trainlab import compare
+        from trainlab.tracking import PARENT_RUN_ENV
 
         if self in _open:
             _open.remove(self)
@@ -293,6 +274,8 @@ def finished_job(hydra_cfg: DictConfig, monitor: str, mode: str) -> float | None
 
     The job then skips training; a failed or killed attempt is trained again.
     """
+    from trainlab.tracking import PARENT_RUN_ENV
+
     parent = os.environ.get(PARENT_RUN_ENV)
     if not parent:
         return None

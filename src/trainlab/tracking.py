@@ -20,10 +20,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from trainlab.errors import TrainlabError
-from trainlab.sweeps import PARENT_RUN_ENV
 
 log = logging.getLogger(__name__)
 
+PARENT_RUN_ENV = "TRAINLAB_PARENT_RUN_ID"  # set in a sweep's jobs: the sweep's parent run
 PARAM_VALUE_LIMIT = 6000  # MLflow rejects longer param values
 METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch call
 
@@ -172,7 +172,7 @@ class MlflowTracker:
         while mlflow.active_run() is not None:
             mlflow.end_run()
         tags = dict(tags)
-        parent = os.environ.get(PARENT_RUN_ENV)  # a sweep's parent run (sweeps.MlflowSweep)
+        parent = os.environ.get(PARENT_RUN_ENV)  # set by sweeps.MlflowSweep
         if parent:
             tags["mlflow.parentRunId"] = parent
         if run_id is None:

@@ -17,13 +17,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from trainlab import sweeps  # noqa: F401  (registers the job-dir resolver of conf/hydra)
+from trainlab.app import CONFIG_DIR, run_hydra_app
 from trainlab.errors import TrainlabError
 
 log = logging.getLogger(__name__)
-
-CONFIG_DIR = os.environ.get(
-    "TRAINLAB_CONFIG_DIR", str(Path(__file__).resolve().parents[2] / "conf")
-)
 
 
 def run_name_and_tags(hydra_cfg: DictConfig) -> tuple[str, dict[str, str]]:
@@ -57,11 +54,10 @@ def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbac
     from trainlab.models.finetune import build_model
     from trainlab.optim import build_optimizer
     from trainlab.schedulers import build_scheduler
-    from trainlab.sweeps import job_device
 
     metrics = TaskMetrics(cfg.data.task, cfg.data.num_classes, cfg.data.get("ignore_index"))
     metrics.check_monitor(cfg.trainer.monitor)  # before any data is loaded
-    device = device or job_device(distributed.select_device(cfg.trainer.accelerator))
+    device = device or distributed.job_device(distributed.select_device(cfg.trainer.accelerator))
     splits = build(cfg.data.dataset, "data", choices.get("data"))
     augmentation = build(cfg.augment, "augment", choices.get("augment"))
     train_loader, val_loader = build_loaders(
@@ -157,7 +153,7 @@ def run(cfg: DictConfig) -> float:
             # workers have no HydraConfig: hand them the config with every value resolved
             resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
             best, best_epoch = distributed.spawn_fit(
-                launch, resolved, output_dir, choices, tracker.run_id, resume
+                fit, launch, resolved, output_dir, choices, tracker.run_id, resume
             )
         else:
             result = fit(cfg, tracker, output_dir, choices, job_callbacks(hydra_cfg),
@@ -180,7 +176,6 @@ def main(cfg: DictConfig) -> float:
 
 def cli(args: list[str]) -> int:
     """`trainlab train ARGS`."""
-    from trainlab.cli import run_hydra_app
     from trainlab.sweeps import close_open_sweeps
 
     try:

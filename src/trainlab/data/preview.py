@@ -13,11 +13,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from trainlab.app import CONFIG_DIR, run_hydra_app
 from trainlab.errors import TrainlabError
 
 log = logging.getLogger(__name__)
-
-CONFIG_DIR = str(Path(__file__).resolve().parents[3] / "conf")
 
 
 def preview_batch(dataset, augmentation, n: int, seed: int):
@@ -88,6 +87,4 @@ def main(cfg: DictConfig) -> None:
 
 def cli(args: list[str]) -> int:
     """`trainlab preview data=... augment=... [n=8] [out=preview.png]`."""
-    from trainlab.cli import run_hydra_app
-
     return run_hydra_app(main, "preview", args)
