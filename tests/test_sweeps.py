@@ -122,7 +122,8 @@ def test_optuna_search_prunes_resumes_and_never_repeats_a_trial(mlflow_client, t
     # Interrupted (Ctrl-C) during its second trial ...
     proc = subprocess.Popen(
         [str(TRAINLAB), "train", *OPTUNA, "hydra.sweeper.n_trials=2"],
-        cwd=tmp_path, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}, text=True,
+        cwd=tmp_path, text=True,
+        env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONUNBUFFERED": "1"},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     seen = []

@@ -287,14 +287,13 @@ def finished_job(hydra_cfg: DictConfig, monitor: str, mode: str) -> float | None
     done = [r for r in client.search_runs(
         [experiment], f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'FINISHED'")
         if r.data.tags.get("trainlab.overrides") == overrides and "pruned" not in r.data.tags]
-    if not done:
-        return None
-    values = [m.value for m in client.get_metric_history(done[-1].info.run_id, monitor)
+    values = [m.value for run in done[-1:]
+              for m in client.get_metric_history(run.info.run_id, monitor)
               if math.isfinite(m.value)]
+    if not values:  # no earlier attempt, or one that never validated
+        return None
     log.info("job %s finished in an earlier attempt (run %s): skipped", overrides,
              done[-1].info.run_id)
-    if not values:
-        return float("nan")
     return min(values) if mode == "min" else max(values)
 
 

@@ -175,15 +175,16 @@ class MlflowTracker:
         parent = os.environ.get(PARENT_RUN_ENV)  # set by sweeps.MlflowSweep
         if parent:
             tags["mlflow.parentRunId"] = parent
-        if run_id is None:
-            run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
-        else:
-            run = self._reopen(run_id)
-            mlflow.set_tags(tags)
-        self.run_id = run.info.run_id
-        log.info("MLflow run %s (%s) in %s", run_name, self.run_id, mlflow.get_tracking_uri())
         status = "FAILED"
-        try:
+        try:  # from the first call on: a Ctrl-C at any point still closes the run KILLED
+            if run_id is None:
+                run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
+            else:
+                run = self._reopen(run_id)
+                mlflow.set_tags(tags)
+            self.run_id = run.info.run_id
+            log.info("MLflow run %s (%s) in %s", run_name, self.run_id,
+                     mlflow.get_tracking_uri())
             with _sigterm_as_interrupt():
                 yield self
             status = "FINISHED"
