@@ -18,6 +18,12 @@ FAST = ["model=mlp", "trainer.progress_bar=false", "logger.log_model=false",
         "trainer.max_epochs=2", "model.hidden=[32]"]
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 class KeepFinalState:
     """Epoch-end callback: every rank saves its weights and metrics after the last epoch."""
 
@@ -54,10 +60,7 @@ def test_two_gloo_ranks_stay_identical_and_match_one_process_on_the_global_batch
     from trainlab.tracking import NullTracker
     from trainlab.train import fit
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_rank, args=(compose(*FAST, "data.batch_size=32"), tmp_path / "ddp", port),
+    mp.spawn(_rank, args=(compose(*FAST, "data.batch_size=32"), tmp_path / "ddp", _free_port()),
              nprocs=2)
     rank0, rank1 = (torch.load(tmp_path / f"ddp/{r}.pt", weights_only=True) for r in (0, 1))
     assert all(torch.equal(rank0["model"][k], rank1["model"][k]) for k in rank0["model"])
@@ -128,3 +131,85 @@ def test_trainlab_train_on_two_cpu_processes_makes_one_run_and_one_output_dir(
     assert len(mlflow_client.get_metric_history(run.info.run_id, "val/acc")) == 2
     ckpts = {a.path for a in mlflow_client.list_artifacts(run.info.run_id, "checkpoints")}
     assert ckpts == {"checkpoints/best.pt", "checkpoints/last.pt"}
+
+
+def _start_ddp(tmp_path, tracking_uri, *overrides):
+    import subprocess
+
+    from conftest import TRAINLAB
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [str(TRAINLAB), "train", *FAST, "trainer.max_epochs=300", "trainer.devices=2",
+         *overrides], cwd=tmp_path, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+
+
+def _wait_for_epoch(proc) -> list[str]:
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "epoch   1/300" in line:
+            return seen
+    raise AssertionError("".join(seen)[-3000:])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_ddp_run_stopped_by_a_signal_ends_killed_with_exit_130_and_one_line(
+    tmp_path, tracking_uri, mlflow_client, sig
+):
+    import signal
+
+    proc = _start_ddp(tmp_path, tracking_uri)
+    seen = _wait_for_epoch(proc)
+    proc.send_signal(getattr(signal, sig))
+    output = "".join(seen) + proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, output[-3000:]
+    assert "Traceback" not in output
+    assert output.count("interrupted at epoch") == 1
+    (run,) = runs_of(mlflow_client)
+    assert run.info.status == "KILLED"
+    assert list((tmp_path / "outputs" / "runs").glob("*/checkpoints/last.pt"))
+
+
+@pytest.mark.slow
+def test_a_killed_ddp_worker_is_named_with_its_rank_and_signal(
+    tmp_path, tracking_uri, mlflow_client
+):
+    import signal
+
+    import psutil
+
+    proc = _start_ddp(tmp_path, tracking_uri)
+    seen = _wait_for_epoch(proc)
+    workers = [child for child in psutil.Process(proc.pid).children()
+               if "resource_tracker" not in " ".join(child.cmdline())]
+    rank1 = max(workers, key=lambda child: child.create_time())  # started after rank 0
+    os.kill(rank1.pid, signal.SIGKILL)
+    output = "".join(seen) + proc.communicate(timeout=180)[0]
+    assert proc.returncode == 1, output[-3000:]
+    assert f"DDP worker rank 1 (pid {rank1.pid}) was killed by SIGKILL" in output
+    assert "Traceback" not in output
+    (run,) = runs_of(mlflow_client)
+    assert run.info.status == "FAILED"
+
+
+@pytest.mark.slow
+def test_under_torchrun_only_rank_0_makes_an_output_dir(tmp_path, tracking_uri, mlflow_client):
+    import subprocess
+
+    from conftest import TRAINLAB
+
+    torchrun = TRAINLAB.with_name("torchrun")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    proc = subprocess.run(
+        [str(torchrun), "--nproc-per-node", "2", "--master-port", str(_free_port()),
+         "-m", "trainlab.cli", "train", *FAST, "trainer.accelerator=cpu"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list((tmp_path / "outputs" / "runs").iterdir())) == 1
+    (run,) = runs_of(mlflow_client)
+    assert run.info.status == "FINISHED"

@@ -165,30 +165,36 @@ def data(task="classification", num_classes=10):
     return OmegaConf.create({"task": task, "num_classes": num_classes})
 
 
-REGRESSION = ["l1", "mse", "smooth_l1", "huber", "kl_div"]
-
-
 @pytest.mark.parametrize(
     "name, task, classes",
     [("ce", "classification", 10), ("nll", "classification", 10), ("focal", "classification", 10),
-     ("bce", "segmentation", 1), ("bce_logits", "segmentation", 1),
+     ("bce", "segmentation", 1), ("bce_logits", "segmentation", 1), ("mse", "classification", 10),
+     ("kl_div", "segmentation", 4),
      *[(name, "segmentation", 4) for name in OURS], *[(name, "segmentation", 1) for name in OURS]],
 )
 def test_loss_option_builds_for_a_task_it_fits(compose, name, task, classes):
     build_loss(compose(f"loss={name}").loss, name, data(task, classes))
 
 
-@pytest.mark.parametrize("name", REGRESSION)
-def test_regression_losses_are_refused_for_class_labels(compose, name):
-    with pytest.raises(TrainlabError, match=f"loss={name} .* wants float targets"):
-        build_loss(compose(f"loss={name}").loss, name, data())
+def test_a_loss_gets_what_its_contract_takes_from_the_logits():
+    """nll gets log-probabilities, bce probabilities and one-hot targets; the model's
+    logits stay logits for metrics and predictions."""
+    import torch.nn.functional as F
+
+    logits, targets = torch.randn(6, 4), torch.randint(0, 4, (6,))
+    nll = build_loss(OmegaConf.create({"_target_": "torch.nn.NLLLoss"}), "nll", data(num_classes=4))
+    assert nll(logits, targets).item() == pytest.approx(F.cross_entropy(logits, targets).item())
+    bce = build_loss(OmegaConf.create({"_target_": "torch.nn.BCELoss"}), "bce", data(num_classes=4))
+    want = F.binary_cross_entropy(logits.softmax(1), F.one_hot(targets, 4).float())
+    assert bce(logits, targets).item() == pytest.approx(want.item(), rel=1e-6)
 
 
-def test_bce_on_class_labels_is_refused_naming_the_losses_that_fit(compose):
-    with pytest.raises(TrainlabError) as err:
-        build_loss(compose("loss=bce").loss, "bce", data())
-    assert "loss=bce" in str(err.value) and "integer class labels" in str(err.value)
-    assert "ce, nll, focal" in str(err.value)
+def test_bce_on_one_channel_masks_matches_bce_with_logits():
+    logits, masks = torch.randn(2, 1, 3, 3), torch.randint(0, 2, (2, 3, 3))
+    bce = build_loss(OmegaConf.create({"_target_": "torch.nn.BCELoss"}), "bce",
+                     data("segmentation", 1))
+    want = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0], masks.float())
+    assert bce(logits, masks).item() == pytest.approx(want.item(), rel=1e-5)
 
 
 def test_class_weights_become_a_tensor_and_must_have_one_value_per_class(compose):

@@ -11,36 +11,47 @@ from torch.optim import lr_scheduler as S
 
 from trainlab.errors import TrainlabError
 from trainlab.metrics import TaskMetrics
+from trainlab.models.finetune import finetune
 from trainlab.optim import build_optimizer
 from trainlab.runner import Runner
-from trainlab.schedulers import build_scheduler, expression, simulate
+from trainlab.schedulers import build_scheduler, expression, optimizer_steps, simulate
 
-EPOCHS, BATCHES = 7, 3
-TOTAL = EPOCHS * BATCHES
+EPOCHS, BATCHES = 7, 6
+SIZES = (8, 8, 8, 8, 8, 5)
 
-# option → (overrides, the same schedule written with torch directly)
+# option → (overrides, the same schedule written with torch directly, given the number of
+# optimizer steps in the run)
 CASES = {
-    "steplr": ([], lambda o: S.StepLR(o, step_size=5, gamma=0.5)),
-    "multisteplr": ([], lambda o: S.MultiStepLR(o, [5, 8], gamma=0.1)),
-    "exponentiallr": ([], lambda o: S.ExponentialLR(o, gamma=0.9)),
-    "cosine": ([], lambda o: S.CosineAnnealingLR(o, T_max=EPOCHS)),
-    "cosine_warm_restarts": ([], lambda o: S.CosineAnnealingWarmRestarts(o, T_0=5)),
+    "steplr": ([], lambda o, n: S.StepLR(o, step_size=5, gamma=0.5)),
+    "multisteplr": ([], lambda o, n: S.MultiStepLR(o, [5, 8], gamma=0.1)),
+    "exponentiallr": ([], lambda o, n: S.ExponentialLR(o, gamma=0.9)),
+    "cosine": ([], lambda o, n: S.CosineAnnealingLR(o, T_max=EPOCHS)),
+    "cosine_warm_restarts": ([], lambda o, n: S.CosineAnnealingWarmRestarts(o, T_0=5)),
     "lambdalr": (["scheduler.lr_lambda='0.5 ** (epoch // 2)'"],
-                 lambda o: S.LambdaLR(o, lambda epoch: 0.5 ** (epoch // 2))),
-    "multiplicative": ([], lambda o: S.MultiplicativeLR(o, lambda epoch: 0.95)),
+                 lambda o, n: S.LambdaLR(o, lambda epoch: 0.5 ** (epoch // 2))),
+    "multiplicative": ([], lambda o, n: S.MultiplicativeLR(o, lambda epoch: 0.95)),
     "plateau": (["scheduler.patience=0"],
-                lambda o: S.ReduceLROnPlateau(o, mode="max", factor=0.1, patience=0)),
-    "cycliclr": (["scheduler.step_size_up=4"], lambda o: S.CyclicLR(
+                lambda o, n: S.ReduceLROnPlateau(o, mode="max", factor=0.1, patience=0)),
+    "cycliclr": (["scheduler.step_size_up=4"], lambda o, n: S.CyclicLR(
         o, base_lr=1e-4, max_lr=1e-2, step_size_up=4, cycle_momentum=False)),
-    "onecycle": ([], lambda o: S.OneCycleLR(
-        o, max_lr=1e-2, total_steps=TOTAL, pct_start=0.3, cycle_momentum=False)),
-    "warmup_cosine": ([], lambda o: S.SequentialLR(o, [
-        S.LinearLR(o, 0.01, 1.0, total_iters=2), S.CosineAnnealingLR(o, TOTAL - 2)],
-        milestones=[2])),
-    "chained": ([], lambda o: S.ChainedScheduler(
+    "onecycle": ([], lambda o, n: S.OneCycleLR(
+        o, max_lr=1e-2, total_steps=n, pct_start=0.3, cycle_momentum=False)),
+    "warmup_cosine": ([], lambda o, n: S.SequentialLR(o, [
+        S.LinearLR(o, 0.01, 1.0, total_iters=round(0.1 * n)),
+        S.CosineAnnealingLR(o, n - round(0.1 * n))], milestones=[round(0.1 * n)])),
+    "chained": ([], lambda o, n: S.ChainedScheduler(
         [S.ConstantLR(o, 0.5, total_iters=2), S.ExponentialLR(o, 0.9)])),
 }
 PER_BATCH = {"cycliclr", "onecycle", "warmup_cosine"}
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models: a second thread only adds contention on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class Recorder:
@@ -64,73 +75,134 @@ class Recorder:
         self.artifacts.append(str(path))
 
 
-def batches(seed: int, sizes=(8, 8, 5)):
+def batches(seed: int, sizes=SIZES):
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g))
             for n in sizes]
 
 
-def fit(compose, tmp_path, option, overrides=()):
-    cfg = compose(f"scheduler={option}", f"trainer.max_epochs={EPOCHS}", *overrides)
+def tiny_model():
     torch.manual_seed(0)
-    model = nn.Linear(4, 3)
+    model = nn.Sequential()
+    model.add_module("body", nn.Linear(4, 4))
+    model.add_module("head", nn.Linear(4, 3))
+    return model
+
+
+def fit(compose, tmp_path, option, overrides=(), accumulate=1, unfreeze_at=None):
+    """The real loop, built as train.py builds it: optimizer, scheduler, fine-tune callbacks."""
+    cfg = compose(f"scheduler={option}", f"trainer.max_epochs={EPOCHS}", *overrides)
+    model, callbacks = finetune(tiny_model(), freeze=["body.*"] if unfreeze_at else None,
+                                unfreeze_at_epoch=unfreeze_at)
     optimizer = build_optimizer(cfg.optimizer, model, "adam")
-    scheduled = build_scheduler(cfg.scheduler, optimizer, option, BATCHES, EPOCHS)
+    scheduled = build_scheduler(cfg.scheduler, optimizer, option,
+                                optimizer_steps(BATCHES, accumulate), EPOCHS)
     tracker = Recorder()
     runner = Runner(
         model, nn.CrossEntropyLoss(), optimizer, batches(1), batches(2, (6, 4)), tracker,
         tmp_path / "checkpoints", scheduler=scheduled, max_epochs=EPOCHS, progress_bar=False,
-        metrics=TaskMetrics("classification", 3),
+        metrics=TaskMetrics("classification", 3), callbacks=callbacks,
+        accumulate_grad_batches=accumulate,
     )
     result = runner.fit()
     return runner, tracker, result
 
 
-def per_step(history):
-    """Expand (step, lrs) change points into the lr used at each training step."""
+def per_step(history, name=None):
+    """Expand (step, {name: lr}) change points into the lr of one group at each batch
+    (the first group by default; None before the group exists)."""
     lrs, changes = [], list(history)
-    for step in range(TOTAL):
+    for step in range(EPOCHS * BATCHES):
         while len(changes) > 1 and changes[1][0] <= step:
             changes.pop(0)
-        lrs.append(changes[0][1][0])
+        row = changes[0][1]
+        lrs.append(row.get(name) if name else next(iter(row.values())))
     return lrs
 
 
-@pytest.mark.parametrize("option", CASES)
-def test_runner_steps_each_scheduler_as_torch_does(compose, tmp_path, option):
-    overrides, make = CASES[option]
-    runner, tracker, result = fit(compose, tmp_path, option, overrides)
-
+def by_hand(option, make, accumulate, history):
+    """torch's own scheduler over a bare optimizer, stepped where an optimizer step happens:
+    the lr at every batch."""
     optimizer = torch.optim.Adam(nn.Linear(4, 3).parameters(), lr=1e-3)
-    scheduler = make(optimizer)
+    scheduler = make(optimizer, EPOCHS * optimizer_steps(BATCHES, accumulate))
     expected = []
     for epoch in range(EPOCHS):
-        for _ in range(BATCHES):
+        for index in range(BATCHES):
             expected.append(optimizer.param_groups[0]["lr"])
-            optimizer.step()
-            if option in PER_BATCH:
-                scheduler.step()
+            if (index + 1) % accumulate == 0 or index + 1 == BATCHES:
+                optimizer.step()
+                if option in PER_BATCH:
+                    scheduler.step()
         if option == "plateau":
-            scheduler.step(result.history[epoch]["val/acc"])
+            scheduler.step(history[epoch]["val/acc"])
         elif option not in PER_BATCH:
             scheduler.step()
+    return expected
+
+
+@pytest.mark.parametrize("unfreeze_at", [
+    None, pytest.param(1, marks=pytest.mark.slow)], ids=["frozen-never", "unfreeze-at-1"])
+@pytest.mark.parametrize("accumulate", [
+    1, pytest.param(4, marks=pytest.mark.slow)], ids=["accumulate-1", "accumulate-4"])
+@pytest.mark.parametrize("option", CASES)
+def test_runner_steps_each_scheduler_as_torch_does(compose, tmp_path, option, accumulate,
+                                                   unfreeze_at):
+    overrides, make = CASES[option]
+    start = tiny_model().body.weight.detach().clone()
+    runner, tracker, result = fit(compose, tmp_path, option, overrides, accumulate, unfreeze_at)
+    expected = by_hand(option, make, accumulate, result.history)
 
     got = per_step(runner.lr_history)
     assert got == pytest.approx(expected, rel=1e-9)
     assert len(set(expected)) > 1, "the schedule under test never changes the lr"
-    # logged to the tracker at every step it changes (and once per epoch), never twice a step
-    logged = tracker.metrics["lr"]
-    assert {(step, lrs[0]) for step, lrs in runner.lr_history} <= set(logged)
-    assert len({step for step, _ in logged}) == len(logged)
-    if option != "plateau":  # lr-plot steps the same schedule without training
+    if option in ("onecycle", "warmup_cosine", "cosine"):  # the run ends at the floor
+        assert expected[-1] < 1e-3 * 0.05
+    if unfreeze_at:  # the unfrozen layers follow the same schedule from then on, and train
+        unfrozen = per_step(runner.lr_history, "lr/unfrozen")
+        assert unfrozen[: BATCHES * unfreeze_at] == [None] * BATCHES * unfreeze_at
+        assert unfrozen[BATCHES * unfreeze_at :] == pytest.approx(
+            expected[BATCHES * unfreeze_at :], rel=1e-9)
+        assert not torch.equal(runner.model.body.weight, start)
+        assert {"lr/backbone", "lr/unfrozen"} <= set(tracker.metrics)
+    else:
+        # logged to the tracker at every step it changes (and once per epoch), never twice
+        logged = tracker.metrics["lr"]
+        assert {(step, lrs["lr"]) for step, lrs in runner.lr_history} <= set(logged)
+        assert len({step for step, _ in logged}) == len(logged)
+    if option != "plateau" and not unfreeze_at:  # lr-plot steps the same schedule
         cfg = compose(f"scheduler={option}", f"trainer.max_epochs={EPOCHS}", *overrides)
         fresh = torch.optim.Adam(nn.Linear(4, 3).parameters(), lr=1e-3)
-        scheduled = build_scheduler(cfg.scheduler, fresh, option, BATCHES, EPOCHS)
-        simulated = [lrs[0] for lrs in simulate(scheduled, fresh, BATCHES, EPOCHS)]
+        scheduled = build_scheduler(cfg.scheduler, fresh, option,
+                                    optimizer_steps(BATCHES, accumulate), EPOCHS)
+        simulated = [row["lr"] for row in simulate(scheduled, fresh, BATCHES, EPOCHS,
+                                                   accumulate=accumulate)]
         assert simulated == pytest.approx(expected, rel=1e-9)
     first_epoch = got[:BATCHES]
     assert (len(set(first_epoch)) > 1) == (option in PER_BATCH)
     assert any(path.endswith("lr_curve.png") for path in tracker.artifacts)
+
+
+@pytest.mark.parametrize("option", ["onecycle", "warmup_cosine", "cosine"])
+def test_an_epoch_interval_still_ends_at_the_floor(compose, option):
+    cfg = compose(f"scheduler={option}", "++scheduler.interval=epoch")
+    optimizer = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=1e-3)
+    scheduled = build_scheduler(cfg.scheduler, optimizer, option, 50, 6)
+    lrs = [row["lr"] for row in simulate(scheduled, optimizer, 50, 6)]
+    assert scheduled.interval == "epoch" and len(set(lrs[:50])) == 1
+    assert lrs[-1] < 1e-3 * 0.1 and lrs[-1] < lrs[-51]
+
+
+@pytest.mark.parametrize("option, overrides", [("onecycle", []),
+                                               ("cycliclr", ["scheduler.step_size_up=5"])])
+def test_cyclic_peaks_follow_each_groups_lr(compose, option, overrides):
+    cfg = compose(f"scheduler={option}", "optimizer.head_lr=1e-2", "optimizer.head=[head.*]",
+                  *overrides)
+    optimizer = build_optimizer(cfg.optimizer, tiny_model(), "adam")
+    scheduled = build_scheduler(cfg.scheduler, optimizer, option, 10, 3)
+    rows = simulate(scheduled, optimizer, 10, 3)
+    peaks = {name: max(row[name] for row in rows) for name in rows[0]}
+    assert peaks["lr/head"] == pytest.approx(10 * peaks["lr/backbone"])
+    assert peaks["lr/backbone"] == pytest.approx(1e-2, rel=0.05)
 
 
 def test_param_groups_each_get_their_lr_logged(compose, tmp_path):

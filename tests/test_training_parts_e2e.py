@@ -36,9 +36,8 @@ def test_lr_plot_writes_the_curve_of_any_scheduler(run_trainlab, tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["loss=bce"], "loss=bce (BCELoss) wants float targets shaped like the outputs, but "
-                       "data.task=classification with 10 classes gives integer class labels; "
-                       "losses that fit: ce, nll, focal"),
+        (["loss=dice"], "loss=dice does not fit data.task=classification with 10 classes "
+                        "(classification); losses that fit: ce, nll, focal, bce_logits, bce, "),
         (["trainer.monitor=val/dice", "scheduler=plateau"],
          "trainer.monitor='val/dice' is never computed for data.task=classification"),
         (["optimizer.head_lr=0.1", "optimizer.head=[fc.*]"], "matches no trainable parameter"),
@@ -49,7 +48,7 @@ def test_bad_input_stops_before_the_first_step(compose, tmp_path, overrides, mes
 
     cfg = compose(*QUICK, *overrides)
     choices = OmegaConf.create({group: None for group in ("data", "model", "trainer")})
-    choices.loss = "bce" if "loss=bce" in overrides else "ce"
+    choices.loss = "dice" if "loss=dice" in overrides else "ce"
     with pytest.raises(TrainlabError) as err:
         fit(cfg, tracker=None, output_dir=tmp_path, choices=choices)  # no tracker: no step ran
     assert message in str(err.value)

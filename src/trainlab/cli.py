@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                 "trainlab predict run_id=ID input=FOLDER"),
     "runs": ("trainlab.compare", "runs_cli", "compare runs: trainlab runs [--sweep ID] [--plot F]"),
     "ui": ("trainlab.compare", "ui_cli", "serve the MLflow UI and print the run table's URL"),
+    "sync": ("trainlab.outbox", "sync_cli", "send what a run spooled while MLflow was down: "
+             "trainlab sync OUTPUT_DIR"),
 }
 
 USAGE = """\

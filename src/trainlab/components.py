@@ -19,6 +19,8 @@ def build(node: DictConfig, group: str, choice: str | None = None, **kwargs: Any
         return instantiate(node, **kwargs)
     except InstantiationException as err:
         cause = err.__cause__ or err
+        if isinstance(cause, TrainlabError):  # already one line naming the key and value
+            raise cause from None
         if "Error locating target" in str(err):
             raise TrainlabError(
                 f"{where}: _target_ '{target}' cannot be imported ({cause})"

@@ -170,6 +170,15 @@ def any_rank(flag: bool) -> bool:
     return bool(packed.item())
 
 
+def from_rank0(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (a picklable object)."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def ranks_in_sync(model: torch.nn.Module) -> bool:
     """Whether every rank holds the same parameters as rank 0."""
     if not is_distributed():
@@ -199,6 +208,11 @@ def spawn_fit(
     then raises KeyboardInterrupt. Returns rank 0's (best, best_epoch).
     """
     import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import (
+        ProcessException,
+        ProcessExitedException,
+        ProcessRaisedException,
+    )
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ["MASTER_PORT"] = str(_free_port())
@@ -216,12 +230,13 @@ def spawn_fit(
                 os.kill(process.pid, signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    failure: ProcessException | None = None
     try:
         try:
             while not context.join(grace_period=10):
                 pass
-        except mp.ProcessExitedException:
-            pass  # the worker's own report (below) says why
+        except ProcessException as err:
+            failure = err  # the workers' own reports (below) say more when they could
         outcome = {}
         while not results.empty():
             kind, *payload = results.get()
@@ -233,8 +248,15 @@ def spawn_fit(
         raise TrainlabError(outcome["error"][0])
     if "interrupted" in outcome or received:
         raise KeyboardInterrupt
+    if isinstance(failure, ProcessRaisedException):  # a bug: keep the worker's traceback
+        raise RuntimeError(f"DDP worker rank {failure.error_index} failed:\n{failure.msg}")
+    if isinstance(failure, ProcessExitedException):
+        how = (f"was killed by {failure.signal_name}" if failure.signal_name
+               else f"exited with code {failure.exit_code}")
+        raise TrainlabError(f"DDP worker rank {failure.error_index} (pid {failure.error_pid}) "
+                            f"{how}; the job stopped")
     if "done" not in outcome:
-        raise RuntimeError("the DDP workers ended without a result")
+        raise TrainlabError("the DDP workers ended without a result")
     return tuple(outcome["done"])
 
 
@@ -243,9 +265,11 @@ def _worker(rank_: int, fit, launch: Launch, cfg, output_dir, choices, run_id, r
     import contextlib
 
     from trainlab.components import build
+    from trainlab.outbox import SPOOL_DIR
     from trainlab.seeding import seed_everything
     from trainlab.tracking import NullTracker
 
+    os.setpgrp()  # a terminal's Ctrl-C reaches the launching process only; it forwards it once
     device = init_process_group(launch, rank_)
     if device.type == "cpu":  # the ranks share the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // launch.world_size))
@@ -253,7 +277,7 @@ def _worker(rank_: int, fit, launch: Launch, cfg, output_dir, choices, run_id, r
     try:
         if rank_ == 0:
             tracker = build(cfg.logger, "logger", choices.get("logger"))
-            attached = tracker.attach(run_id)
+            attached = tracker.attach(run_id, spool_dir=Path(output_dir) / SPOOL_DIR)
         else:
             tracker, attached = NullTracker(cfg.logger), contextlib.nullcontext()
         with attached:
@@ -266,6 +290,6 @@ def _worker(rank_: int, fit, launch: Launch, cfg, output_dir, choices, run_id, r
         raise SystemExit(1) from None
     except KeyboardInterrupt:
         results.put(("interrupted",))
-        raise
+        raise SystemExit(130) from None  # the launching process reports it, in one line
     finally:
         dist.destroy_process_group()

@@ -10,6 +10,7 @@ reduce over classes; ``ignore_index`` pixels take no part in any sum.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,11 +22,6 @@ from trainlab.components import build
 from trainlab.errors import TrainlabError
 
 REDUCTIONS = ("mean", "sum", "none")
-# torch losses that want float targets shaped like the outputs, never class indices
-FLOAT_TARGET_LOSSES = (
-    nn.BCELoss, nn.BCEWithLogitsLoss, nn.L1Loss, nn.MSELoss, nn.SmoothL1Loss, nn.HuberLoss,
-    nn.KLDivLoss,
-)
 TENSOR_ARGS = ("weight", "pos_weight")  # list values in YAML, tensors for torch
 
 
@@ -145,7 +141,8 @@ class FocalLoss(nn.Module):
     """Focal loss: α_t · (1 − p_t)^γ · CE per element, then reduced (not the focal of a mean).
 
     ``alpha``: binary → weight of the positive class (negatives get 1 − alpha);
-    multi-class → one weight per class (a list). ``None`` weighs all alike.
+    multi-class → one weight per class (a list), or one number for every class.
+    ``None`` weighs all alike.
     """
 
     def __init__(
@@ -158,6 +155,7 @@ class FocalLoss(nn.Module):
         super().__init__()
         _check_reduction(reduction)
         self.gamma, self.ignore_index, self.reduction = gamma, ignore_index, reduction
+        # a number weighs every class alike (multi-class) or the positives (binary)
         self.register_buffer(
             "alpha", None if alpha is None else torch.as_tensor(alpha, dtype=torch.float)
         )
@@ -170,6 +168,8 @@ class FocalLoss(nn.Module):
             if _binary(logits, targets):
                 t = torch.where(valid, targets, 0).to(logits.dtype)
                 loss = loss * (alpha * t + (1 - alpha) * (1 - t))
+            elif alpha.dim() == 0:
+                loss = loss * alpha
             else:
                 loss = loss * alpha[torch.where(valid, targets.long(), 0)]
         return _masked_reduce(loss, valid, self.reduction)
@@ -200,83 +200,163 @@ class DiceBCELoss(nn.Module):
         return self.bce_weight * bce + self.dice_weight * self.dice(logits, targets)
 
 
-# ------------------------------------------------------------------ building and checking
-FITTING = {
-    "classification": "ce, nll, focal",
-    "segmentation": "ce, nll, dice, dice_bce, iou, focal, tversky",
-    "binary segmentation": "bce_logits, bce, dice, dice_bce, iou, focal, tversky",
+# ------------------------------------------------------------ the loss <-> model contract
+CLASSIFICATION, SEGMENTATION, BINARY = "classification", "segmentation", "binary segmentation"
+KINDS = (CLASSIFICATION, SEGMENTATION, BINARY)
+
+
+@dataclass(frozen=True)
+class Contract:
+    """What a loss takes from the model and the data, and which tasks that makes it fit.
+
+    ``takes``: ``logits`` (raw outputs), ``log_probs`` (log-softmax over classes, log-sigmoid
+    for one channel) or ``probs`` (softmax, sigmoid). ``targets``: ``indices`` (class
+    labels as the data gives them) or ``dense`` (float one-hot shaped like the outputs, the
+    0/1 mask for one channel). Models always emit logits; ``ModelOutputLoss`` puts the
+    activation and the target encoding between them, so metrics, eval and predict read the
+    same logits whatever the loss.
+    """
+
+    name: str
+    takes: str = "logits"
+    targets: str = "indices"
+    kinds: tuple[str, ...] = KINDS
+
+
+_DENSE_EVERYWHERE = dict(targets="dense", kinds=KINDS)
+CONTRACTS: dict[type, Contract] = {
+    nn.CrossEntropyLoss: Contract("ce", kinds=(CLASSIFICATION, SEGMENTATION)),
+    nn.NLLLoss: Contract("nll", "log_probs", kinds=(CLASSIFICATION, SEGMENTATION)),
+    FocalLoss: Contract("focal"),
+    nn.BCEWithLogitsLoss: Contract("bce_logits", **_DENSE_EVERYWHERE),
+    nn.BCELoss: Contract("bce", "probs", **_DENSE_EVERYWHERE),
+    # regression on probabilities: the Brier score (mse), its robust variants
+    nn.L1Loss: Contract("l1", "probs", **_DENSE_EVERYWHERE),
+    nn.MSELoss: Contract("mse", "probs", **_DENSE_EVERYWHERE),
+    nn.SmoothL1Loss: Contract("smooth_l1", "probs", **_DENSE_EVERYWHERE),
+    nn.HuberLoss: Contract("huber", "probs", **_DENSE_EVERYWHERE),
+    # KL(target distribution ‖ model): one-hot here, a teacher's probabilities when distilling
+    nn.KLDivLoss: Contract("kl_div", "log_probs", "dense", (CLASSIFICATION, SEGMENTATION)),
+    # region losses measure the overlap of masks
+    DiceLoss: Contract("dice", kinds=(SEGMENTATION, BINARY)),
+    IoULoss: Contract("iou", kinds=(SEGMENTATION, BINARY)),
+    TverskyLoss: Contract("tversky", kinds=(SEGMENTATION, BINARY)),
+    DiceBCELoss: Contract("dice_bce", kinds=(SEGMENTATION, BINARY)),
 }
 
 
-class MaskAsFloatTarget(nn.Module):
-    """Torch's element-wise losses want float targets shaped like the outputs; binary
-    segmentation data gives integer masks (N, H, W): cast and reshape them on the way in."""
+def contract_of(loss: Any) -> Contract:
+    """The declared contract of ``loss``; a loss of the user's takes logits and labels."""
+    for cls in type(loss).__mro__:
+        if cls in CONTRACTS:
+            return CONTRACTS[cls]
+    return Contract(getattr(loss, "__name__", type(loss).__name__))
 
-    def __init__(self, loss: nn.Module) -> None:
+
+def fitting(kind: str) -> list[str]:
+    """The ``loss=`` options that train on a task of ``kind``."""
+    return [contract.name for contract in CONTRACTS.values() if kind in contract.kinds]
+
+
+def task_kind(task: str, num_classes: int) -> str:
+    if task not in (CLASSIFICATION, SEGMENTATION):
+        raise TrainlabError(f"data.task={task!r}; choose 'classification' or 'segmentation'")
+    if task == SEGMENTATION and num_classes == 1:
+        return BINARY
+    if num_classes < 2:
+        raise TrainlabError(f"data.num_classes={num_classes} for {task}; choose 2 or more "
+                            "(num_classes: 1 means binary, for segmentation masks)")
+    return task
+
+
+class ModelOutputLoss(nn.Module):
+    """Feeds ``loss`` what its contract takes: the activation of the model's logits and the
+    targets encoded as it wants them. Computed in float32 outside autocast, where
+    probabilities and their logarithms keep their precision."""
+
+    def __init__(self, loss: nn.Module, contract: Contract, num_classes: int) -> None:
         super().__init__()
-        self.loss = loss
+        self.loss, self.contract, self.num_classes = loss, contract, num_classes
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.loss(logits, targets.to(logits.dtype).reshape(logits.shape))
+        binary = self.num_classes == 1
+        with torch.autocast(logits.device.type, enabled=False):
+            outputs = logits.float()
+            if self.contract.takes == "log_probs":
+                outputs = F.logsigmoid(outputs) if binary else F.log_softmax(outputs, dim=1)
+            elif self.contract.takes == "probs":
+                outputs = torch.sigmoid(outputs) if binary else torch.softmax(outputs, dim=1)
+            if self.contract.targets == "dense":
+                if binary:
+                    targets = targets.to(outputs.dtype).reshape(outputs.shape)
+                else:
+                    targets = F.one_hot(targets.long(), self.num_classes).movedim(-1, 1)
+                    targets = targets.to(outputs.dtype)
+            return self.loss(outputs, targets)
 
 
+# ------------------------------------------------------------------ building and checking
 def build_loss(node: DictConfig, choice: str | None, data: DictConfig) -> Any:
-    """Build the loss of config ``node`` and check it on a tiny batch shaped like ``data``'s.
+    """Build the loss of config ``node`` for ``data``'s task and check it on a tiny batch.
 
-    Lists under ``weight``/``pos_weight`` become tensors. A loss that cannot take this task's
-    outputs and targets (``bce`` on class labels, class weights of the wrong length) fails
-    here, before any training step, with the losses that fit.
+    Lists under ``weight``/``pos_weight`` become tensors. A loss whose contract does not
+    fit the task (``dice`` on class labels, ``ce`` on one-channel masks), or whose class
+    weights have the wrong length, fails here in one line naming the losses that fit.
     """
     options = OmegaConf.to_container(node, resolve=True)
+    if options.get("ignore_index", 0) is None and str(options.get("_target_")).startswith("torch."):
+        del options["ignore_index"]  # data without one: torch's own default (-100)
     tensors = {
         key: torch.as_tensor(options.pop(key), dtype=torch.float)
         for key in TENSOR_ARGS if isinstance(options.get(key), list)
     }
     loss = build(OmegaConf.create(options), "loss", choice, **tensors)
-    binary_masks = data.task == "segmentation" and int(data.num_classes) == 1
-    if binary_masks and isinstance(loss, FLOAT_TARGET_LOSSES):
-        loss = MaskAsFloatTarget(loss)
-    check_loss(loss, choice or str(node.get("_target_")), data.task, int(data.num_classes))
+    num_classes = int(data.num_classes)
+    kind = task_kind(data.task, num_classes)
+    name = choice or str(node.get("_target_"))
+    contract = contract_of(loss)
+    described = f"data.task={data.task} with {num_classes} class{'es' * (num_classes > 1)}"
+    fits = f"losses that fit: {', '.join(fitting(kind))}"
+    if kind not in contract.kinds:
+        raise TrainlabError(f"loss={name} does not fit {described} ({kind}); {fits}")
+    if contract.targets == "dense" and data.get("ignore_index") is not None:
+        labelled = [c.name for c in CONTRACTS.values()
+                    if kind in c.kinds and c.targets == "indices"]
+        raise TrainlabError(
+            f"loss={name} compares whole masks and cannot leave out data.ignore_index="
+            f"{data.ignore_index} pixels; losses that can: {', '.join(labelled)}"
+        )
+    _check_class_weights(loss, name, num_classes, described)
+    if contract.takes != "logits" or contract.targets != "indices":
+        loss = ModelOutputLoss(loss, contract, num_classes)
+    check_loss(loss, name, kind, num_classes, f"{described}; {fits}")
     return loss
 
 
-def check_loss(loss: Any, name: str, task: str, num_classes: int) -> None:
-    """Run ``loss`` on random outputs and targets of ``task``; raise a clear error if it fails."""
-    if task not in ("classification", "segmentation"):
-        raise TrainlabError(
-            f"data.task={task!r}; choose 'classification' or 'segmentation'"
-        )
-    kind = "binary segmentation" if task == "segmentation" and num_classes == 1 else task
+def _check_class_weights(loss: Any, name: str, num_classes: int, described: str) -> None:
+    """``weight``/``pos_weight``/``alpha``: one number, or one per class (per output channel)."""
+    for key in (*TENSOR_ARGS, "alpha"):
+        value = getattr(loss, key, None)
+        if isinstance(value, torch.Tensor) and value.numel() not in (1, num_classes):
+            raise TrainlabError(
+                f"loss={name}: {key} has {value.numel()} values but {described} needs "
+                f"{num_classes} (one per class) or one number"
+            )
+
+
+def check_loss(loss: Any, name: str, kind: str, num_classes: int, context: str) -> None:
+    """Run ``loss`` on random logits and targets shaped as ``kind``'s data gives them."""
     n = num_classes + 2  # a batch size that cannot be mistaken for the class count
-    shape = (n,) if task == "classification" else (n, 3, 3)
-    if kind == "binary segmentation":
-        logits, targets = torch.randn(n, 1, 3, 3), torch.randint(0, 2, (n, 3, 3))  # as data gives
+    if kind == CLASSIFICATION:
+        logits, targets = torch.randn(n, num_classes), torch.randint(0, num_classes, (n,))
     else:
-        logits, targets = torch.randn(n, num_classes, *shape[1:]), torch.randint(
-            0, num_classes, shape
-        )
-    described = f"data.task={task} with {num_classes} classes"
-    fits = f"losses that fit: {FITTING[kind]}"
-    if kind != "binary segmentation" and isinstance(loss, FLOAT_TARGET_LOSSES):
-        raise TrainlabError(
-            f"loss={name} ({type(loss).__name__}) wants float targets shaped like the outputs, "
-            f"but {described} gives integer class labels; {fits}"
-        )
-    weight = getattr(loss, "weight", None)
-    if isinstance(weight, torch.Tensor) and weight.numel() not in (1, num_classes):
-        raise TrainlabError(
-            f"loss={name}: weight has {weight.numel()} values but {described} needs "
-            f"{num_classes} (one per class)"
-        )
-    core = loss.loss if isinstance(loss, MaskAsFloatTarget) else loss
-    if isinstance(core, nn.NLLLoss):
-        logits = torch.log_softmax(logits, dim=1)  # NLL takes log-probabilities
-    elif isinstance(core, nn.BCELoss):
-        logits = torch.sigmoid(logits)  # BCE takes probabilities
+        logits = torch.randn(n, num_classes, 3, 3)
+        targets = torch.randint(0, max(num_classes, 2), (n, 3, 3))
     try:
         value = loss(logits, targets)
     except (RuntimeError, ValueError, IndexError, TypeError) as err:
-        raise TrainlabError(f"loss={name} does not fit {described}: {err}; {fits}") from err
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TrainlabError(f"loss={name} does not fit {context} ({first})") from err
     if not isinstance(value, torch.Tensor) or value.dim() != 0:
         raise TrainlabError(
             f"loss={name} must return one number per batch; set its reduction to 'mean' or 'sum'"

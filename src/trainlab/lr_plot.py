@@ -26,7 +26,7 @@ def plot(cfg: DictConfig, out: Path) -> Path:
     from trainlab.data.loaders import build_loaders
     from trainlab.models.finetune import build_model
     from trainlab.optim import build_optimizer
-    from trainlab.schedulers import build_scheduler, lr_names, plot_lr, simulate
+    from trainlab.schedulers import build_scheduler, optimizer_steps, plot_lr, simulate
 
     choices = HydraConfig.get().runtime.choices
     epochs = int(cfg.trainer.max_epochs)
@@ -34,14 +34,16 @@ def plot(cfg: DictConfig, out: Path) -> Path:
     train_loader, _ = build_loaders(splits, cfg.data, int(cfg.seed), "cpu")
     model, _ = build_model(cfg.model, choices.get("model"))
     optimizer = build_optimizer(cfg.optimizer, model, choices.get("optimizer"))
-    steps = len(train_loader)
-    scheduled = build_scheduler(cfg.scheduler, optimizer, choices.get("scheduler"), steps, epochs)
-    lrs = simulate(scheduled, optimizer, steps, epochs)
-    names = lr_names(optimizer)
+    steps, accumulate = len(train_loader), int(cfg.trainer.accumulate_grad_batches)
+    scheduled = build_scheduler(cfg.scheduler, optimizer, choices.get("scheduler"),
+                                optimizer_steps(steps, accumulate), epochs)
+    lrs = simulate(scheduled, optimizer, steps, epochs, accumulate=accumulate)
     title = f"scheduler={choices.get('scheduler')}, {epochs} epochs × {steps} batches"
     if scheduled is not None and scheduled.needs_metric:
         title += " (monitored metric never improving)"
-    return plot_lr(range(len(lrs)), lrs, names, out, title, steps_per_epoch=steps)
+    if accumulate > 1:
+        title += f", optimizer step every {accumulate}"
+    return plot_lr(range(len(lrs)), lrs, out, title, steps_per_epoch=steps)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

@@ -23,7 +23,7 @@ from trainlab.distributed import select_device
 from trainlab.errors import TrainlabError
 from trainlab.metrics import TaskMetrics, plot_confusion
 from trainlab.precision import Precision
-from trainlab.schedulers import ScheduledLR, lr_names, plot_lr
+from trainlab.schedulers import ScheduledLR, current_lrs, plot_lr
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +110,9 @@ class Runner:
         self.scheduler = scheduler
         self.metrics = metrics or TaskMetrics("classification")
         self.metrics.check_monitor(monitor)
-        self.lr_history: list[tuple[int, list[float]]] = []  # (step, lrs) at every change
-        self._lr_pending: list[tuple[int, list[float]]] = []  # changes not yet logged
+        # (step, {metric name: lr}) at every change; groups may join mid-run (unfreezing)
+        self.lr_history: list[tuple[int, dict[str, float]]] = []
+        self._lr_pending: list[tuple[int, dict[str, float]]] = []  # changes not yet logged
         self.confusion: torch.Tensor | None = None
         self.max_epochs = int(max_epochs)
         self.monitor = monitor
@@ -166,13 +167,14 @@ class Runner:
             self._save_checkpoints(metrics, improved)
             metrics["epoch"] = epoch
             if self.lr_history[-1][0] != self.global_step:  # else logged as a change just now
-                metrics.update(zip(lr_names(self.optimizer), self.lr_history[-1][1], strict=True))
+                metrics.update(self.lr_history[-1][1])
             self.tracker.log_metrics(metrics, step=self.global_step)
             self._log_lr_changes()
             history.append(metrics)
             self._print_epoch(epoch, metrics, time.perf_counter() - started, improved)
             for callback in self.callbacks:
                 callback.on_epoch_end(self, epoch, metrics)
+            self._record_lr()  # a callback may have added a param group (unfreezing)
             if distributed.any_rank(self._signal is not None):
                 self._interrupted(self.checkpoint_dir / "last.pt")
             if self.should_stop:
@@ -281,17 +283,14 @@ class Runner:
 
     def _record_lr(self) -> None:
         """Note the lrs of the param groups when they differ from the last noted ones."""
-        lrs = [group["lr"] for group in self.optimizer.param_groups]
+        lrs = current_lrs(self.optimizer)
         if not self.lr_history or self.lr_history[-1][1] != lrs:
             self.lr_history.append((self.global_step, lrs))
             self._lr_pending.append((self.global_step, lrs))
 
     def _log_lr_changes(self) -> None:
         """Log every lr change since the last call, each at the step it took effect."""
-        names = lr_names(self.optimizer)
-        self.tracker.log_metric_series(
-            [(step, dict(zip(names, lrs, strict=True))) for step, lrs in self._lr_pending]
-        )
+        self.tracker.log_metric_series(list(self._lr_pending))
         self._lr_pending.clear()
 
     def _log_plots(self) -> None:
@@ -300,7 +299,7 @@ class Runner:
         steps = [step for step, _ in self.lr_history] + [self.global_step]
         lrs = [lrs for _, lrs in self.lr_history] + [self.lr_history[-1][1]]
         self.tracker.log_artifact(
-            plot_lr(steps, lrs, lr_names(self.optimizer), folder / "lr_curve.png",
+            plot_lr(steps, lrs, folder / "lr_curve.png",
                     steps_per_epoch=len(self.train_loader)), "plots")
         if self.confusion is not None:
             self.tracker.log_artifact(

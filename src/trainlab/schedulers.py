@@ -1,13 +1,18 @@
 """Learning-rate schedulers from config, and whether each steps per epoch or per batch.
 
 Lengths the user should not have to type are derived from the run: a ``null``
-``total_steps`` (OneCycleLR, warmup_cosine) becomes loader length × ``trainer.max_epochs``,
-a ``null`` ``T_max`` (cosine) the number of times the scheduler will step.
+``total_steps`` (OneCycleLR, warmup_cosine) or ``T_max`` (cosine) becomes the number of
+times the scheduler will step: optimizer steps (batches / ``accumulate_grad_batches``) ×
+``trainer.max_epochs`` per step, ``max_epochs`` per epoch. OneCycleLR's ``max_lr`` and
+CyclicLR's ``base_lr``/``max_lr`` follow each param group's lr (``optimizer.head_lr``).
+A param group added mid-run (gradual unfreezing) gets the scheduler's state of an
+existing group (``add_param_group``).
 """
 
 from __future__ import annotations
 
 import ast
+import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,6 +47,11 @@ class ScheduledLR:
             self.scheduler.step()
 
 
+def optimizer_steps(batches: int, accumulate: int = 1) -> int:
+    """Optimizer steps in an epoch of ``batches``: the last, partial accumulation steps too."""
+    return math.ceil(batches / max(1, int(accumulate)))
+
+
 def build_scheduler(
     node: DictConfig,
     optimizer: torch.optim.Optimizer,
@@ -49,21 +59,25 @@ def build_scheduler(
     steps_per_epoch: int = 1,
     max_epochs: int = 1,
 ) -> ScheduledLR | None:
-    """The scheduler of config ``node`` for ``optimizer``; ``None`` when ``_target_`` is null."""
+    """The scheduler of config ``node`` for ``optimizer``; ``None`` when ``_target_`` is null.
+
+    ``steps_per_epoch`` counts optimizer steps (see ``optimizer_steps``).
+    """
     if node is None or node.get("_target_") is None:
         return None
     options = OmegaConf.to_container(node, resolve=True)
     interval = options.pop("interval", None)
     if interval not in (None, *INTERVALS):
         raise TrainlabError(f"scheduler.interval={interval!r}; choose one of {INTERVALS}")
-    total_steps = steps_per_epoch * max_epochs
-    if "total_steps" in options and options["total_steps"] is None:
-        options["total_steps"] = total_steps
-    if "T_max" in options and options["T_max"] is None:
-        options["T_max"] = total_steps if interval == "step" else max_epochs
-    scheduler = build(OmegaConf.create(options), "scheduler", choice)(optimizer)
     if interval is None:
-        interval = "step" if type(scheduler).__name__ in PER_BATCH else "epoch"
+        per_batch = str(options["_target_"]).rsplit(".", 1)[-1] in PER_BATCH
+        interval = "step" if per_batch else "epoch"
+    length = steps_per_epoch * max_epochs if interval == "step" else max_epochs
+    for key in ("total_steps", "T_max"):
+        if key in options and options[key] is None:
+            options[key] = length
+    _peaks_per_group(options, optimizer)
+    scheduler = build(OmegaConf.create(options), "scheduler", choice)(optimizer)
     scheduled = ScheduledLR(scheduler, interval)
     if scheduled.needs_metric and interval == "step":
         raise TrainlabError(
@@ -71,6 +85,44 @@ def build_scheduler(
             "computed after each epoch's validation; set scheduler.interval=epoch"
         )
     return scheduled
+
+
+def _peaks_per_group(options: dict, optimizer: torch.optim.Optimizer) -> None:
+    """A single ``max_lr``/``base_lr`` becomes one per param group, scaled as each group's
+    lr is to ``optimizer.lr``: the head keeps its ``head_lr`` ratio through the cycle."""
+    base = optimizer.defaults.get("lr")
+    if not base:
+        return
+    ratios = [group["lr"] / base for group in optimizer.param_groups]
+    if all(ratio == 1 for ratio in ratios):
+        return
+    for key in ("max_lr", "base_lr"):
+        if isinstance(options.get(key), (int, float)):
+            options[key] = [options[key] * ratio for ratio in ratios]
+            options["_convert_"] = "all"  # torch wants plain lists
+
+
+# scheduler attributes that are lists but not one entry per param group
+_NOT_PER_GROUP = {"_schedulers", "_milestones", "milestones", "_schedule_phases"}
+
+
+def add_param_group(
+    optimizer: torch.optim.Optimizer, scheduler: object | None, group: dict, like: int = 0
+) -> None:
+    """Add ``group`` to the optimizer as a copy of group ``like``'s schedule: its current
+    lr and the scheduler's per-group state (``initial_lr``, OneCycleLR's ``max_lr``, the
+    ``base_lrs``, ``lr_lambdas``, … lists), so the new group follows the same curve."""
+    reference = optimizer.param_groups[like]
+    n_groups = len(optimizer.param_groups)
+    new = {key: copy.deepcopy(value) for key, value in reference.items() if key != "params"}
+    optimizer.add_param_group({**new, **group})
+    pending = [scheduler] if scheduler is not None else []
+    while pending:
+        current = pending.pop()
+        pending += getattr(current, "_schedulers", [])
+        for name, value in vars(current).items():
+            if name not in _NOT_PER_GROUP and isinstance(value, list) and len(value) == n_groups:
+                value.append(copy.copy(value[like]))
 
 
 def warmup_cosine(
@@ -138,30 +190,34 @@ def multiplicative(
     return lr_scheduler.MultiplicativeLR(optimizer, expression(lr_lambda, "epoch"))
 
 
-def lr_names(optimizer: torch.optim.Optimizer) -> list[str]:
-    """Metric names of the param groups' lrs: ``lr``, or ``lr/<group name>`` for several."""
+def current_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """The param groups' lrs by metric name: ``lr``, or ``lr/<group name>`` for several."""
     groups = optimizer.param_groups
     if len(groups) == 1:
-        return ["lr"]
-    return [f"lr/{group.get('name', f'group{i}')}" for i, group in enumerate(groups)]
+        return {"lr": groups[0]["lr"]}
+    return {f"lr/{group.get('name', f'group{i}')}": group["lr"] for i, group in enumerate(groups)}
 
 
 def simulate(
     scheduled: ScheduledLR | None,
     optimizer: torch.optim.Optimizer,
-    steps_per_epoch: int,
+    batches_per_epoch: int,
     max_epochs: int,
     metric: float = 0.0,
-) -> list[list[float]]:
-    """The lr of every param group at each training step, stepping as the runner does.
+    accumulate: int = 1,
+) -> list[dict[str, float]]:
+    """The lr of every param group at each training batch, stepping as the runner does
+    (the optimizer and a per-step scheduler once every ``accumulate`` batches).
 
     The optimizer steps without gradients (a no-op on the weights); ``plateau`` sees the
     same ``metric`` every epoch, i.e. a run that never improves.
     """
     lrs = []
     for _ in range(max_epochs):
-        for _ in range(steps_per_epoch):
-            lrs.append([group["lr"] for group in optimizer.param_groups])
+        for index in range(batches_per_epoch):
+            lrs.append(current_lrs(optimizer))
+            if (index + 1) % accumulate and index + 1 != batches_per_epoch:
+                continue
             optimizer.step()
             if scheduled is not None and scheduled.interval == "step":
                 scheduled.step()
@@ -171,17 +227,19 @@ def simulate(
 
 
 def plot_lr(
-    steps: Sequence[int], lrs: Sequence[Sequence[float]], names: Sequence[str],
-    path: str | Path, title: str = "learning rate", steps_per_epoch: int | None = None,
+    steps: Sequence[int], lrs: Sequence[dict[str, float]], path: str | Path,
+    title: str = "learning rate", steps_per_epoch: int | None = None,
 ) -> Path:
-    """Write the lr of each param group over training steps as a PNG (a step plot)."""
+    """Write the lr of each param group over training steps as a PNG (a step plot); a group
+    added mid-run (gradual unfreezing) starts where it appears."""
     from trainlab.plots import pyplot, save_figure
 
     plt = pyplot()
 
+    names = list(dict.fromkeys(name for row in lrs for name in row))
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    for index, name in enumerate(names):
-        ax.step(steps, [row[index] for row in lrs], where="post", label=name)
+    for name in names:
+        ax.step(steps, [row.get(name, math.nan) for row in lrs], where="post", label=name)
     if steps_per_epoch:
         ax.secondary_xaxis(
             "top", functions=(lambda s: s / steps_per_epoch, lambda e: e * steps_per_epoch)

@@ -121,6 +121,7 @@ class MlflowSweep(Callback):
         self.parent_run_id: str | None = None
         self.swept: set[str] = set()
         self.monitor = ("val/acc", "max")
+        self.register_model: str | None = None  # its best job's version becomes the champion
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from hydra.utils import instantiate
@@ -131,6 +132,7 @@ class MlflowSweep(Callback):
         experiment_id = instantiate(config.logger).connect()
         self.swept = swept_keys(overrides, config.hydra.sweeper)
         self.monitor = (config.trainer.monitor, config.trainer.monitor_mode)
+        self.register_model = OmegaConf.select(config, "logger.register_model")
         optuna = "n_trials" in config.hydra.sweeper
         key = sweep_key(config, sweep_dir, optuna)
         self.parent_run_id = open_parent(experiment_id, key, tags={
@@ -198,6 +200,13 @@ class MlflowSweep(Callback):
             client.log_artifact(self.parent_run_id, str(results))
         if (sweep_dir / OPTUNA_PLOTS).is_dir():
             client.log_artifacts(self.parent_run_id, str(sweep_dir / OPTUNA_PLOTS), "plots")
+        if self.register_model:
+            from trainlab.tracking import promote_champion
+
+            version = promote_champion(client, self.register_model, children, metric, mode)
+            if version is not None:
+                client.set_tag(self.parent_run_id, "trainlab.champion",
+                               f"{self.register_model} version {version}")
         if any(r.info.status == "RUNNING" for r in children) and status == "FINISHED":
             return  # another process is still sweeping: it closes the parent
         client.set_terminated(self.parent_run_id, status)

@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -15,17 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from trainlab.errors import TrainlabError
+from trainlab.outbox import Outbox, bounded_http_calls
 
 log = logging.getLogger(__name__)
 
 PARENT_RUN_ENV = "TRAINLAB_PARENT_RUN_ID"  # set in a sweep's jobs: the sweep's parent run
+MODEL_FORMATS = ("pickle", "pt2")
 PARAM_VALUE_LIMIT = 6000  # MLflow rejects longer param values
-METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch call
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -84,6 +85,21 @@ def git_commit(cwd: str | Path = ".") -> str | None:
 
 
 @contextlib.contextmanager
+def store_creation_lock(tracking_uri: str) -> Iterator[None]:
+    """Serialise the first use of a sqlite store: MLflow creates and migrates its schema on
+    first contact, and two processes doing it at once break each other's migration."""
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    from filelock import FileLock
+
+    database = Path(tracking_uri[len("sqlite:///"):].split("?")[0])
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{database}.lock", timeout=300):
+        yield
+
+
+@contextlib.contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
     """SIGTERM (a scheduler or `kill` stopping the job) ends the run like Ctrl-C: KILLED."""
     if threading.current_thread() is not threading.main_thread():
@@ -111,15 +127,29 @@ class MlflowTracker:
         log_model: bool = True,
         log_checkpoints: bool = True,
         flush_every_s: float = 5.0,
+        retry_every_s: float = 5.0,
+        close_timeout_s: float = 10.0,
+        model_format: str = "pickle",
+        register_model: str | None = None,
     ) -> None:
+        if model_format not in MODEL_FORMATS:
+            raise TrainlabError(
+                f"logger.model_format={model_format!r}; choose pickle (load_model gives back "
+                "the trained module) or pt2 (a torch.export graph, for inference only)"
+            )
+        self.model_format = model_format
+        self.register_model = register_model or None
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment_name
         self.log_every_n_steps = int(log_every_n_steps)
         self.log_model_enabled = log_model
         self.log_checkpoints = log_checkpoints
         self.flush_every_s = float(flush_every_s)
+        self.retry_every_s = float(retry_every_s)
+        self.close_timeout_s = float(close_timeout_s)
         self.run_id: str | None = None
-        self._pending: list = []  # metrics not yet sent, flushed by time and at run end
+        self._outbox: Outbox | None = None  # sends the open run's calls off the training thread
+        self._pending: list = []  # metrics not yet handed to the outbox, batched by time
         self._flushed_at = time.monotonic()
 
     # --------------------------------------------------------------- lifecycle
@@ -129,8 +159,10 @@ class MlflowTracker:
             mlflow.set_tracking_uri(self.tracking_uri)
         uri = mlflow.get_tracking_uri()
         if uri.startswith(("http://", "https://")):
+            bounded_http_calls()
             self._check_server(uri)
-        return self._experiment_id()
+        with store_creation_lock(uri):
+            return self._experiment_id()
 
     def _check_server(self, uri: str) -> None:
         import requests
@@ -161,11 +193,14 @@ class MlflowTracker:
 
     @contextlib.contextmanager
     def run(
-        self, run_name: str, tags: Mapping[str, str], run_id: str | None = None
+        self, run_name: str, tags: Mapping[str, str], run_id: str | None = None,
+        spool_dir: Path | None = None,
     ) -> Iterator[MlflowTracker]:
         """A run that ends FINISHED, FAILED (exception) or KILLED (Ctrl-C), whatever happens.
 
         With ``run_id`` (a resumed checkpoint's run) that run is reopened and continued.
+        Calls made inside go through an :class:`Outbox`; what the store cannot take before
+        the run ends waits in ``spool_dir`` for `trainlab sync`.
         """
         experiment_id = self.connect()
         # A run left active by an earlier job in this process must not swallow this one.
@@ -175,16 +210,18 @@ class MlflowTracker:
         parent = os.environ.get(PARENT_RUN_ENV)  # set by sweeps.MlflowSweep
         if parent:
             tags["mlflow.parentRunId"] = parent
+        if run_id is None:
+            run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
+        else:
+            run = self._reopen(run_id)
+        self.run_id = run.info.run_id
         status = "FAILED"
-        try:  # from the first call on: a Ctrl-C at any point still closes the run KILLED
-            if run_id is None:
-                run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
-            else:
-                run = self._reopen(run_id)
-                mlflow.set_tags(tags)
-            self.run_id = run.info.run_id
+        try:  # from here on a Ctrl-C at any point still closes the run KILLED
             log.info("MLflow run %s (%s) in %s", run_name, self.run_id,
                      mlflow.get_tracking_uri())
+            self._open_outbox(spool_dir)
+            if run_id is not None:
+                self.set_tags(tags)
             with _sigterm_as_interrupt():
                 yield self
             status = "FINISHED"
@@ -192,14 +229,38 @@ class MlflowTracker:
             status = "KILLED"
             raise
         except Exception as err:
-            mlflow.set_tag("trainlab.error", f"{type(err).__name__}: {err}"[:5000])
+            if self._outbox is not None:
+                self.set_tags({"trainlab.error": f"{type(err).__name__}: {err}"[:5000]})
             raise
         finally:
-            try:
-                self.flush()
-                mlflow.flush_async_logging()
-            finally:
+            # Ctrl-C does not wait for a server that is down; the spool keeps the rest
+            if self._outbox is not None:
+                self._close_outbox({"call": "status", "status": status},
+                                   wait_offline=status != "KILLED")
+            with contextlib.suppress(Exception):  # the outbox sent (or spooled) the status
                 mlflow.end_run(status=status)
+
+    def _open_outbox(self, spool_dir: Path | None) -> None:
+        self._outbox = Outbox(mlflow.get_tracking_uri(), self.run_id,
+                              Path(spool_dir).resolve() if spool_dir else None,
+                              retry_every_s=self.retry_every_s)
+
+    def _close_outbox(self, last_call: dict[str, Any] | None = None,
+                      wait_offline: bool = True) -> None:
+        """Hand over the queued metrics (and ``last_call``), wait a bounded time for them
+        to be sent, and say where the rest waits."""
+        self.flush()
+        if last_call is not None:
+            self._outbox.put(last_call)
+        outbox, self._outbox = self._outbox, None
+        left = outbox.close(self.close_timeout_s, wait_offline)
+        if left and outbox.spool_dir is not None:
+            print(f"MLflow did not take {left} calls of run {self.run_id}; they wait in "
+                  f"{outbox.spool_dir}: send them with `trainlab sync "
+                  f"{outbox.spool_dir.parent}`", file=sys.stderr, flush=True)
+        elif left:
+            log.warning("MLflow did not take %d calls of run %s; they are lost", left,
+                        self.run_id)
 
     def _reopen(self, run_id: str):
         try:
@@ -211,18 +272,16 @@ class MlflowTracker:
             ) from err
 
     @contextlib.contextmanager
-    def attach(self, run_id: str) -> Iterator[MlflowTracker]:
+    def attach(self, run_id: str, spool_dir: Path | None = None) -> Iterator[MlflowTracker]:
         """Log into a run another process owns (a DDP worker logging for the launching job);
         its final status stays the owner's to set."""
         self.connect()
         self.run_id = self._reopen(run_id).info.run_id
+        self._open_outbox(spool_dir)
         try:
             yield self
         finally:
-            try:
-                self.flush()
-            finally:
-                mlflow.flush_async_logging()
+            self._close_outbox()
 
     # ----------------------------------------------------------------- logging
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -237,7 +296,8 @@ class MlflowTracker:
         if changed:
             log.warning("resumed run keeps its logged params; not re-logged: %s",
                         ", ".join(f"{k}={clean[k]}" for k in changed))
-        mlflow.log_params({k: v for k, v in clean.items() if k not in logged})
+        self._outbox.put({"call": "params",
+                          "params": {k: v for k, v in clean.items() if k not in logged}})
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Queue ``metrics`` at ``step``; they reach MLflow every ``flush_every_s`` seconds."""
@@ -260,45 +320,93 @@ class MlflowTracker:
             self.flush()
 
     def flush(self) -> None:
-        """Send the queued metrics now (also done when the run ends, whatever its status)."""
+        """Hand the queued metrics to the outbox as one batch (also done at the run's end)."""
         self._flushed_at = time.monotonic()
-        if self._pending and self.run_id is not None:
+        if self._pending and self._outbox is not None:
             pending, self._pending = self._pending, []
-            metrics = [Metric(*row) for row in pending]
-            client = MlflowClient()
-            for start in range(0, len(metrics), METRICS_PER_BATCH):
-                client.log_batch(self.run_id, metrics=metrics[start : start + METRICS_PER_BATCH])
+            self._outbox.put({"call": "metrics", "rows": pending})
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        mlflow.set_tags({key: str(value) for key, value in tags.items()})
+        self._outbox.put({"call": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        mlflow.log_text(text, artifact_file)
+        self._outbox.put({"call": "text", "text": text, "file": artifact_file})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        mlflow.log_artifact(str(path), artifact_path)
+        self._outbox.put({"call": "artifact", "path": str(Path(path).resolve()),
+                          "artifact_path": artifact_path})
 
     def log_artifacts(self, folder: str | Path, artifact_path: str | None = None) -> None:
         if Path(folder).is_dir():
-            mlflow.log_artifacts(str(folder), artifact_path)
+            self._outbox.put({"call": "artifacts", "path": str(Path(folder).resolve()),
+                              "artifact_path": artifact_path})
 
     def log_model(self, model: Any, input_example: Any) -> None:
-        """Log the model so ``mlflow.pytorch.load_model("runs:/<id>/model")`` brings it back.
+        """Log the model so ``mlflow.pytorch.load_model("runs:/<id>/model")`` brings it back,
+        registered as ``register_model`` when that is set.
 
+        ``pickle`` (the default) gives back the module itself (``.eval()``, ``.train()``,
+        fine-tunable) and saves in well under a second; trainlab's own code travels with it
+        so it loads where trainlab is not installed. ``pt2`` is torch.export's graph.
         Requirements are given explicitly: inferring them costs several seconds per run.
         """
-        import torch
-
         if not self.log_model_enabled:
             return
+        if self._outbox is not None and self._outbox.offline:
+            print("warning: the model is not logged: MLflow does not answer; its weights are "
+                  "in the run's checkpoints/best.pt", file=sys.stderr, flush=True)
+            return
         import mlflow.pytorch
+
+        import trainlab
 
         mlflow.pytorch.log_model(
             model,
             name="model",
             input_example=input_example,
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            serialization_format=self.model_format,
+            pip_requirements=model_requirements(model),
+            code_paths=[str(Path(trainlab.__file__).parent)] if self.model_format == "pickle"
+            else None,
+            registered_model_name=self.register_model,
         )
+
+
+def model_requirements(model: Any) -> list[str]:
+    """torch, and the model libraries whose classes the model is made of (timm, torchvision)."""
+    from importlib.metadata import version
+
+    libraries = {"torch"} | {
+        type(module).__module__.split(".")[0] for module in model.modules()
+    } & {"timm", "torchvision"}
+    return [f"{name}=={version(name).split('+')[0]}" for name in sorted(libraries)]
+
+
+CHAMPION = "champion"
+
+
+def promote_champion(client: MlflowClient, name: str, runs: Sequence, metric: str,
+                     mode: str) -> str | None:
+    """Give alias ``champion`` to the version of registered model ``name`` whose run (among
+    ``runs``, a sweep's jobs) reached the best ``metric``; returns that version."""
+    import math
+
+    versions = {v.run_id: v.version for v in client.search_model_versions(f"name='{name}'")}
+    scored = []
+    for run in runs:
+        if run.info.run_id in versions and run.info.status == "FINISHED":
+            history = client.get_metric_history(run.info.run_id, metric)
+            values = [m.value for m in history if math.isfinite(m.value)]
+            if values:
+                best = min(values) if mode == "min" else max(values)
+                scored.append((best if mode == "min" else -best, run.info.run_id))
+    if not scored:
+        log.warning("no finished job of this sweep registered a version of %s", name)
+        return None
+    version = versions[min(scored)[1]]
+    client.set_registered_model_alias(name, CHAMPION, version)
+    log.info("registered model %s: version %s is the %s", name, version, CHAMPION)
+    return version
 
 
 class NullTracker:

@@ -41,6 +41,20 @@ def run_name_and_tags(hydra_cfg: DictConfig) -> tuple[str, dict[str, str]]:
     return name, tags
 
 
+def torchrun_rank_overrides() -> list[str]:
+    """Under an outside ``torchrun``, ranks other than 0 write no output dir of their own:
+    Hydra's is pointed at a temporary folder, and the run uses rank 0's (``from_rank0``)."""
+    if os.environ.get("RANK", "0") == "0" or "WORLD_SIZE" not in os.environ:
+        return []
+    import atexit
+    import shutil
+    import tempfile
+
+    scratch = tempfile.mkdtemp(prefix="trainlab-rank")
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    return [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
+
+
 def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbacks=(),
         device=None, resume: Path | None = None):
     """Build data → model → loss → optimizer → scheduler → runner, then train (as one DDP
@@ -53,7 +67,7 @@ def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbac
     from trainlab.metrics import TaskMetrics
     from trainlab.models.finetune import build_model
     from trainlab.optim import build_optimizer
-    from trainlab.schedulers import build_scheduler
+    from trainlab.schedulers import build_scheduler, optimizer_steps
 
     metrics = TaskMetrics(cfg.data.task, cfg.data.num_classes, cfg.data.get("ignore_index"))
     metrics.check_monitor(cfg.trainer.monitor)  # before any data is loaded
@@ -69,7 +83,8 @@ def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbac
     optimizer = build_optimizer(cfg.optimizer, model, choices.get("optimizer"))
     scheduler = build_scheduler(
         cfg.scheduler, optimizer, choices.get("scheduler"),
-        steps_per_epoch=len(train_loader), max_epochs=int(cfg.trainer.max_epochs),
+        steps_per_epoch=optimizer_steps(len(train_loader), cfg.trainer.accumulate_grad_batches),
+        max_epochs=int(cfg.trainer.max_epochs),
     )
     precision = build(cfg.precision, "precision", choices.get("precision"))
     if distributed.is_main_process():
@@ -121,6 +136,7 @@ def run(cfg: DictConfig) -> float:
     from trainlab import distributed
     from trainlab.checkpoint import load_checkpoint, resolve_resume
     from trainlab.components import build
+    from trainlab.outbox import SPOOL_DIR
     from trainlab.seeding import seed_everything
     from trainlab.sweeps import finished_job, job_callbacks
     from trainlab.tracking import NullTracker, comparable_params
@@ -133,11 +149,13 @@ def run(cfg: DictConfig) -> float:
     choices = OmegaConf.to_container(hydra_cfg.runtime.choices)
     seed_everything(int(cfg.seed), bool(cfg.trainer.deterministic))
     launch = distributed.plan_launch(cfg.trainer.accelerator, cfg.trainer.get("devices", 1))
-    resume = resolve_resume(cfg.trainer.get("resume"), output_dir)
-    run_id = load_checkpoint(resume).get("mlflow_run_id") if resume else None
     device = None
     if launch.external:
         device = distributed.init_process_group(launch, int(os.environ["RANK"]))
+        output_dir = Path(distributed.from_rank0(str(output_dir)))  # the others made none
+    resume = resolve_resume(cfg.trainer.get("resume"), output_dir)
+    run_id = load_checkpoint(resume).get("mlflow_run_id") if resume else None
+    if launch.external:
         if not distributed.is_main_process():
             fit(cfg, NullTracker(cfg.logger), output_dir, choices, device=device, resume=resume)
             return float("nan")
@@ -145,7 +163,7 @@ def run(cfg: DictConfig) -> float:
     run_name, tags = run_name_and_tags(hydra_cfg)
     if resume:
         tags["trainlab.resumed_from"] = str(resume.resolve())
-    with tracker.run(run_name, tags, run_id=run_id):
+    with tracker.run(run_name, tags, run_id=run_id, spool_dir=output_dir / SPOOL_DIR):
         tracker.log_params(comparable_params(cfg, choices))
         tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         tracker.log_artifacts(output_dir / ".hydra", ".hydra")
@@ -179,7 +197,7 @@ def cli(args: list[str]) -> int:
     from trainlab.sweeps import close_open_sweeps
 
     try:
-        return run_hydra_app(main, "train", args)
+        return run_hydra_app(main, "train", [*args, *torchrun_rank_overrides()])
     except KeyboardInterrupt:
         close_open_sweeps("KILLED")
         raise

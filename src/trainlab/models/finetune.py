@@ -280,7 +280,8 @@ def freeze_layers(
 class GradualUnfreeze:
     """Runner callback: after ``at_epoch`` epochs every layer trains.
 
-    Newly trainable parameters join the optimizer as a new group at the current learning rate.
+    Newly trainable parameters join the optimizer as a group named ``unfrozen`` that
+    follows the first group's schedule (its lr and the scheduler's state for it).
     """
 
     def __init__(self, model: nn.Module, at_epoch: int) -> None:
@@ -292,6 +293,8 @@ class GradualUnfreeze:
             return
         from timm.layers import unfreeze_batch_norm_2d
 
+        from trainlab.schedulers import add_param_group
+
         device = next(self.model.parameters()).device
         unfreeze_batch_norm_2d(self.model).to(device)
         optimizer = runner.optimizer
@@ -301,12 +304,6 @@ class GradualUnfreeze:
             return
         for param in new:
             param.requires_grad_(True)
-        first = optimizer.param_groups[0]
-        group = {"params": new, "lr": first["lr"]}
-        if "initial_lr" in first:
-            group["initial_lr"] = first["initial_lr"]
-        optimizer.add_param_group(group)
         scheduler = getattr(getattr(runner, "scheduler", None), "scheduler", None)
-        if scheduler is not None and hasattr(scheduler, "base_lrs"):
-            scheduler.base_lrs.append(group.get("initial_lr", first["lr"]))
+        add_param_group(optimizer, scheduler, {"params": new, "name": "unfrozen"})
         log.info("epoch %d: unfroze %d parameter tensors", epoch + 1, len(new))

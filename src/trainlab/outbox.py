@@ -1,0 +1,275 @@
+"""MLflow calls of one run, sent in order by a background thread; a spool on disk while the
+tracking server does not answer, and `trainlab sync OUTPUT_DIR` to deliver what a run left.
+
+Training never waits on the server: the loop hands calls to an :class:`Outbox` and goes on.
+HTTP calls get short timeouts and no retries of MLflow's own (``bounded_http_calls``); the
+outbox retries instead, and while the server is down it appends every call to
+``OUTPUT_DIR/mlflow-spool/*.jsonl``. Every call is safe to repeat (the store keeps one copy
+of an identical metric, params and tags are set to the same value, artifacts overwrite),
+so a call whose answer was lost can be sent again without duplicating anything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SPOOL_DIR = "mlflow-spool"
+RUN_FILE = "run.json"
+METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch call
+PARAMS_PER_BATCH = 100
+# MLflow retries an HTTP call for minutes by default; trainlab retries on its own terms.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+
+
+def bounded_http_calls() -> None:
+    """Short timeouts and no retry loops for MLflow's HTTP calls (a user's own values win)."""
+    for name, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
+
+class ServerUnreachable(Exception):
+    """The tracking store did not answer (connection refused, timeout, 5xx)."""
+
+
+def send(client: Any, run_id: str, call: dict[str, Any]) -> None:
+    """Make one recorded call against ``run_id``; ``ServerUnreachable`` when the store is down."""
+    import requests
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.exceptions import MlflowException
+
+    kind = call["call"]
+    try:
+        if kind == "metrics":
+            metrics = [Metric(*row) for row in call["rows"]]
+            for start in range(0, len(metrics), METRICS_PER_BATCH):
+                client.log_batch(run_id, metrics=metrics[start : start + METRICS_PER_BATCH])
+        elif kind == "params":
+            params = [Param(k, v) for k, v in call["params"].items()]
+            for start in range(0, len(params), PARAMS_PER_BATCH):
+                client.log_batch(run_id, params=params[start : start + PARAMS_PER_BATCH])
+        elif kind == "tags":
+            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in call["tags"].items()])
+        elif kind == "text":
+            client.log_text(run_id, call["text"], call["file"])
+        elif kind == "artifact":
+            if Path(call["path"]).exists():  # a file deleted since is nothing to send
+                client.log_artifact(run_id, call["path"], call["artifact_path"])
+        elif kind == "artifacts":
+            if Path(call["path"]).is_dir():
+                client.log_artifacts(run_id, call["path"], call["artifact_path"])
+        elif kind == "status":
+            client.set_terminated(run_id, call["status"])
+        else:
+            raise ValueError(f"unknown MLflow call {kind!r}")
+    except (requests.RequestException, ConnectionError, TimeoutError) as err:
+        raise ServerUnreachable(str(err).splitlines()[0]) from err
+    except MlflowException as err:
+        if err.get_http_status_code() >= 500:  # connection errors and timeouts included
+            raise ServerUnreachable(str(err).splitlines()[0]) from err
+        raise
+
+
+class Outbox:
+    """Sends one run's calls on a daemon thread, in the order they were made.
+
+    While the store is unreachable the calls wait in memory and in the spool file; the thread
+    tries again every ``retry_every_s`` and, once the store answers, sends them and empties
+    the spool. ``close`` waits a bounded time and leaves whatever is unsent in the spool.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, spool_dir: Path | None,
+                 retry_every_s: float = 5.0) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+        self.client = MlflowClient(tracking_uri)
+        self.spool_dir = Path(spool_dir) if spool_dir else None
+        self.spool_file: Path | None = None  # this process's spool, made when first needed
+        self.retry_every_s = float(retry_every_s)
+        self._calls: deque[dict[str, Any]] = deque()
+        self._spooled = 0  # calls at the queue's front already written to the spool file
+        self._lock = threading.Condition()
+        self._closing = False  # no more calls will come
+        self._stopped = False  # close gave up: the thread sends nothing more
+        self.offline = False
+        self._thread = threading.Thread(target=self._send_loop, name="mlflow-sender", daemon=True)
+        self._thread.start()
+
+    def put(self, call: dict[str, Any]) -> None:
+        with self._lock:
+            self._calls.append(call)
+            if self.offline:
+                self._spool_new()
+            self._lock.notify()
+
+    # ------------------------------------------------------------------ sender thread
+    def _send_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._calls and not self._closing:
+                    self._lock.wait()
+                if not self._calls or self._stopped:
+                    return
+                call = self._calls[0]
+            try:
+                send(self.client, self.run_id, call)
+            except ServerUnreachable as err:
+                self._went_offline(err)
+                with self._lock:
+                    if not self._stopped:
+                        self._lock.wait(self.retry_every_s)  # or until close asks once more
+                continue
+            except Exception as err:  # a call the store refuses: report it, send the rest
+                log.warning("MLflow refused a %s call for run %s: %s", call["call"], self.run_id,
+                            str(err).splitlines()[0])
+            with self._lock:
+                self._calls.popleft()
+                self._spooled = max(0, self._spooled - 1)
+                if self.offline:
+                    self._back_online()
+                if not self._calls:
+                    self._drop_spool()  # everything in it went through
+                self._lock.notify_all()
+
+    def _went_offline(self, err: Exception) -> None:
+        with self._lock:
+            if self.offline:
+                return
+            self.offline = True
+            self._spool_new()
+        where = f"; spooling to {self.spool_dir}" if self.spool_dir else ""
+        print(f"warning: MLflow at {self.tracking_uri} does not answer ({err}); training goes "
+              f"on{where}", file=sys.stderr, flush=True)
+
+    def _back_online(self) -> None:
+        """Called with the lock held after a call went through while offline."""
+        self.offline = False
+        print(f"MLflow at {self.tracking_uri} answers again; sending {len(self._calls)} "
+              "waiting calls", file=sys.stderr, flush=True)
+
+    # ------------------------------------------------------------------ spool
+    def _spool_new(self) -> None:
+        """Append the calls not yet in the spool file (lock held)."""
+        if self.spool_dir is None or self._spooled == len(self._calls):
+            return
+        if self.spool_file is None:
+            self.spool_dir.mkdir(parents=True, exist_ok=True)
+            write_run_file(self.spool_dir, self.tracking_uri, self.run_id)
+            self.spool_file = self.spool_dir / f"{time.time_ns()}-{os.getpid()}.jsonl"
+        with self.spool_file.open("a") as handle:
+            for call in list(self._calls)[self._spooled:]:
+                handle.write(json.dumps(call) + "\n")
+        self._spooled = len(self._calls)
+
+    def _drop_spool(self) -> None:
+        if self.spool_file is not None:
+            self.spool_file.unlink(missing_ok=True)
+            self.spool_file = None
+            self._spooled = 0
+            remove_if_empty(self.spool_dir)
+
+    # ------------------------------------------------------------------ end
+    def close(self, timeout_s: float, wait_offline: bool = True) -> int:
+        """Let the thread send what it can within ``timeout_s`` (while the store is down only
+        with ``wait_offline``); returns how many calls are left unsent, then kept in the spool
+        (or lost without a spool dir)."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            self._closing = True
+            self._lock.notify_all()  # a thread waiting to retry tries once more now
+            while self._calls and time.monotonic() < deadline:
+                if self.offline and not wait_offline:
+                    break
+                self._lock.wait(min(0.2, max(0.0, deadline - time.monotonic())))
+            left = len(self._calls)
+            if left:
+                self._spool_new()
+                self._stopped = True
+                self._lock.notify_all()
+        if not left:
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+        return left
+
+
+# ---------------------------------------------------------------------- spool files
+def write_run_file(spool_dir: Path, tracking_uri: str, run_id: str) -> None:
+    path = spool_dir / RUN_FILE
+    if not path.exists():
+        path.write_text(json.dumps({"tracking_uri": tracking_uri, "run_id": run_id}) + "\n")
+
+
+def remove_if_empty(spool_dir: Path | None) -> None:
+    """Remove the spool folder once no process's spool file is left in it."""
+    if spool_dir is None or any(spool_dir.glob("*.jsonl")):
+        return
+    (spool_dir / RUN_FILE).unlink(missing_ok=True)
+    with_contents = spool_dir.exists() and any(spool_dir.iterdir())
+    if spool_dir.exists() and not with_contents:
+        spool_dir.rmdir()
+
+
+def spooled_calls(spool_dir: Path) -> tuple[dict[str, str], list[Path], list[dict[str, Any]]]:
+    """The run a spool belongs to, its files and its calls in order (final status last)."""
+    run = json.loads((spool_dir / RUN_FILE).read_text())
+    files = sorted(spool_dir.glob("*.jsonl"))
+    calls = [json.loads(line) for path in files for line in path.read_text().splitlines()
+             if line.strip()]
+    calls.sort(key=lambda call: call["call"] == "status")  # stable: order kept otherwise
+    return run, files, calls
+
+
+def sync(output_dir: str | os.PathLike) -> int:
+    """Send the spool a run left in ``output_dir``; returns how many calls were sent."""
+    from mlflow.tracking import MlflowClient
+
+    from trainlab.errors import TrainlabError
+
+    spool_dir = Path(output_dir) / SPOOL_DIR
+    if not (spool_dir / RUN_FILE).is_file():
+        raise TrainlabError(f"{output_dir} has no {SPOOL_DIR}/ to send: nothing waits there")
+    run, files, calls = spooled_calls(spool_dir)
+    bounded_http_calls()
+    client = MlflowClient(run["tracking_uri"])
+    try:
+        for call in calls:
+            send(client, run["run_id"], call)
+    except ServerUnreachable as err:
+        raise TrainlabError(
+            f"MLflow at {run['tracking_uri']} does not answer ({err}); the spool is kept, "
+            "try again later"
+        ) from None
+    for path in files:
+        path.unlink()
+    remove_if_empty(spool_dir)
+    return len(calls)
+
+
+def sync_cli(args: list[str]) -> int:
+    """`trainlab sync OUTPUT_DIR...`."""
+    from trainlab.errors import TrainlabError
+
+    if not args or any(arg.startswith("-") for arg in args):
+        print("usage: trainlab sync OUTPUT_DIR [OUTPUT_DIR ...]  (sends the MLflow calls a run "
+              "spooled while its tracking server was down)", file=sys.stderr)
+        return 2
+    failed = 0
+    for folder in args:
+        try:
+            sent = sync(folder)
+        except TrainlabError as err:
+            print(f"error: {err}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"{folder}: sent {sent} spooled MLflow calls")
+    return 1 if failed else 0

@@ -1,0 +1,167 @@
+"""Runs against a real `mlflow server` that dies and comes back: training never waits on it,
+nothing logged is lost or sent twice, and `trainlab sync` delivers what a run spooled."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import TRAINLAB, runs_of
+
+pytestmark = pytest.mark.slow
+
+MLFLOW = Path(sys.executable).with_name("mlflow")
+
+
+class Server:
+    """An `mlflow server` on a sqlite file and a local artifact folder, restartable on its port."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
+             "--artifacts-destination", str(self.root / "artifacts")],
+            cwd=self.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its workers die with it (killpg)
+        )
+        import requests
+
+        for _ in range(240):
+            try:
+                if requests.get(f"{self.uri}/health", timeout=1).ok:
+                    return
+            except requests.RequestException:
+                pass
+            assert self.proc.poll() is None, "mlflow server exited at start"
+            time.sleep(0.5)
+        raise AssertionError("mlflow server did not answer within 2 minutes")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=self.uri)
+
+
+@pytest.fixture
+def server(tmp_path):
+    server = Server(tmp_path)
+    server.start()
+    yield server
+    server.kill()
+
+
+def start_training(tmp_path: Path, server: Server, *overrides: str) -> subprocess.Popen:
+    """`trainlab train` as a user starts it, its output read line by line."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.Popen(
+        [str(TRAINLAB), "train", "model=mlp", "trainer.progress_bar=false",
+         "logger.log_model=false", f"logger.tracking_uri={server.uri}",
+         "logger.flush_every_s=0", "logger.retry_every_s=0.5", "hydra.run.dir=out", *overrides],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def read_until(proc: subprocess.Popen, text: str, seen: list[str]) -> None:
+    for line in proc.stdout:
+        seen.append(line)
+        if text in line:
+            return
+    raise AssertionError(f"trainlab ended before printing {text!r}:\n{''.join(seen)[-3000:]}")
+
+
+def assert_every_epoch_once(client, run_id: str, epochs: int) -> None:
+    history = client.get_metric_history(run_id, "val/acc")
+    assert sorted(m.step for m in history) == sorted({m.step for m in history}), "sent twice"
+    assert len(history) == epochs
+    epoch_steps = [m.step for m in client.get_metric_history(run_id, "epoch")]
+    assert len(epoch_steps) == len(set(epoch_steps)) == epochs
+
+
+def test_server_killed_mid_run_and_restarted_gets_every_epoch_once(server, tmp_path):
+    proc = start_training(tmp_path, server, "trainer.max_epochs=4",
+                          "logger.close_timeout_s=300")
+    seen: list[str] = []
+    read_until(proc, "epoch   1/4", seen)
+    server.kill()
+    read_until(proc, "does not answer", seen)  # one warning line, training goes on
+    read_until(proc, "epoch   4/4", seen)       # every epoch trained while the server is down
+    server.start()                              # the run's end waits for it, then sends all
+    rest, _ = proc.communicate(timeout=300)
+    output = "".join(seen) + rest
+    assert proc.returncode == 0, output[-3000:]
+    assert output.count("does not answer") == 1
+    assert "answers again" in output
+    (run,) = runs_of(server.client())
+    assert run.info.status == "FINISHED"
+    assert_every_epoch_once(server.client(), run.info.run_id, 4)
+    assert not (tmp_path / "out" / "mlflow-spool").exists(), "a delivered spool is removed"
+    # checkpoints and their MLflow copies follow the umask, not mkstemp's 0600
+    umask = os.umask(0)
+    os.umask(umask)
+    expected = 0o666 & ~umask
+    stored = next((tmp_path / "artifacts").rglob("last.pt"))
+    for path in (tmp_path / "out" / "checkpoints" / "last.pt", stored):
+        assert stat.S_IMODE(path.stat().st_mode) == expected, path
+
+
+def test_sigint_while_the_server_is_down_stops_at_once_and_sync_delivers_later(
+    server, tmp_path
+):
+    proc = start_training(tmp_path, server, "trainer.max_epochs=200")
+    seen: list[str] = []
+    read_until(proc, "epoch   1/200", seen)
+    server.kill()
+    read_until(proc, "does not answer", seen)
+    read_until(proc, "epoch ", seen)
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=60)  # stops in seconds, not after HTTP retries
+    output = "".join(seen) + rest
+    assert proc.returncode == 130, output[-3000:]
+    assert "Traceback" not in output
+    assert "trainlab sync" in output
+    epochs_done = len(re.findall(r"^epoch +\d+/200", output, re.MULTILINE))
+    spool = tmp_path / "out" / "mlflow-spool"
+    assert list(spool.glob("*.jsonl"))
+
+    down = subprocess.run([str(TRAINLAB), "sync", "out"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert down.returncode == 1 and "does not answer" in down.stderr
+    assert list(spool.glob("*.jsonl")), "a failed sync keeps the spool"
+
+    server.start()
+    synced = subprocess.run([str(TRAINLAB), "sync", "out"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert synced.returncode == 0, synced.stderr
+    again = subprocess.run([str(TRAINLAB), "sync", "out"], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=120)
+    assert again.returncode == 1 and "nothing waits" in again.stderr
+    (run,) = runs_of(server.client())
+    assert run.info.status == "KILLED"
+    assert_every_epoch_once(server.client(), run.info.run_id, epochs_done)
+    artifacts = {a.path for a in server.client().list_artifacts(run.info.run_id, "checkpoints")}
+    assert "checkpoints/last.pt" in artifacts
+    assert not spool.exists()
