@@ -70,7 +70,8 @@ def test_grid_sweep_nests_jobs_and_summarises_failures_and_seeds(run_trainlab, m
     assert "overrides of every job: hydra.sweep.dir=grid" not in out
     assert "overrides of every job: optimizer=sgd +data.note=" in out
     table = out[out.index("Sweep summary"):].splitlines()
-    assert table[3].startswith("optimizer.lr=0.05123,seed="), "best job first"
+    assert table[4].split()[1].startswith("optimizer.lr=0.05123,seed="), "best job first"
+    assert max(map(len, table)) <= 80, "fits the terminal"
     assert "optimizer.lr=0.05123 " in out and "mean of 2 seeds" in out and "±" in out
     assert "FAILED TrainlabError: loss became nan" in out
 
@@ -230,70 +231,106 @@ def test_optuna_search_space_follows_the_hydra_grammar():
     assert fixed == ["trainer.max_epochs=3"]
 
 
-def test_runs_command_compares_runs_and_plots_curves(tracking_uri, mlflow_client, tmp_path,
-                                                     capsys):
+def test_runs_command_compares_diffs_filters_and_plots(tracking_uri, mlflow_client, tmp_path,
+                                                       capsys, monkeypatch):
+    from PIL import Image
+
     from trainlab.compare import runs_cli
 
+    monkeypatch.setenv("COLUMNS", "80")
     experiment = mlflow_client.create_experiment("cmp")
     parent = mlflow_client.create_run(experiment, run_name="sweep",
                                       tags={"trainlab.role": "sweep"}).info.run_id
     curves = {"lr=0.1,seed=1": [0.5, 0.9, 0.8], "lr=0.1,seed=2": [0.6, 0.7, 0.7],
               "lr=1,seed=1": [0.2, 0.3, 0.4]}
+    ids = {}
     for name, values in curves.items():
-        overrides = name.replace(",", " ")
+        overrides = name.replace(",", " ") + " model=mlp trainer.max_epochs=3 " + "x=y " * 20
         run = mlflow_client.create_run(experiment, run_name=name, tags={
             "mlflow.parentRunId": parent, "trainlab.overrides": overrides}).info.run_id
-        for step, value in enumerate(values):
-            mlflow_client.log_metric(run, "val/acc", value, step=step)
+        ids[name] = run
+        mlflow_client.log_param(run, "lr", name.split(",")[0][3:])
+        mlflow_client.log_param(run, "model", "mlp")
+        for epoch, value in enumerate(values):
+            mlflow_client.log_metric(run, "val/acc", value, step=10 * (epoch + 1))
+            mlflow_client.log_metric(run, "epoch", epoch, step=10 * (epoch + 1))
         mlflow_client.set_terminated(run, "FINISHED")
+    mlflow_client.log_text(ids["lr=1,seed=1"], "optimizer:\n  lr: 1\n  momentum: 0.9\n",
+                           "config.yaml")
+    mlflow_client.log_text(ids["lr=0.1,seed=1"], "optimizer:\n  lr: 0.1\n  momentum: 0.9\n",
+                           "config.yaml")
     mlflow_client.create_run(experiment, run_name="outside the sweep")
+    cli = ["--tracking-uri", tracking_uri, "--experiment", "cmp"]
 
     png = tmp_path / "curves.png"
-    assert runs_cli(["--tracking-uri", tracking_uri, "--experiment", "cmp", "--sweep", parent,
-                     "--plot", str(png)]) == 0
+    assert runs_cli([*cli, "--sweep", parent[:6], "--plot", str(png)]) == 0
     out = capsys.readouterr().out
-    lines = out.splitlines()[1:]
-    assert lines[0].split()[:3] == ["run", "status", "overrides"]
-    assert [line.split()[0] for line in lines[2:5]] == ["lr=0.1,seed=1", "lr=0.1,seed=2",
-                                                        "lr=1,seed=1"]
+    lines = out.splitlines()[2:]
+    assert lines[0].split() == ["id", "run", "status", "best", "last", "duration"], \
+        "too narrow for the overrides column: the run names show them"
+    assert max(map(len, lines[:6])) <= 80, "the table fits the terminal"
+    assert [line.split()[:2] for line in lines[2:5]] == [
+        [ids["lr=0.1,seed=1"][:8], "lr=0.1,seed=1"], [ids["lr=0.1,seed=2"][:8], "lr=0.1,seed=2"],
+        [ids["lr=1,seed=1"][:8], "lr=1,seed=1"]]
     assert "0.9000" in lines[2] and "0.8000" in lines[2], "best and last value"
     assert "lr=0.1" in lines[5] and "0.8000 ± 0.1414" in lines[5]
     assert "outside the sweep" not in out
-    assert png.stat().st_size > 10_000
+    with Image.open(png) as image:
+        assert image.width > 1000
 
+    assert runs_cli([*cli, "--filter", "params.lr = '0.1'"]) == 0
+    out = capsys.readouterr().out
+    assert "lr=0.1,seed=2" in out and "lr=1,seed=1" not in out
+
+    assert runs_cli([*cli, "--diff", ids["lr=0.1,seed=1"][:7], ids["lr=1,seed=1"][:7]]) == 0
+    out = capsys.readouterr().out
+    assert "lr  0.1  →  1" in out and "optimizer.lr  0.1  →  1" in out
+    assert "model" not in out and "momentum" not in out, "only what differs"
+
+    assert runs_cli([*cli, "--metric", "val/accuracy"]) == 1
+    assert "no run has this metric; they have epoch, val/acc" in capsys.readouterr().err
+    assert runs_cli([*cli, "--filter", "params.lr = = 1"]) == 1
+    assert "--filter" in capsys.readouterr().err
+    assert runs_cli([*cli, "--sweep", "zzzz"]) == 1
+    assert "no run of this experiment has an id starting with 'zzzz'" in capsys.readouterr().err
     assert runs_cli(["--tracking-uri", tracking_uri, "--experiment", "nope"]) == 1
     assert "no MLflow experiment 'nope'" in capsys.readouterr().err
 
 
-def test_ui_serves_the_store_and_prints_the_run_table_url(tmp_path, tracking_uri,
-                                                          mlflow_client):
+@pytest.mark.slow
+def test_ui_answers_before_it_prints_refuses_a_busy_port_and_stops_all_it_started(
+        tmp_path, tracking_uri, mlflow_client):
+    import psutil
+
     experiment = mlflow_client.create_experiment("trainlab")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    proc = subprocess.Popen(
-        [str(TRAINLAB), "ui", "--port", str(port)], cwd=tmp_path, text=True,
-        env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri},
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    proc = subprocess.Popen([str(TRAINLAB), "ui", "--port", str(port)], cwd=tmp_path, text=True,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
         line = proc.stdout.readline()
-        url = f"http://127.0.0.1:{port}/#/experiments/{experiment}/runs"
-        assert line.strip().endswith(url)
+        url = f"http://127.0.0.1:{port}/#/experiments/{experiment}/runs?workflowType=machine_learning"
+        assert line.strip().endswith(url), line
+        with urllib.request.urlopen(url, timeout=10) as page:  # answers at once
+            assert page.status == 200
         api = (f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/experiments/get"
                f"?experiment_id={experiment}")
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(url, timeout=5) as page:
-                    assert page.status == 200
-                with urllib.request.urlopen(api, timeout=5) as answer:
-                    assert b'"name": "trainlab"' in answer.read().replace(b'":"', b'": "')
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the MLflow UI never answered"
-                time.sleep(0.5)
+        with urllib.request.urlopen(api, timeout=10) as answer:
+            assert b'"name": "trainlab"' in answer.read().replace(b'":"', b'": "')
+
+        busy = subprocess.run([str(TRAINLAB), "ui", "--port", str(port)], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=60)
+        assert busy.returncode == 1 and busy.stdout == ""
+        assert f"--port {port}: 127.0.0.1:{port} is in use" in busy.stderr
+
+        started = psutil.Process(proc.pid).children(recursive=True)
+        assert started, "the server runs in child processes"
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=30)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
     assert proc.returncode == 0
+    time.sleep(0.5)
+    left = [p.pid for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert left == [], "every process the UI started is stopped"

@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "predict": ("trainlab.inference", "predict_cli", "predict a folder of images: "
                 "trainlab predict run_id=ID input=FOLDER"),
     "runs": ("trainlab.compare", "runs_cli", "compare runs: trainlab runs [--sweep ID] [--plot F]"),
-    "ui": ("trainlab.compare", "ui_cli", "serve the MLflow UI and print the run table's URL"),
+    "ui": ("trainlab.ui", "ui_cli", "serve the MLflow UI and print the run table's URL"),
     "sync": ("trainlab.outbox", "sync_cli", "send what a run spooled while MLflow was down: "
              "trainlab sync OUTPUT_DIR"),
 }

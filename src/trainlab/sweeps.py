@@ -14,6 +14,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -184,7 +185,8 @@ class MlflowSweep(Callback):
         if self.summary:
             print(f"\nSweep summary ({len(children)} jobs, MLflow run {self.parent_run_id}),"
                   f" overrides of every job: {shared or '(none)'}")
-            print(compare.format_table(short, metric), flush=True)
+            print(compare.format_table(short, metric, shutil.get_terminal_size().columns),
+                  flush=True)
         client.log_text(self.parent_run_id, compare.format_csv(rows + seeds, metric),
                         "summary.csv")
         client.log_text(self.parent_run_id, compare.format_markdown(short, metric, shared),

@@ -53,7 +53,8 @@ def comparable_params(cfg, choices: Mapping[str, Any]) -> dict[str, Any]:
 
     Every config group's choice (``loss=focal``, ``optimizer=sgd``), so a sweep over groups
     reads as one column; then the values a user can set (``optimizer.lr``). Left out, and
-    kept in ``config.yaml`` only: ``_target_``-style keys, unset (null) values, values that
+    kept in ``config.yaml`` only: ``_target_``-style keys, nested object definitions (an
+    augmentation pipeline's list of steps), unset (null) values, values that
     only copy another key (``model.num_classes: ${data.num_classes}``) and the keys in
     ``NOT_COMPARED``.
     """
@@ -67,6 +68,7 @@ def comparable_params(cfg, choices: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in flatten(OmegaConf.to_container(cfg, resolve=True)).items():
         if (value is None or key.startswith(NOT_COMPARED) or key in params
                 or any(part.startswith("_") for part in key.split("."))
+                or (isinstance(value, list) and any(isinstance(v, dict) for v in value))
                 or _INTERPOLATION.match(str(raw.get(key, "")))):
             continue
         params[key] = value
