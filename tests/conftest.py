@@ -67,3 +67,15 @@ def compose():
             return hydra_compose("train", overrides=list(overrides))
 
     return _compose
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models in-process: a second torch thread only adds contention on a shared
+    2-core machine (tens of times slower under load)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

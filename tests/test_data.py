@@ -3,7 +3,6 @@ its clear errors on bad input, and the loaders' seeding across epochs and worker
 
 from __future__ import annotations
 
-import logging
 import struct
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 from PIL import Image
 
 from trainlab.components import build
+from trainlab.data.check import prepare_data
 from trainlab.data.loaders import InMemoryLoader, build_loaders
 from trainlab.errors import TrainlabError
 
@@ -90,9 +90,13 @@ def test_fashion_mnist_csv_splits_by_seed_and_checks_labels(compose, tmp_path):
     assert images.shape == (24, 1, 28, 28)
     _, again = build_data(compose, *args)
     assert torch.equal(splits.val.tensors[1], again.val.tensors[1])
-    write_pixel_csv(train, [0, 3, 12], rng)
-    with pytest.raises(TrainlabError, match=r"label 12, outside data.num_classes=10"):
-        build_data(compose, *args)
+    write_pixel_csv(train, [0, 3, 12, 14, 1], rng)
+    with pytest.raises(TrainlabError) as err:
+        prepare_data(compose(*args), {})
+    for split, label in (("train", 14), ("val", 12)):  # every bad label, in one report
+        assert f"{split}: 1 labels outside 0..9 (data.num_classes=10): values [{label}]" in str(
+            err.value)
+    assert str(err.value).endswith("set data.num_classes, or fix the labels")
 
 
 def test_image_folder_reads_and_resizes_per_class_folders(compose, tmp_path):
@@ -109,23 +113,22 @@ def test_image_folder_reads_and_resizes_per_class_folders(compose, tmp_path):
     assert images.shape == (8, 3, 16, 16) and set(labels.tolist()) <= {0, 1}
 
 
-def test_image_folder_errors_name_the_bad_folder_or_file(compose, tmp_path, caplog):
+def test_image_folder_errors_name_the_bad_folder_or_file(compose, tmp_path):
     rng = np.random.default_rng(0)
     for i in range(4):
         write_png(tmp_path / "a" / f"{i}.png", rng.integers(0, 256, (8, 8, 3)))
     (tmp_path / "b").mkdir()
-    base = ["data=image_folder", f"data.dataset.root={tmp_path}", "data.num_classes=2",
-            "data.num_workers=0", "data.dataset.val_fraction=0.5"]
+    base = ["data=image_folder", f"data.dataset.root={tmp_path}", "data.num_workers=0",
+            "data.dataset.val_fraction=0.5"]
     with pytest.raises(TrainlabError, match=r"(?s)Found no valid file for the classes b"):
         build_data(compose, *base)
     with pytest.raises(TrainlabError, match="does not exist"):
-        build_data(compose, "data=image_folder", f"data.dataset.root={tmp_path / 'nope'}",
-                   "data.num_classes=2")
+        build_data(compose, "data=image_folder", f"data.dataset.root={tmp_path / 'nope'}")
 
     good = write_png(tmp_path / "b" / "ok.png", rng.integers(0, 256, (8, 8, 3)))
     bad = tmp_path / "b" / "broken.png"
     bad.write_bytes(good.read_bytes()[:60])  # a truncated PNG
-    cfg, splits = build_data(compose, *base)
+    cfg, splits = build_data(compose, *base)  # listing does not read files: loaders say which
     loader = build_loaders(splits, cfg.data, 0, CPU)[0]
     with pytest.raises(TrainlabError, match=f"cannot read image {bad}"):
         for _ in loader:
@@ -135,13 +138,9 @@ def test_image_folder_errors_name_the_bad_folder_or_file(compose, tmp_path, capl
         for _ in build_loaders(splits, cfg.data, 0, CPU)[0]:
             pass
     assert "\n" not in str(err.value)  # the worker's traceback is not part of the message
-    with caplog.at_level(logging.WARNING):
-        _, splits = build_data(compose, *base, "data.skip_bad_files=true")
-    assert len(splits.train) + len(splits.val) == 5
-    assert "skipped 1 unreadable files" in caplog.text
 
 
-def test_csv_images_map_class_names_and_report_missing_files(compose, tmp_path):
+def test_csv_images_map_class_names(compose, tmp_path):
     rng = np.random.default_rng(0)
     lines = ["file,label"]
     for i in range(6):
@@ -150,15 +149,15 @@ def test_csv_images_map_class_names_and_report_missing_files(compose, tmp_path):
     table = tmp_path / "labels.csv"
     table.write_text("\n".join(lines))
     args = ["data=csv_images", f"data.dataset.root={tmp_path / 'img'}", f"data.dataset.csv={table}",
-            "data.num_classes=2", "data.in_channels=1", "data.image_size=[12,12]",
+            "data.in_channels=1", "data.image_size=[12,12]",
             "data.num_workers=0", "data.dataset.val_fraction=0.5"]
     cfg, splits = build_data(compose, *args)
     assert splits.class_names == ["plane", "ship"]
     images, _ = first_batch(splits, cfg)
     assert images.shape == (3, 1, 12, 12)
-    table.write_text("\n".join([*lines, "gone.png,ship"]))
-    with pytest.raises(TrainlabError, match="missing, e.g. .*gone.png"):
-        build_data(compose, *args)
+    with pytest.raises(TrainlabError, match=r"data.num_classes=3 but .*labels.csv names 2 "
+                                            r"classes \(plane, ship\)"):
+        build_data(compose, *args, "data.num_classes=3")
 
 
 def write_carvana(root: Path, n=6, size=(40, 30), mask_size=None, values=(0, 255), ext="gif"):
@@ -198,21 +197,6 @@ def test_segmentation_label_map_keeps_ignore_index(compose, tmp_path):
     assert set(masks.unique().tolist()) == {0, 1, 255}
 
 
-def test_segmentation_folder_bad_input_messages(compose, tmp_path):
-    root = write_carvana(tmp_path / "a", mask_size=(20, 30))
-    cfg, splits = build_data(compose, *seg_args(root))
-    with pytest.raises(TrainlabError, match=r"mask .*car\d_mask.gif is 20x30 but its image"):
-        first_batch(splits, cfg)
-    root = write_carvana(tmp_path / "b", values=(0, 3), ext="png")
-    png_masks = "data.dataset.mask_name='{stem}_mask.png'"
-    cfg, splits = build_data(compose, *seg_args(root, png_masks, "data.dataset.binarize=false"))
-    with pytest.raises(TrainlabError, match=r"has label 3, outside 0..1"):
-        first_batch(splits, cfg)
-    (root / "train" / "extra.jpg").write_bytes((root / "train" / "car0.jpg").read_bytes())
-    with pytest.raises(TrainlabError, match=r"extra.jpg has no mask .*extra_mask.png"):
-        build_data(compose, *seg_args(root, png_masks))
-
-
 def test_shapes_are_generated_from_the_seed(compose):
     small = ["data=shapes", "data.dataset.n_train=16", "data.dataset.n_val=4"]
     cfg, splits = build_data(compose, *small)
@@ -227,9 +211,9 @@ def test_shapes_are_generated_from_the_seed(compose):
 
 
 def test_labels_outside_num_classes_fail_before_training(compose):
-    cfg, splits = build_data(compose, "data.num_classes=5")
-    with pytest.raises(TrainlabError, match=r"label is [5-9], outside data.num_classes=5"):
-        build_loaders(splits, cfg.data, 0, CPU)
+    with pytest.raises(TrainlabError, match=r"train: \d+ labels outside 0..4 "
+                                            r"\(data.num_classes=5\): values \[5, 6, 7, 8, 9\]"):
+        prepare_data(compose("data.num_classes=5"), {})
 
 
 def test_no_augmentation_keeps_the_in_memory_fast_path(compose):

@@ -82,13 +82,16 @@ def test_resume_from_a_foreign_or_mismatched_file_is_a_clear_error(compose, tmp_
               resume=tmp_path / "cnn/checkpoints/last.pt")
 
 
-def test_resume_last_picks_the_newest_other_run(tmp_path):
+def test_resume_last_picks_the_current_output_dir_then_the_newest_other_run(tmp_path):
     runs = tmp_path / "outputs" / "runs"
-    for i, name in enumerate(["old", "new", "current"]):
+    for i, name in enumerate(["current", "old", "new"]):
         path = runs / name / "checkpoints" / "last.pt"
         path.parent.mkdir(parents=True)
         path.write_bytes(b"x")
         os.utime(path, (1000 + i, 1000 + i))
+    # `hydra.run.dir=D trainer.resume=last` continues D itself, though others are newer
+    assert resolve_resume("last", runs / "current") == runs / "current/checkpoints/last.pt"
+    (runs / "current/checkpoints/last.pt").unlink()
     assert resolve_resume("last", runs / "current") == runs / "new/checkpoints/last.pt"
     assert resolve_resume(None, runs / "current") is None
     with pytest.raises(TrainlabError, match="no such checkpoint"):

@@ -81,7 +81,7 @@ def test_eval_and_predict_a_run_from_mlflow(compose, tracking_uri, tmp_path, mlf
     proc = run_trainlab("predict", f"run_id={run_id}", f"input={images}", "output=preds")
     assert "wrote predictions for 6 images" in proc.stdout
     rows = (tmp_path / "preds/predictions.csv").read_text().splitlines()
-    assert rows[0] == "file,class,probability" and len(rows) == 7
+    assert rows[0] == "file,class,class_index,probability,top5" and len(rows) == 7
     predicted = [int(row.split(",")[1]) for row in rows[1:]]
     assert np.mean(np.array(predicted) == digits.target[:6]) >= 0.5
 
@@ -98,7 +98,8 @@ def test_predict_writes_png_masks_for_segmentation(tmp_path, monkeypatch):
     from trainlab.models.unet import UNet
 
     config = OmegaConf.create({
-        "data": {"in_channels": 3, "num_classes": 3, "image_size": [16, 16], "batch_size": 4},
+        "data": {"in_channels": 3, "num_classes": 3, "image_size": [16, 16], "batch_size": 4,
+                 "task": "segmentation"},
         "model": {"_target_": "trainlab.models.unet.UNet", "n_channels": "${data.in_channels}",
                   "n_classes": "${data.num_classes}", "base_channels": 4, "depth": 2},
     })

@@ -15,16 +15,7 @@ from PIL import Image
 from trainlab.errors import TrainlabError
 from trainlab.losses import BINARY, CLASSIFICATION, CONTRACTS, KINDS, SEGMENTATION
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models: a second thread only adds contention on a shared 2-core machine."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 FAST = ["trainer.progress_bar=false", "trainer.max_epochs=2", "seed=0"]

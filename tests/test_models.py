@@ -208,3 +208,63 @@ def test_head_and_freeze_patterns_from_the_command_line(compose):
     assert model.fc[0].out_features == 16 and model.fc[-1].out_features == 3
     assert not any(p.requires_grad for p in model.conv1.parameters())
     assert all(p.requires_grad for p in model.fc.parameters())
+
+
+@pytest.mark.parametrize("overrides, classifier, kept", [
+    (["model=cnn"], "classifier", [nn.Flatten]),
+    (["model=torchvision", "model.name=mobilenet_v3_small"], "classifier", []),
+])
+def test_head_replaces_the_whole_classifier(compose, overrides, classifier, kept):
+    cfg = compose(*overrides, "model.head={hidden:32,dropout:0.2}")
+    model, _ = build_model(cfg.model, cfg.model._target_)
+    head = model.get_submodule(classifier)
+    assert [type(m) for m in head] == [*kept, nn.Linear, nn.ReLU, nn.Dropout, nn.Linear]
+    assert head[-1].out_features == 10 and head[-4].out_features == 32
+    images = torch.randn(2, 1, 8, 8) if "model=cnn" in overrides else torch.randn(2, 1, 32, 32)
+    assert model.eval()(images).shape == (2, 10)
+
+
+def test_a_new_head_trains_through_the_loop(compose, tmp_path):
+    from trainlab.tracking import NullTracker
+    from trainlab.train import fit
+
+    cfg = compose("model=cnn", "model.head={hidden:32,dropout:0.1}", "trainer.max_epochs=2",
+                  "trainer.progress_bar=false")
+    result = fit(cfg, NullTracker(cfg.logger), tmp_path, {})
+    assert result.history[-1]["val/acc"] > 0.5
+
+
+def test_fixed_size_zoo_models_get_the_datas_image_size(compose, tmp_path):
+    """A timm ViT trains on 32×32 images without a hand-added img_size."""
+    import numpy as np
+    from PIL import Image
+
+    from trainlab.tracking import NullTracker
+    from trainlab.train import fit
+
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (tmp_path / "imgs" / label).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), np.uint8)).save(
+                tmp_path / "imgs" / label / f"{i}.png")
+    cfg = compose("data=image_folder", f"data.dataset.root={tmp_path / 'imgs'}",
+                  "data.num_classes=2", "data.image_size=[32,32]", "data.num_workers=0",
+                  "data.persistent_workers=false", "data.pin_memory=false",
+                  "model=timm", "model.name=test_vit", "trainer.max_epochs=1",
+                  "trainer.progress_bar=false")
+    result = fit(cfg, NullTracker(cfg.logger), tmp_path / "run", {})
+    assert 0 <= result.history[-1]["val/acc"] <= 1
+
+
+def test_models_lists_only_what_model_can_train(capsys, compose):
+    from trainlab.models.zoo import models_cli
+
+    assert models_cli(["*rcnn*", "*resnet18*"]) == 0
+    listed = capsys.readouterr().out
+    assert "torchvision  resnet18 " in listed and "timm         resnet18 " in listed
+    assert "rcnn" not in listed  # torchvision's detection networks are not classifiers
+    cfg = compose("model=torchvision", "model.name=fasterrcnn_resnet50_fpn")
+    with pytest.raises(TrainlabError, match="^model.name='fasterrcnn_resnet50_fpn' is not an "
+                                            "image classifier"):
+        build_model(cfg.model, "torchvision")

@@ -165,3 +165,23 @@ def test_sigint_while_the_server_is_down_stops_at_once_and_sync_delivers_later(
     artifacts = {a.path for a in server.client().list_artifacts(run.info.run_id, "checkpoints")}
     assert "checkpoints/last.pt" in artifacts
     assert not spool.exists()
+
+
+def test_three_runs_started_at_once_on_a_new_sqlite_store_all_finish(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'fresh.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    procs = [
+        subprocess.Popen(
+            [str(TRAINLAB), "train", "model=mlp", "trainer.max_epochs=1", "logger.log_model=false",
+             "logger.log_checkpoints=false", "trainer.progress_bar=false", f"seed={seed}"],
+            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for seed in range(3)
+    ]
+    outputs = [proc.communicate(timeout=600)[0] for proc in procs]
+    for proc, output in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, output[-3000:]
+    from mlflow.tracking import MlflowClient
+
+    runs = runs_of(MlflowClient(tracking_uri=uri))
+    assert [run.info.status for run in runs] == ["FINISHED"] * 3

@@ -11,6 +11,18 @@ import torch
 
 from trainlab.errors import TrainlabError
 
+CLASS_NAMES = "class_names.json"  # beside the checkpoints: what predictions are called
+
+
+def save_class_names(names: list[str], folder: str | os.PathLike) -> Path:
+    """The training data's class names, for `trainlab predict` and the metrics tables."""
+    import json
+
+    path = Path(folder) / CLASS_NAMES
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([str(name) for name in names]))
+    return path
+
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write ``state`` via a temp file and rename: a crash never leaves half a file. The
@@ -46,8 +58,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 def resolve_resume(value: str | None, output_dir: str | os.PathLike) -> Path | None:
-    """``trainer.resume``: null (fresh run), a checkpoint path, or ``last``: the newest
-    ``checkpoints/last.pt`` among the sibling run folders of ``output_dir``."""
+    """``trainer.resume``: null (fresh run), a checkpoint path, or ``last``: this run's own
+    ``checkpoints/last.pt`` (``hydra.run.dir`` pointed at an interrupted run), else the newest
+    one among the sibling run folders of ``output_dir``."""
     if value in (None, "", "null"):
         return None
     if value != "last":
@@ -56,6 +69,9 @@ def resolve_resume(value: str | None, output_dir: str | os.PathLike) -> Path | N
             raise TrainlabError(f"trainer.resume={value}: no such checkpoint file")
         return path
     output_dir = Path(output_dir).resolve()
+    own = output_dir / "checkpoints" / "last.pt"
+    if own.is_file():
+        return own
     found = [
         p for p in output_dir.parent.glob("*/checkpoints/last.pt")
         if p.parent.parent.resolve() != output_dir

@@ -10,6 +10,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("trainlab.train", "cli", "train a model: trainlab train [-m] [group=option ...]"),
     "lr-plot": ("trainlab.lr_plot", "cli", "PNG of the lr curve: trainlab lr-plot scheduler=X"),
     "preview": ("trainlab.data.preview", "cli", "augmented-images grid: preview data=X augment=Y"),
+    "data": ("trainlab.data.check", "cli", "scan files, masks, labels: trainlab data check data=X"),
     "models": ("trainlab.models.zoo", "models_cli", "list timm/torchvision architectures: "
                "trainlab models '*resnet*'"),
     "eval": ("trainlab.inference", "eval_cli", "metrics of a trained model: "

@@ -244,20 +244,36 @@ def spawn_fit(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if received or ("interrupted" in outcome and failure is None):
+        raise KeyboardInterrupt
+    killed = _killed_worker(failure, context.processes)  # its peers' errors follow from it
+    if killed:
+        raise TrainlabError(killed)
     if "error" in outcome:
         raise TrainlabError(outcome["error"][0])
-    if "interrupted" in outcome or received:
-        raise KeyboardInterrupt
     if isinstance(failure, ProcessRaisedException):  # a bug: keep the worker's traceback
         raise RuntimeError(f"DDP worker rank {failure.error_index} failed:\n{failure.msg}")
     if isinstance(failure, ProcessExitedException):
-        how = (f"was killed by {failure.signal_name}" if failure.signal_name
-               else f"exited with code {failure.exit_code}")
         raise TrainlabError(f"DDP worker rank {failure.error_index} (pid {failure.error_pid}) "
-                            f"{how}; the job stopped")
+                            f"exited with code {failure.exit_code}; the job stopped")
+    if "interrupted" in outcome:
+        raise KeyboardInterrupt
     if "done" not in outcome:
         raise TrainlabError("the DDP workers ended without a result")
     return tuple(outcome["done"])
+
+
+def _killed_worker(failure, processes) -> str | None:
+    """One line naming the worker a signal other than a stop request (SIGTERM, SIGINT)
+    ended, e.g. SIGKILL from the OOM killer: the one torch saw first, else any; or None."""
+    first = [failure.error_index] if hasattr(failure, "exit_code") else []
+    for index in [*first, *range(len(processes))]:
+        process = processes[index]
+        code = process.exitcode
+        if code is not None and code < 0 and -code not in (signal.SIGTERM, signal.SIGINT):
+            return (f"DDP worker rank {index} (pid {process.pid}) was killed by "
+                    f"{signal.Signals(-code).name}; the job stopped")
+    return None
 
 
 def _worker(rank_: int, fit, launch: Launch, cfg, output_dir, choices, run_id, resume, results):

@@ -120,6 +120,8 @@ def evaluate(options: dict[str, str], overrides: list[str]) -> dict[str, float]:
     from trainlab.components import build
     from trainlab.data.loaders import build_loaders
     from trainlab.distributed import select_device
+    from trainlab.losses import build_loss
+    from trainlab.metrics import TaskMetrics
     from trainlab.tracking import flatten
 
     if "tracking_uri" in options:
@@ -137,9 +139,11 @@ def evaluate(options: dict[str, str], overrides: list[str]) -> dict[str, float]:
         # The validation loader's settings (no shuffle, no dropped batch) for any split.
         loader = build_loaders(replace(splits, val=dataset), cfg.data, int(cfg.seed), device)[1]
         runner = build(cfg.trainer, "trainer")(
-            model=model, loss=build(cfg.loss, "loss"), optimizer=None, train_loader=None,
-            val_loader=loader, tracker=None, checkpoint_dir=Path(tmp) / "checkpoints",
-            precision=build(cfg.precision, "precision"), device=device,
+            model=model, loss=build_loss(cfg.loss, None, cfg.data), optimizer=None,
+            train_loader=None, val_loader=loader, tracker=None,
+            checkpoint_dir=Path(tmp) / "checkpoints", precision=build(cfg.precision, "precision"),
+            metrics=TaskMetrics(cfg.data.task, cfg.data.num_classes, cfg.data.get("ignore_index")),
+            device=device,
         )
         metrics = {f"{split}/{key.split('/', 1)[1]}": value
                    for key, value in runner.validate().items()}
@@ -176,35 +180,56 @@ def eval_cli(args: list[str]) -> int:
 
 
 # ------------------------------------------------------------------------ predict
-PREDICT_OPTIONS = {"run_id", "ckpt", "config", "checkpoint", "input", "output", "tracking_uri"}
+PREDICT_OPTIONS = {"run_id", "ckpt", "config", "checkpoint", "input", "output", "tracking_uri",
+                   "tta", "top_k"}
 
 
-def load_images(folder: Path, channels: int, size) -> tuple[list[Path], list, torch.Tensor]:
-    """Images of ``folder`` as a float batch in [0, 1], resized as in training."""
-    import numpy as np
+def class_names(source: Source, workdir: Path, num_classes: int) -> list[str]:
+    """The training data's class names (saved with the checkpoints), else the indices."""
+    import json
+
+    from trainlab.checkpoint import CLASS_NAMES
+
+    path = source.checkpoint.parent / CLASS_NAMES
+    if source.run_id and not path.is_file():
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        try:
+            path = Path(mlflow.artifacts.download_artifacts(
+                run_id=source.run_id, artifact_path=f"checkpoints/{CLASS_NAMES}",
+                dst_path=str(workdir)))
+        except (MlflowException, OSError):
+            pass
+    names = json.loads(path.read_text()) if path.is_file() else []
+    return names if len(names) == num_classes else [str(i) for i in range(num_classes)]
+
+
+def probabilities(model, batch: torch.Tensor, tta: bool) -> torch.Tensor:
+    """Class probabilities (softmax; sigmoid for one channel); with ``tta`` the mean over the
+    image and its mirror image (a mask's mirror flipped back)."""
     import torch
-    from PIL import Image
 
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise TrainlabError(f"input={folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    mode = "L" if channels == 1 else "RGB"
-    arrays, sizes = [], []
-    for path in files:
-        image = Image.open(path).convert(mode)
-        sizes.append(image.size)
-        if size is not None:
-            height, width = (size, size) if isinstance(size, int) else size
-            image = image.resize((width, height), Image.BILINEAR)
-        array = np.asarray(image, dtype=np.float32) / 255.0
-        arrays.append(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
-    return files, sizes, torch.from_numpy(np.stack(arrays))
+    def probs(images):
+        logits = model(images).float()
+        return torch.sigmoid(logits) if logits.shape[1] == 1 else logits.softmax(dim=1)
+
+    result = probs(batch)
+    if tta:
+        mirrored = probs(batch.flip(-1))
+        result = (result + (mirrored.flip(-1) if result.ndim == 4 else mirrored)) / 2
+    return result
 
 
 def predict(options: dict[str, str], overrides: list[str]) -> Path:
-    """Write a CSV (file, class, probability) or one PNG mask per image; returns the folder."""
+    """Predict every image of ``input`` in batches: a CSV of classes (file, class, its
+    probability, the top k) or one PNG mask per image. Unreadable files are skipped and
+    listed. Images go through the training data's own preprocessing."""
     import mlflow
     import torch
+    from tqdm.auto import tqdm
+
+    from trainlab.data.images import ImageFiles
 
     if "tracking_uri" in options:
         mlflow.set_tracking_uri(options["tracking_uri"])
@@ -213,57 +238,118 @@ def predict(options: dict[str, str], overrides: list[str]) -> Path:
     folder = Path(options["input"])
     if not folder.is_dir():
         raise TrainlabError(f"input={folder} is not a folder")
+    tta = _flag(options.get("tta", "false"), "tta")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise TrainlabError(f"input={folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     with tempfile.TemporaryDirectory(prefix="trainlab-predict-") as tmp:
         source = find_source(options, overrides, Path(tmp))
         cfg = source.cfg
         model = load_model(cfg, source.checkpoint)
-    files, sizes, batch = load_images(folder, int(cfg.data.in_channels),
-                                      OmegaConf.to_object(cfg.data).get("image_size"))
-    name = source.run_id or source.checkpoint.stem
-    output = Path(options.get("output", Path("predictions") / name))
+        names = class_names(source, Path(tmp), int(cfg.data.num_classes))
+    size = OmegaConf.to_object(cfg.data).get("image_size")
+    size = (size, size) if isinstance(size, int) else size
+    images = ImageFiles([(path, 0) for path in files], size, int(cfg.data.in_channels))
+    output = Path(options.get("output", Path("predictions") / (source.run_id or
+                                                                source.checkpoint.stem)))
     output.mkdir(parents=True, exist_ok=True)
+    task = cfg.data.task
+    writer = MaskWriter(output) if task == "segmentation" else ClassWriter(
+        output / "predictions.csv", names, _top_k(options.get("top_k", "5"), len(names)))
     batch_size = int(cfg.data.get("batch_size", 64))
-    with torch.inference_mode():
-        logits = torch.cat([model(batch[i:i + batch_size])
-                            for i in range(0, len(batch), batch_size)])
-    if logits.ndim == 4:
-        _write_masks(logits, files, sizes, output)
-    elif logits.ndim == 2:
-        _write_classes(logits, files, output / "predictions.csv")
-    else:
-        raise TrainlabError(f"cannot write predictions of shape {tuple(logits.shape)}; "
-                            "expected (N, classes) or (N, classes, H, W)")
-    print(f"wrote predictions for {len(files)} images to {output}")
+    skipped: list[tuple[Path, str]] = []
+    with writer, torch.inference_mode():
+        for start in tqdm(range(0, len(files), batch_size), desc="predict", leave=False,
+                          unit="batch"):
+            batch, kept = [], []
+            for index in range(start, min(start + batch_size, len(files))):
+                try:
+                    batch.append(images[index][0])
+                except TrainlabError as err:
+                    skipped.append((files[index], str(err.__cause__ or err)))
+                    continue
+                kept.append(files[index])
+            if kept:
+                writer.write(kept, probabilities(model, torch.stack(batch), tta).cpu())
+    print(f"wrote predictions for {len(files) - len(skipped)} images to {output}"
+          + (" (flip TTA)" if tta else ""))
+    if skipped:
+        listing = output / "skipped.txt"
+        listing.write_text("".join(f"{path}\t{reason}\n" for path, reason in skipped))
+        print(f"skipped {len(skipped)} unreadable files (listed in {listing}): "
+              + ", ".join(path.name for path, _ in skipped[:5])
+              + (" ..." if len(skipped) > 5 else ""))
     return output
 
 
-def _write_classes(logits, files: list[Path], path: Path) -> None:
-    import csv
-
-    probabilities = logits.float().softmax(dim=1)
-    best, classes = probabilities.max(dim=1)
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["file", "class", "probability"])
-        for file, cls, prob in zip(files, classes.tolist(), best.tolist(), strict=True):
-            writer.writerow([file.name, cls, f"{prob:.6f}"])
+def _flag(value: str, key: str) -> bool:
+    if value.lower() not in ("true", "false"):
+        raise TrainlabError(f"{key}={value!r}; choose true or false")
+    return value.lower() == "true"
 
 
-def _write_masks(logits, files: list[Path], sizes: list, output: Path) -> None:
+def _top_k(value: str, classes: int) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise TrainlabError(f"top_k={value!r}; choose a whole number from 1 to {classes}")
+    return min(int(value), classes)
+
+
+class ClassWriter:
+    """predictions.csv: file, class (name), class_index, probability, and the top k as
+    ``name:probability`` pairs, written batch by batch."""
+
+    def __init__(self, path: Path, names: list[str], top_k: int) -> None:
+        self.path, self.names, self.top_k = path, names, top_k
+
+    def __enter__(self):
+        import csv
+
+        self.handle = self.path.open("w", newline="")
+        self.csv = csv.writer(self.handle)
+        self.csv.writerow(["file", "class", "class_index", "probability", f"top{self.top_k}"])
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.close()
+
+    def write(self, files: list[Path], probs: torch.Tensor) -> None:
+        values, indices = probs.topk(self.top_k, dim=1)
+        for file, top_p, top_i in zip(files, values.tolist(), indices.tolist(), strict=True):
+            ranked = " ".join(f"{self.names[i]}:{p:.4f}" for i, p in zip(top_i, top_p, strict=True))
+            self.csv.writerow([file.name, self.names[top_i[0]], top_i[0], f"{top_p[0]:.6f}",
+                               ranked])
+
+
+class MaskWriter:
     """One 8-bit PNG per image at its original size: class indices, or 0/255 when binary."""
-    import numpy as np
-    from PIL import Image
 
-    if logits.shape[1] == 1:
-        masks = (logits[:, 0] > 0).to(dtype=logits.dtype).mul(255)
-    else:
-        masks = logits.argmax(dim=1)
-    for file, size, mask in zip(files, sizes, masks.cpu().numpy().astype(np.uint8), strict=True):
-        Image.fromarray(mask).resize(size, Image.NEAREST).save(output / f"{file.stem}.png")
+    def __init__(self, output: Path) -> None:
+        self.output = output
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def write(self, files: list[Path], probs: torch.Tensor) -> None:
+        import numpy as np
+        import torch
+        from PIL import Image
+
+        if probs.shape[1] == 1:
+            masks = (probs[:, 0] > 0.5).to(torch.uint8).mul(255)
+        else:
+            masks = probs.argmax(dim=1).to(torch.uint8)
+        for file, mask in zip(files, masks.numpy().astype(np.uint8), strict=True):
+            with Image.open(file) as original:
+                size = original.size
+            Image.fromarray(mask).resize(size, Image.NEAREST).save(self.output / f"{file.stem}.png")
 
 
 def predict_cli(args: list[str]) -> int:
-    """`trainlab predict run_id=ID|ckpt=PATH input=FOLDER [output=DIR] [a.b=value ...]`."""
+    """`trainlab predict run_id=ID|ckpt=PATH input=FOLDER [output=DIR] [tta=true] [top_k=5]
+    [a.b=value ...]`."""
     return _guarded(lambda: predict(*parse_args(args, PREDICT_OPTIONS)), predict_cli.__doc__,
                     args)
 

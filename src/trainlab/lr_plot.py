@@ -22,7 +22,7 @@ HYDRA_ARGS = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=
 
 
 def plot(cfg: DictConfig, out: Path) -> Path:
-    from trainlab.components import build
+    from trainlab.data.check import prepare_data
     from trainlab.data.loaders import build_loaders
     from trainlab.models.finetune import build_model
     from trainlab.optim import build_optimizer
@@ -30,7 +30,7 @@ def plot(cfg: DictConfig, out: Path) -> Path:
 
     choices = HydraConfig.get().runtime.choices
     epochs = int(cfg.trainer.max_epochs)
-    splits = build(cfg.data.dataset, "data", choices.get("data"))
+    splits = prepare_data(cfg, choices).splits  # the classes the model needs, bad files out
     train_loader, _ = build_loaders(splits, cfg.data, int(cfg.seed), "cpu")
     model, _ = build_model(cfg.model, choices.get("model"))
     optimizer = build_optimizer(cfg.optimizer, model, choices.get("optimizer"))

@@ -56,11 +56,16 @@ def torchrun_rank_overrides() -> list[str]:
 
 
 def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbacks=(),
-        device=None, resume: Path | None = None):
+        device=None, resume: Path | None = None, data=None):
     """Build data → model → loss → optimizer → scheduler → runner, then train (as one DDP
-    rank when a process group is up: its shard of the data, rank 0 logging)."""
+    rank when a process group is up: its shard of the data, rank 0 logging).
+
+    ``data`` is the checked data of :func:`trainlab.data.check.prepare_data`; a DDP worker
+    passes none and checks its own copy the same way."""
     from trainlab import distributed
+    from trainlab.checkpoint import save_class_names
     from trainlab.components import build
+    from trainlab.data.check import prepare_data
     from trainlab.data.loaders import build_loaders
     from trainlab.data.preview import write_preview
     from trainlab.losses import build_loss
@@ -69,15 +74,17 @@ def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbac
     from trainlab.optim import build_optimizer
     from trainlab.schedulers import build_scheduler, optimizer_steps
 
+    data = data or prepare_data(cfg, choices)
+    splits, augmentation = data.splits, data.augmentation
     metrics = TaskMetrics(cfg.data.task, cfg.data.num_classes, cfg.data.get("ignore_index"))
-    metrics.check_monitor(cfg.trainer.monitor)  # before any data is loaded
+    metrics.check_monitor(cfg.trainer.monitor)
     device = device or distributed.job_device(distributed.select_device(cfg.trainer.accelerator))
-    splits = build(cfg.data.dataset, "data", choices.get("data"))
-    augmentation = build(cfg.augment, "augment", choices.get("augment"))
     train_loader, val_loader = build_loaders(
         splits, cfg.data, int(cfg.seed), device, augmentation,
         rank=distributed.rank(), world_size=distributed.world_size(),
     )
+    if distributed.is_main_process() and splits.class_names:
+        save_class_names(splits.class_names, output_dir / "checkpoints")
     model, model_callbacks = build_model(cfg.model, choices.get("model"))
     loss = build_loss(cfg.loss, choices.get("loss"), cfg.data)
     optimizer = build_optimizer(cfg.optimizer, model, choices.get("optimizer"))
@@ -136,6 +143,7 @@ def run(cfg: DictConfig) -> float:
     from trainlab import distributed
     from trainlab.checkpoint import load_checkpoint, resolve_resume
     from trainlab.components import build
+    from trainlab.data.check import log_to_run, prepare_data
     from trainlab.outbox import SPOOL_DIR
     from trainlab.seeding import seed_everything
     from trainlab.sweeps import finished_job, job_callbacks
@@ -149,6 +157,8 @@ def run(cfg: DictConfig) -> float:
     choices = OmegaConf.to_container(hydra_cfg.runtime.choices)
     seed_everything(int(cfg.seed), bool(cfg.trainer.deterministic))
     launch = distributed.plan_launch(cfg.trainer.accelerator, cfg.trainer.get("devices", 1))
+    data = prepare_data(cfg, choices)  # every file, mask and label checked before MLflow
+    log.info("%s", data.report.text())
     device = None
     if launch.external:
         device = distributed.init_process_group(launch, int(os.environ["RANK"]))
@@ -157,7 +167,8 @@ def run(cfg: DictConfig) -> float:
     run_id = load_checkpoint(resume).get("mlflow_run_id") if resume else None
     if launch.external:
         if not distributed.is_main_process():
-            fit(cfg, NullTracker(cfg.logger), output_dir, choices, device=device, resume=resume)
+            fit(cfg, NullTracker(cfg.logger), output_dir, choices, device=device, resume=resume,
+                data=data)
             return float("nan")
     tracker = build(cfg.logger, "logger", choices.get("logger"))
     run_name, tags = run_name_and_tags(hydra_cfg)
@@ -167,6 +178,7 @@ def run(cfg: DictConfig) -> float:
         tracker.log_params(comparable_params(cfg, choices))
         tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         tracker.log_artifacts(output_dir / ".hydra", ".hydra")
+        log_to_run(data.report, tracker)
         if launch.spawns:
             # workers have no HydraConfig: hand them the config with every value resolved
             resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
@@ -175,7 +187,7 @@ def run(cfg: DictConfig) -> float:
             )
         else:
             result = fit(cfg, tracker, output_dir, choices, job_callbacks(hydra_cfg),
-                         device=device, resume=resume)
+                         device=device, resume=resume, data=data)
             best, best_epoch = result.best, result.best_epoch
     log.info("best %s = %.4f (epoch %d)", cfg.trainer.monitor, best, best_epoch + 1)
     return best

@@ -45,20 +45,72 @@ def build_augmenter(node: Any) -> Any:
     return node
 
 
+# Augmenters imgaug applies to images only (it refuses a batch with masks), with the fix.
+IMAGE_ONLY = (
+    (iaa.RandAugment, "compose its parts from imgaug.augmenters (Affine, Sharpen, ...)"),
+    (iaa.pillike.Affine, "use imgaug.augmenters.Affine, which moves the mask too"),
+    (iaa.imgcorruptlike._ImgcorruptAugmenterBase, "use its imgaug.augmenters counterpart"),
+)
+
+
+def augmenter_name(augmenter: Any) -> str:
+    """``Fliplr``, ``pillike.Affine``, ``imgcorruptlike.Fog``: the name a YAML file uses."""
+    module = type(augmenter).__module__.rsplit(".", 1)[-1]
+    prefix = f"{module}." if module in ("pillike", "imgcorruptlike") else ""
+    return prefix + type(augmenter).__name__
+
+
+def check_pipeline(augmenter: Any, task: str, inside_keep_size: bool = False) -> None:
+    """Refuse, in one line naming the augmenter and the fix, a pipeline whose output size
+    differs from its input (batches and masks need one size) or that holds image-only
+    augmenters on segmentation data (the mask would no longer match the image)."""
+    name = augmenter_name(augmenter)
+    if task == "segmentation":
+        for kind, fix in IMAGE_ONLY:
+            if isinstance(augmenter, kind):
+                raise TrainlabError(
+                    f"augment: {name} changes images only (imgaug cannot apply it to masks), "
+                    f"so it cannot run on segmentation data; {fix}"
+                )
+    keeps = isinstance(augmenter, iaa.KeepSizeByResize)
+    if not (inside_keep_size or keeps):
+        sizing = type(augmenter).__module__.rsplit(".", 1)[-1] in ("size", "pooling")
+        if getattr(augmenter, "keep_size", None) is False or (
+            sizing and not hasattr(augmenter, "keep_size")
+        ):
+            fix = "set keep_size: true, or " if hasattr(augmenter, "keep_size") else ""
+            raise TrainlabError(
+                f"augment: {name} changes the image size, but every image of a batch (and "
+                f"its mask) keeps data.image_size; {fix}wrap it in "
+                "imgaug.augmenters.KeepSizeByResize"
+            )
+    for children in augmenter.get_children_lists():
+        for child in children:
+            check_pipeline(child, task, inside_keep_size or keeps)
+
+
 class Augmentation:
     """An imgaug pipeline applied to batches or samples of float images in [0, 1].
 
     Images go to imgaug as uint8 HxWxC (grayscale is widened to RGB and back, so colour
     augmenters work on it too); masks as ``SegmentationMapsOnImage``, so geometric
-    augmenters move image and mask together. ``pipeline=None`` is the identity.
+    augmenters move image and mask together. Pixels a geometric augmenter brings in from
+    outside the image (padding, rotation corners) get ``ignore_index`` when it is set (else
+    class 0). ``pipeline=None`` is the identity.
     """
 
-    def __init__(self, pipeline: Any = None) -> None:
+    def __init__(self, pipeline: Any = None, ignore_index: int | None = None) -> None:
         self.augmenter = None if pipeline is None else build_augmenter(pipeline)
         if self.augmenter is not None and not isinstance(self.augmenter, iaa.Augmenter):
             raise TrainlabError(
                 f"augment.pipeline must build an imgaug augmenter, got {type(self.augmenter)}"
             )
+        self.ignore_index = ignore_index
+
+    def check(self, task: str) -> None:
+        """See :func:`check_pipeline`; the identity fits every task."""
+        if self.augmenter is not None:
+            check_pipeline(self.augmenter, task)
 
     @property
     def enabled(self) -> bool:
@@ -92,22 +144,30 @@ class Augmentation:
         """uint8 N×H×W×C images (and int N×H×W masks) through imgaug, same shapes back."""
         gray = images.shape[-1] == 1
         rgb = np.repeat(images, 3, axis=-1) if gray else images
+        out_masks = None
         if masks is None:
-            out = np.asarray(self.augmenter(images=rgb))
-            out_masks = None
+            augmented = self.augmenter(images=list(rgb))
         else:
+            # imgaug fills uncovered mask pixels with 0: shift classes up by one so 0 marks
+            # them, and give them ignore_index afterwards
+            shift = 0 if self.ignore_index is None else 1
             segmaps = [
-                SegmentationMapsOnImage(mask.astype(np.int32), shape=image.shape)
+                SegmentationMapsOnImage(mask.astype(np.int32) + shift, shape=image.shape)
                 for image, mask in zip(rgb, masks, strict=True)
             ]
             augmented, augmented_maps = self.augmenter(images=list(rgb), segmentation_maps=segmaps)
-            out = np.stack(augmented)
-            out_masks = np.stack([m.get_arr() for m in augmented_maps]).astype(masks.dtype)
-        if out.shape[1:3] != images.shape[1:3]:
+        sizes = sorted({tuple(image.shape[:2]) for image in augmented})
+        if sizes != [tuple(images.shape[1:3])]:
             raise TrainlabError(
-                f"augment changed the image size {images.shape[1:3]} → {out.shape[1:3]}; "
-                "add keep_size: true (Crop, Pad, CropAndPad) or a Resize to the image size"
+                f"augment changed the image size {tuple(images.shape[1:3])} → "
+                f"{', '.join(map(str, sizes))}; every image of a batch keeps data.image_size: "
+                "wrap the augmenter in imgaug.augmenters.KeepSizeByResize"
             )
+        out = np.stack(augmented)
+        if masks is not None:
+            out_masks = np.stack([m.get_arr() for m in augmented_maps]).astype(masks.dtype)
+            if shift:
+                out_masks = np.where(out_masks == 0, self.ignore_index, out_masks - shift)
         if gray:
             out = np.round(out.astype(np.float32).mean(axis=-1, keepdims=True)).astype(np.uint8)
         return out, out_masks

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset, TensorDataset
 
+from trainlab.data.images import ImageFiles, MaskClasses, SegmentationFiles
 from trainlab.errors import TrainlabError
 
 log = logging.getLogger(__name__)
@@ -111,9 +111,9 @@ def load_pixel_csv(
 
     Without ``val_csv`` the train file is split by ``seed``.
     """
-    train_images, train_labels = _read_pixel_csv(train_csv, image_size, label_column, num_classes)
+    train_images, train_labels = _read_pixel_csv(train_csv, image_size, label_column)
     if val_csv:
-        val_images, val_labels = _read_pixel_csv(val_csv, image_size, label_column, num_classes)
+        val_images, val_labels = _read_pixel_csv(val_csv, image_size, label_column)
     else:
         train_idx, val_idx = split_indices(len(train_labels), val_fraction, seed)
         val_images, val_labels = train_images[val_idx], train_labels[val_idx]
@@ -124,7 +124,7 @@ def load_pixel_csv(
     )
 
 
-def _read_pixel_csv(path, image_size, label_column, num_classes):
+def _read_pixel_csv(path, image_size, label_column):
     path = _existing(path, "CSV file")
     with path.open() as handle:
         header = handle.readline().strip().split(",")
@@ -144,39 +144,25 @@ def _read_pixel_csv(path, image_size, label_column, num_classes):
         raise TrainlabError(f"data: cannot parse {path}: {err}") from err
     column = header.index(label_column)
     labels = torch.from_numpy(table[:, column].astype(np.int64))
-    _check_classes(labels, num_classes, str(path))
     pixels = np.delete(table, column, axis=1).reshape(-1, 1, height, width)
     return torch.from_numpy(pixels / 255.0).float(), labels
 
 
 # -------------------------------------------------------------------- image files
-class ImageFiles(Dataset):
-    """Images read from disk per sample: resized (bilinear) to ``image_size``, 1 or 3 channels."""
-
-    def __init__(self, samples: list[tuple[Path, int]], image_size: Sequence[int], channels: int):
-        self.samples = samples
-        self.size = (int(image_size[1]), int(image_size[0]))  # PIL wants (width, height)
-        self.mode = {1: "L", 3: "RGB"}[int(channels)]
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        path, label = self.samples[index]
-        image = _open_image(path).convert(self.mode).resize(self.size, Image.BILINEAR)
-        return _to_tensor(image), torch.tensor(label)
-
-
 def load_image_folder(
     root: str,
     val_root: str | None = None,
     image_size: Sequence[int] = (64, 64),
     channels: int = 3,
+    num_classes: int | None = None,
     val_fraction: float = 0.2,
     seed: int = 0,
-    skip_bad_files: bool = False,
 ) -> DataSplits:
-    """One sub-folder per class (torchvision's ImageFolder layout); no val_root: split by seed."""
+    """One sub-folder per class (torchvision's ImageFolder layout); no val_root: split by seed.
+
+    The class folders name the classes; a given ``num_classes`` must match their count.
+    Files are listed here, read per sample (the data check scans them first).
+    """
     from torchvision.datasets import ImageFolder
 
     def scan(folder: str) -> ImageFolder:
@@ -189,9 +175,21 @@ def load_image_folder(
             ) from err
 
     train = scan(root)
-    samples = _readable([(Path(p), t) for p, t in train.samples], skip_bad_files)
+    if num_classes is not None and int(num_classes) != len(train.classes):
+        raise TrainlabError(
+            f"data.num_classes={num_classes} but {root} has {len(train.classes)} class folders "
+            f"({', '.join(train.classes[:8])}{', ...' if len(train.classes) > 8 else ''}); "
+            f"set data.num_classes={len(train.classes)} or null (inferred from the folders)"
+        )
+    samples = [(Path(p), t) for p, t in train.samples]
     if val_root:
-        val_samples = _readable([(Path(p), t) for p, t in scan(val_root).samples], skip_bad_files)
+        val = scan(val_root)
+        if val.classes != train.classes:
+            raise TrainlabError(
+                f"data: {val_root} has class folders {val.classes}, {root} has {train.classes}; "
+                "both need the same class folders"
+            )
+        val_samples = [(Path(p), t) for p, t in val.samples]
     else:
         samples, val_samples = _split_list(samples, val_fraction, seed)
     return DataSplits(
@@ -211,9 +209,13 @@ def load_csv_images(
     num_classes: int | None = None,
     val_fraction: float = 0.2,
     seed: int = 0,
-    skip_bad_files: bool = False,
 ) -> DataSplits:
-    """An image folder plus a CSV of file → label (an integer, or a class name)."""
+    """An image folder plus a CSV of file → label (an integer, or a class name).
+
+    Class names are the sorted names of the CSV, or 0..n-1 for integer labels, n being
+    ``num_classes`` or one more than the largest label. Missing files and labels outside
+    the classes are reported by the data check, all at once.
+    """
     import csv as csv_module
 
     folder = _existing(root, "image folder")
@@ -232,14 +234,12 @@ def load_csv_images(
     else:
         names = sorted(set(raw))
         labels = [names.index(value) for value in raw]
-    _check_classes(torch.tensor(labels), num_classes, str(table))
+        if num_classes is not None and int(num_classes) != len(names):
+            raise TrainlabError(
+                f"data.num_classes={num_classes} but {table} names {len(names)} classes "
+                f"({', '.join(names[:8])}); set data.num_classes={len(names)} or null"
+            )
     samples = [(folder / row[file_column], label) for row, label in zip(rows, labels, strict=True)]
-    missing = [str(path) for path, _ in samples if not path.is_file()]
-    if missing and not skip_bad_files:
-        raise TrainlabError(
-            f"data: {len(missing)} files listed in {table} are missing, e.g. {missing[:3]}"
-        )
-    samples = _readable(samples, skip_bad_files)
     train, val = _split_list(samples, val_fraction, seed)
     return DataSplits(
         ImageFiles(train, image_size, channels), ImageFiles(val, image_size, channels), names
@@ -247,46 +247,6 @@ def load_csv_images(
 
 
 # ------------------------------------------------------------------ segmentation
-class SegmentationFiles(Dataset):
-    """(image, mask) file pairs → (float C×H×W image, long H×W mask).
-
-    Images resize bilinearly, masks by nearest neighbour so labels stay labels. Mask pixel
-    values map through ``lut`` (binarise / label_map); ``ignore_index`` pixels stay as they are.
-    """
-
-    def __init__(self, pairs, image_size, channels, lut: np.ndarray, allowed: int, ignore_index):
-        self.pairs = pairs
-        self.size = (int(image_size[1]), int(image_size[0]))
-        self.mode = {1: "L", 3: "RGB"}[int(channels)]
-        self.lut = lut
-        self.allowed = allowed
-        self.ignore_index = ignore_index
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image_path, mask_path = self.pairs[index]
-        image, mask = _open_image(image_path), _open_image(mask_path)
-        if image.size != mask.size:
-            raise TrainlabError(
-                f"data: mask {mask_path} is {mask.size[0]}x{mask.size[1]} but its image "
-                f"{image_path} is {image.size[0]}x{image.size[1]}"
-            )
-        if mask.mode not in ("1", "L", "P", "I", "I;16"):
-            mask = mask.convert("L")
-        mask = mask.resize(self.size, Image.NEAREST)
-        labels = self.lut[np.asarray(mask).astype(np.int64)]
-        valid = labels if self.ignore_index is None else labels[labels != self.ignore_index]
-        if valid.size and (valid.min() < 0 or valid.max() >= self.allowed):
-            raise TrainlabError(
-                f"data: mask {mask_path} has label {int(valid.max())}, outside "
-                f"0..{self.allowed - 1}; set data.num_classes, data.label_map or data.binarize"
-            )
-        image = image.convert(self.mode).resize(self.size, Image.BILINEAR)
-        return _to_tensor(image), torch.from_numpy(labels)
-
-
 def load_segmentation_folder(
     root: str,
     images_dir: str = "images",
@@ -294,51 +254,43 @@ def load_segmentation_folder(
     mask_name: str = "{stem}_mask.gif",
     image_size: Sequence[int] = (256, 256),
     channels: int = 3,
-    num_classes: int = 1,
-    binarize: bool = True,
+    num_classes: int | None = 1,
+    binarize: bool | None = None,
+    mask_threshold: int = 128,
     label_map: dict | None = None,
+    palette: list | None = None,
     ignore_index: int | None = None,
     val_fraction: float = 0.3,
     seed: int = 0,
-    skip_bad_files: bool = False,
 ) -> DataSplits:
     """The Carvana layout: ``images/NAME.jpg`` with ``masks/`` + ``mask_name`` (``{stem}``,
     ``{name}``, ``{suffix}`` are filled in); split into train/val by seed.
 
-    ``num_classes: 1`` means binary (one logit, mask 0/1). ``binarize`` maps every non-zero
-    mask value to 1; ``label_map`` ({pixel value: class}) maps values explicitly instead.
+    ``num_classes: 1`` means binary (one logit, mask 0/1; see
+    :class:`~trainlab.data.images.MaskClasses` for how values become classes); ``null``
+    infers the classes from ``palette``, ``label_map`` or the masks' values (data check).
+    Images without a mask are kept so the data check reports them all.
     """
     folder = _existing(root, "segmentation folder")
     image_folder = _existing(folder / images_dir, "image folder")
     mask_folder = _existing(folder / masks_dir, "mask folder")
-    pairs = []
-    for image in sorted(p for p in image_folder.iterdir() if p.is_file()):
-        mask = mask_folder / mask_name.format(stem=image.stem, name=image.name, suffix=image.suffix)
-        if not mask.is_file():
-            if skip_bad_files:
-                continue
-            raise TrainlabError(
-                f"data: image {image} has no mask {mask} (data.mask_name={mask_name!r})"
-            )
-        pairs.append((image, mask))
-    if not pairs:
-        raise TrainlabError(f"data: no image with a mask in {image_folder}")
-    pairs = _readable(pairs, skip_bad_files)
-    lut = np.arange(2**16, dtype=np.int64)
-    if binarize and not label_map:
-        lut = (lut != 0).astype(np.int64)
-    for value, label in (label_map or {}).items():
-        lut[int(value)] = int(label)
-    if ignore_index is not None and ignore_index < len(lut):
-        lut[ignore_index] = ignore_index
-    train, val = _split_list(pairs, val_fraction, seed)
-    allowed = max(int(num_classes), 2)
-    splits = [
-        SegmentationFiles(items, image_size, channels, lut, allowed, ignore_index)
-        for items in (train, val)
+    pairs = [
+        (image, mask_folder / mask_name.format(stem=image.stem, name=image.name,
+                                               suffix=image.suffix))
+        for image in sorted(p for p in image_folder.iterdir() if p.is_file())
     ]
-    binary = int(num_classes) == 1
-    names = ["background", "foreground"] if binary else [str(i) for i in range(num_classes)]
+    if not pairs:
+        raise TrainlabError(f"data: no images in {image_folder}")
+    classes = MaskClasses(
+        None if num_classes is None else int(num_classes), binarize, int(mask_threshold),
+        label_map, palette, ignore_index,
+    )
+    train, val = _split_list(pairs, val_fraction, seed)
+    splits = [SegmentationFiles(items, image_size, channels, classes) for items in (train, val)]
+    if classes.binary:
+        names = ["background", "foreground"]
+    else:
+        names = [str(i) for i in range(classes.allowed or 0)]
     return DataSplits(*splits, names)
 
 
@@ -401,57 +353,6 @@ def _existing(path: str | Path, what: str) -> Path:
     return path
 
 
-def _open_image(path: Path) -> Image.Image:
-    """Open and fully decode an image; an unreadable or truncated file names itself."""
-    try:
-        image = Image.open(path)
-        image.load()
-    except (OSError, SyntaxError, ValueError) as err:
-        raise TrainlabError(
-            f"data: cannot read image {path} ({err}); fix or remove it, "
-            "or set data.skip_bad_files=true to skip such files"
-        ) from err
-    return image
-
-
-def _readable(samples: list[tuple], skip_bad_files: bool) -> list[tuple]:
-    """With ``skip_bad_files``, drop (and count) samples whose files do not decode."""
-    if not skip_bad_files:
-        return samples
-    kept, skipped = [], []
-    for sample in samples:
-        files = [item for item in sample if isinstance(item, Path)]
-        try:
-            for file in files:
-                _open_image(file)
-        except TrainlabError:
-            skipped.append(sample)
-        else:
-            kept.append(sample)
-    if skipped:
-        log.warning("data: skipped %d unreadable files, e.g. %s", len(skipped), skipped[0][0])
-    if not kept:
-        raise TrainlabError(f"data: all {len(samples)} files are unreadable, e.g. {samples[0][0]}")
-    return kept
-
-
 def _split_list(items: list, val_fraction: float, seed: int) -> tuple[list, list]:
     train_idx, val_idx = split_indices(len(items), val_fraction, seed)
     return [items[i] for i in train_idx], [items[i] for i in val_idx]
-
-
-def _check_classes(labels: torch.Tensor, num_classes: int | None, source: str) -> None:
-    if num_classes is None or not labels.numel():
-        return
-    bad = labels[(labels < 0) | (labels >= num_classes)]
-    if bad.numel():
-        raise TrainlabError(
-            f"data: {source} has label {int(bad[0])}, outside data.num_classes={num_classes} "
-            f"(allowed 0..{num_classes - 1})"
-        )
-
-
-def _to_tensor(image: Image.Image) -> torch.Tensor:
-    array = np.asarray(image, dtype=np.float32) / 255.0
-    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
-    return torch.from_numpy(np.ascontiguousarray(array))

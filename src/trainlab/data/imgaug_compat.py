@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,8 @@ from imgaug.augmenters import pillike as _pillike  # noqa: E402
 # OpenCV 5 accepts at most 128 channels per array (OpenCV 4: 512, which imgaug splits for);
 # cartToPolar returns 1-D arrays for 1-D input (OpenCV 4: N×1); cubic remap of float64
 # overflows to NaN beyond float32's range. imgaug's modules see a stand-in for cv2 that
-# keeps OpenCV 4's behaviour for those calls and passes everything else through.
+# keeps OpenCV 4's behaviour for those calls (and resizes masks pixel-centre aligned) and
+# passes everything else through.
 OPENCV_MAX_CHANNELS = 128
 
 
@@ -91,8 +93,13 @@ def _flip(src, *args, **kwargs):
     return _in_channel_chunks(cv2.flip, src, *args, **kwargs)
 
 
-def _resize(src, *args, **kwargs):
-    return _in_channel_chunks(cv2.resize, src, *args, **kwargs)
+def _resize(src, dsize, *args, **kwargs):
+    """Nearest-neighbour resizes (segmentation maps, after Crop/Pad with keep_size, Resize,
+    PerspectiveTransform) sample pixel centres, as the images' linear resizes do; cv2's
+    INTER_NEAREST samples corners and shifted masks ~0.5 px against their images."""
+    if kwargs.get("interpolation") == cv2.INTER_NEAREST:
+        kwargs["interpolation"] = cv2.INTER_NEAREST_EXACT
+    return _in_channel_chunks(cv2.resize, src, dsize, *args, **kwargs)
 
 
 def _cart_to_polar(x, y, *args, **kwargs):
@@ -131,11 +138,10 @@ class _OpenCV4Calls(types.ModuleType):
         return getattr(cv2, name)
 
 
-if int(cv2.__version__.split(".")[0]) >= 5:
-    _cv2_for_imgaug = _OpenCV4Calls("cv2")
-    for _name, _module in list(sys.modules.items()):
-        if _name.startswith("imgaug") and getattr(_module, "cv2", None) is cv2:
-            _module.cv2 = _cv2_for_imgaug
+_cv2_for_imgaug = _OpenCV4Calls("cv2")
+for _name, _module in list(sys.modules.items()):
+    if _name.startswith("imgaug") and getattr(_module, "cv2", None) is cv2:
+        _module.cv2 = _cv2_for_imgaug
 
 
 # ------------------------------------------------------------------ NumPy 2
@@ -240,7 +246,9 @@ def _load_imagecorruptions() -> None:
         shim.resource_filename = _resource_filename
         sys.modules["pkg_resources"] = shim
     try:
-        import imagecorruptions.corruptions  # noqa: F401
+        with warnings.catch_warnings():  # it imports scipy.ndimage.interpolation (deprecated)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import imagecorruptions.corruptions  # noqa: F401
     finally:
         if shim is not None:
             del sys.modules["pkg_resources"]  # only imagecorruptions keeps the function

@@ -155,27 +155,6 @@ def _is_in_memory(dataset: Dataset) -> bool:
     return isinstance(dataset, TensorDataset)
 
 
-def check_labels(splits: DataSplits, data_cfg: DictConfig) -> None:
-    """In-memory labels must lie in [0, num_classes) (binary masks: 0/1 with num_classes 1)."""
-    num_classes = data_cfg.get("num_classes")
-    if num_classes is None:
-        return
-    allowed = max(int(num_classes), 2) if data_cfg.get("task") == "segmentation" else num_classes
-    ignore = data_cfg.get("ignore_index")
-    for name, dataset in (("train", splits.train), ("val", splits.val)):
-        if not _is_in_memory(dataset) or len(dataset.tensors) < 2:
-            continue
-        labels = dataset.tensors[1]
-        if ignore is not None:
-            labels = labels[labels != ignore]
-        bad = labels[(labels < 0) | (labels >= allowed)]
-        if bad.numel():
-            raise TrainlabError(
-                f"data: a {name} label is {int(bad[0])}, outside data.num_classes={num_classes} "
-                f"(allowed 0..{allowed - 1})"
-            )
-
-
 def build_loaders(
     splits: DataSplits, data_cfg: DictConfig, seed: int, device: torch.device,
     augmentation=None, rank: int = 0, world_size: int = 1,
@@ -186,7 +165,6 @@ def build_loaders(
     ``batch_size`` is per process. Under DDP each rank gets its shard; validation shards
     are not padded, so metrics summed over ranks are exact.
     """
-    check_labels(splits, data_cfg)
     if augmentation is not None and not augmentation.enabled:
         augmentation = None
     batch_size = int(data_cfg.batch_size)

@@ -35,10 +35,27 @@ def preview_batch(dataset, augmentation, n: int, seed: int):
     return images, targets, augmented, augmented_targets
 
 
+def mask_overlay(mask, ignore_index=None):
+    """RGBA over an image: class 1 red (binary masks), further classes in tab10's colours,
+    ``ignore_index`` grey, background clear."""
+    import numpy as np
+    from matplotlib import colormaps
+
+    colours = colormaps["tab10"].colors
+    overlay = np.zeros((*mask.shape, 4), dtype=np.float32)
+    for value in np.unique(mask):
+        if value == ignore_index:
+            overlay[mask == value] = (0.5, 0.5, 0.5, 0.45)
+        elif value > 0:
+            rgb = (1.0, 0.0, 0.0) if value == 1 else colours[int(value) % len(colours)]
+            overlay[mask == value] = (*rgb, 0.45)
+    return overlay
+
+
 def write_preview(splits, augmentation, path: str | Path, n: int = 8, seed: int = 0) -> Path:
     """Draw originals (top row) over augmented versions (bottom row) into the PNG ``path``;
-    segmentation masks are overlaid in red, classification labels are the titles."""
-    import numpy as np
+    segmentation masks are overlaid in colour (see :func:`mask_overlay`), classification
+    labels are the titles."""
 
     from trainlab.plots import pyplot, save_figure
 
@@ -57,9 +74,7 @@ def write_preview(splits, augmentation, path: str | Path, n: int = 8, seed: int 
             ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1)
             label = labels[col]
             if label.dim() == 2:  # a segmentation mask
-                overlay = np.zeros((*label.shape, 4), dtype=np.float32)
-                overlay[label.numpy() > 0] = (1.0, 0.0, 0.0, 0.45)
-                ax.imshow(overlay)
+                ax.imshow(mask_overlay(label.numpy(), getattr(augmentation, "ignore_index", None)))
             else:
                 names = splits.class_names
                 index = int(label)
@@ -72,13 +87,12 @@ def write_preview(splits, augmentation, path: str | Path, n: int = 8, seed: int 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="preview")
 def main(cfg: DictConfig) -> None:
-    from trainlab.components import build
+    from trainlab.data.check import prepare_data
 
     choices = hydra.core.hydra_config.HydraConfig.get().runtime.choices
     try:
-        splits = build(cfg.data.dataset, "data", choices.get("data"))
-        augmentation = build(cfg.augment, "augment", choices.get("augment"))
-        path = write_preview(splits, augmentation, cfg.out, int(cfg.n), int(cfg.seed))
+        data = prepare_data(cfg, choices)
+        path = write_preview(data.splits, data.augmentation, cfg.out, int(cfg.n), int(cfg.seed))
     except TrainlabError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -96,49 +96,68 @@ def finetune(
 
 
 # --------------------------------------------------------------------------- head
-def head_names(model: nn.Module) -> tuple[str, str]:
-    """(the head's top-level module, its last Linear/Conv) by dotted name, e.g. ("fc", "fc")."""
+def classifier_name(model: nn.Module) -> str:
+    """The classifier module's dotted name: timm's ``pretrained_cfg`` classifier (``fc``,
+    ``head.fc``), else the first of ``HEAD_NAMES`` holding a Linear/Conv, else the last Linear."""
     modules = dict(model.named_modules())
     classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
     if isinstance(classifier, (list, tuple)):
         classifier = classifier[0]
     for name in ([classifier] if classifier else []) + list(HEAD_NAMES):
-        if name in modules:
-            layers = [
-                sub for sub, layer in modules[name].named_modules(prefix=name)
-                if isinstance(layer, (nn.Linear, nn.Conv2d))
-            ]
-            if layers:
-                return name.split(".")[0], layers[-1]
+        if name in modules and any(
+            isinstance(layer, (nn.Linear, nn.Conv2d)) for layer in modules[name].modules()
+        ):
+            return name
     linears = [name for name, layer in modules.items() if isinstance(layer, nn.Linear)]
     if not linears:
         raise TrainlabError(f"cannot find the classifier head of {type(model).__name__}")
-    return linears[-1], linears[-1]
+    return linears[-1]
+
+
+def head_names(model: nn.Module) -> tuple[str, str]:
+    """(the head's top-level module, its last Linear/Conv) by dotted name, e.g. ("fc", "fc")."""
+    name = classifier_name(model)
+    layers = [
+        sub for sub, layer in model.get_submodule(name).named_modules(prefix=name)
+        if isinstance(layer, (nn.Linear, nn.Conv2d))
+    ]
+    return name.split(".")[0], layers[-1]
 
 
 def replace_head(
     model: nn.Module, num_classes: int, hidden: int | None = None, dropout: float = 0.0
 ) -> None:
-    """A fresh classifier for ``num_classes``: linear, or fc1 → ReLU → Dropout → fc2."""
+    """A fresh classifier for ``num_classes``: the last Linear (or 1×1 Conv) replaced, or with
+    ``hidden`` the whole classifier module replaced by fc1 → ReLU → Dropout → fc2 (keeping
+    the parameter-free layers in front of its first Linear, such as a Flatten)."""
     if hidden is None and hasattr(model, "reset_classifier"):
         model.reset_classifier(num_classes)  # timm knows its own pooling/head layout
         return
-    _, name = head_names(model)
+    if hidden is None:
+        _, name = head_names(model)
+        old = model.get_submodule(name)
+        if isinstance(old, nn.Conv2d):
+            new: nn.Module = nn.Conv2d(old.in_channels, num_classes, old.kernel_size)
+        else:
+            new = nn.Linear(old.in_features, num_classes)
+        model.set_submodule(name, new)
+        return
+    name = classifier_name(model)
     old = model.get_submodule(name)
-    if isinstance(old, nn.Conv2d):
-        if hidden is not None:
-            raise TrainlabError(f"model.head.hidden needs a linear head; {name} is a convolution")
-        new: nn.Module = nn.Conv2d(old.in_channels, num_classes, old.kernel_size)
-    elif hidden is None:
-        new = nn.Linear(old.in_features, num_classes)
-    else:
-        new = nn.Sequential(
-            nn.Linear(old.in_features, int(hidden)),
-            nn.ReLU(inplace=True),
-            nn.Dropout(dropout),
-            nn.Linear(int(hidden), num_classes),
-        )
-    model.set_submodule(name, new)
+    first = next((m for m in old.modules() if isinstance(m, nn.Linear)), None)
+    if first is None:
+        raise TrainlabError(f"model.head.hidden needs a linear head; {name} is a convolution")
+    children = list(old.children()) if isinstance(old, nn.Sequential) else []
+    lead = children[: next((i for i, m in enumerate(children) if m is first), 0)]
+    if any(True for m in lead for _ in m.parameters()):
+        lead = []  # layers with weights in front of the first Linear belong to the old head
+    model.set_submodule(name, nn.Sequential(
+        *lead,
+        nn.Linear(first.in_features, int(hidden)),
+        nn.ReLU(inplace=True),
+        nn.Dropout(dropout),
+        nn.Linear(int(hidden), num_classes),
+    ))
 
 
 # ------------------------------------------------------------------------ weights

@@ -54,15 +54,30 @@ def require_hub(url: str, name: str) -> None:
         )
 
 
+def _sized(create, key: str, size, **kwargs) -> nn.Module:
+    """Fixed-size architectures (ViT, Swin, …) are built for the data's image size; the
+    others refuse the keyword and are built without it (they take any size)."""
+    if size is None:
+        return create(**kwargs)
+    try:
+        return create(**{key: size}, **kwargs)
+    except TypeError as err:
+        if f"'{key}'" not in str(err):
+            raise
+        return create(**kwargs)
+
+
 def timm_model(
     name: str,
     num_classes: int,
     in_chans: int = 3,
     drop_rate: float = 0.0,
     pretrained: bool = False,
+    img_size=None,
     **kwargs,
 ) -> nn.Module:
-    """``timm.create_model``; with ``pretrained`` the head is already new for ``num_classes``."""
+    """``timm.create_model``; with ``pretrained`` the head is already new for ``num_classes``.
+    ``img_size`` (the data's) sizes architectures with fixed-size position embeddings."""
     import timm
 
     if not timm.is_model(name):
@@ -74,8 +89,9 @@ def timm_model(
         if not _in_hf_cache(source.hf_hub_id):
             require_hub(source.url if not source.hf_hub_id and source.url
                         else "https://huggingface.co", name)
-    return timm.create_model(
-        name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans,
+    return _sized(
+        timm.create_model, "img_size", tuple(img_size) if isinstance(img_size, list) else img_size,
+        model_name=name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans,
         drop_rate=drop_rate, **kwargs,
     )
 
@@ -97,9 +113,11 @@ def torchvision_model(
     num_classes: int,
     in_channels: int = 3,
     pretrained: bool = False,
+    image_size=None,
     **kwargs,
 ) -> nn.Module:
-    """``torchvision.models.get_model``; pretrained weights get a new head and input conv."""
+    """``torchvision.models.get_model``; pretrained weights get a new head and input conv.
+    A square ``image_size`` (the data's) sizes the fixed-size ViTs."""
     from pathlib import Path
 
     import torch
@@ -107,16 +125,26 @@ def torchvision_model(
 
     from trainlab.models.finetune import replace_head
 
-    if name not in tvm.list_models():
-        raise _unknown(name, "torchvision", tvm.list_models())
+    classifiers = tvm.list_models(module=tvm)
+    if name not in classifiers:
+        if name in tvm.list_models():
+            raise TrainlabError(
+                f"model.name={name!r} is not an image classifier (a detection, segmentation "
+                "or video network); model=torchvision trains classifiers "
+                "(`trainlab models` lists them)"
+            )
+        raise _unknown(name, "torchvision", classifiers)
+    size = list(image_size) if isinstance(image_size, (list, tuple)) else [image_size]
+    side = size[0] if len(set(size)) == 1 else None
     if not pretrained:
-        model = tvm.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+        model = _sized(tvm.get_model, "image_size", side, name=name, weights=None,
+                       num_classes=num_classes, **kwargs)
         return adapt_input_channels(model, in_channels)
     weights = tvm.get_model_weights(name).DEFAULT
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
     if not cached.is_file():
         require_hub(weights.url, name)
-    model = tvm.get_model(name, weights=weights, **kwargs)
+    model = tvm.get_model(name, weights=weights, **kwargs)  # its weights fix the image size
     replace_head(model, num_classes)
     return adapt_input_channels(model, in_channels)
 
@@ -145,12 +173,13 @@ def adapt_input_channels(model: nn.Module, in_channels: int) -> nn.Module:
 
 
 def list_architectures(pattern: str = "*") -> list[tuple[str, str, bool]]:
-    """(library, name, has pretrained weights) for every architecture matching ``pattern``."""
+    """(library, name, has pretrained weights) for every architecture matching ``pattern``
+    that ``model=timm|torchvision`` trains (torchvision's classifiers, every timm model)."""
     import timm
     import torchvision.models as tvm
 
     rows = []
-    for name in tvm.list_models():
+    for name in tvm.list_models(module=tvm):
         if fnmatch.fnmatch(name, pattern):
             try:
                 has_weights = len(list(tvm.get_model_weights(name))) > 0

@@ -1,0 +1,223 @@
+"""Image and mask files: decoding (EXIF orientation, 16-bit), mask pixel values → classes,
+and the datasets that read them per sample.
+
+Every file is decoded by :func:`_open_image`, so a cache or another decoder wraps one
+function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+
+from trainlab.errors import TrainlabError
+
+SKIP_HINT = "fix or remove it, or set data.skip_bad_files=true to skip such files"
+WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535}
+
+
+def _open_image(path: Path) -> Image.Image:
+    """Open and fully decode an image, turned upright by its EXIF orientation; an
+    unreadable or truncated file names itself."""
+    try:
+        image = Image.open(path)
+        image.load()
+        ImageOps.exif_transpose(image, in_place=True)  # a no-op without an orientation tag
+    except (OSError, SyntaxError, ValueError) as err:
+        raise TrainlabError(f"data: cannot read image {path} ({err}); {SKIP_HINT}") from err
+    return image
+
+
+def image_tensor(image: Image.Image, channels: int, size: tuple[int, int]) -> torch.Tensor:
+    """A decoded image → float C×H×W in [0, 1] at ``size`` (width, height), bilinear.
+
+    16-bit images keep their depth: they are scaled by 65535, not clipped at 255.
+    """
+    if image.mode in WIDE_MODES:
+        array = np.asarray(image, dtype=np.float32) / WIDE_MODES[image.mode]
+        resized = Image.fromarray(array, mode="F").resize(size, Image.BILINEAR)
+        array = np.asarray(resized, dtype=np.float32)[None]
+        if channels == 3:
+            array = np.repeat(array, 3, axis=0)
+        return torch.from_numpy(np.ascontiguousarray(array.clip(0, 1)))
+    image = image.convert({1: "L", 3: "RGB"}[int(channels)]).resize(size, Image.BILINEAR)
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+class ImageFiles(Dataset):
+    """Images read from disk per sample: resized (bilinear) to ``image_size``, 1 or 3 channels."""
+
+    def __init__(self, samples: list[tuple[Path, int]], image_size: Sequence[int], channels: int):
+        self.samples = samples
+        self.size = (int(image_size[1]), int(image_size[0]))  # PIL wants (width, height)
+        self.channels = int(channels)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        path, label = self.samples[index]
+        return image_tensor(_open_image(path), self.channels, self.size), torch.tensor(label)
+
+
+# ------------------------------------------------------------------------------ masks
+@dataclass
+class MaskClasses:
+    """How mask pixel values become class indices.
+
+    ``num_classes`` 1 is a binary task: values ≥ ``threshold`` are foreground (1 in a mask
+    holding only 0 and 1), so 0/1, 0/255 and lossy (JPEG) masks all mean what they show.
+    Otherwise values are classes as they are, or mapped by ``label_map`` ({pixel value:
+    class}) or, for RGB masks, by ``palette`` (colour i is class i). ``ignore_index``
+    pixels are kept as they are.
+    """
+
+    num_classes: int | None = 1
+    binarize: bool | None = None
+    threshold: int = 128
+    label_map: Mapping | None = None
+    palette: Sequence[Sequence[int]] | None = None
+    ignore_index: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.binarize and self.num_classes not in (None, 1):
+            raise TrainlabError(
+                f"data.dataset.binarize=true would merge the {self.num_classes} classes of "
+                "data.num_classes into one; leave binarize null (binary only when "
+                "data.num_classes=1) or map values with data.dataset.label_map"
+            )
+        self.binary = self.num_classes == 1 and self.binarize is not False and not (
+            self.label_map or self.palette
+        )
+        self.lut = None
+        if self.label_map:
+            self.lut = np.full(2**16, -1, dtype=np.int64)
+            for value, label in self.label_map.items():
+                self.lut[int(value)] = int(label)
+        self.colours = None
+        if self.palette:
+            codes = [_colour_code(np.asarray(colour)) for colour in self.palette]
+            self.colours = dict(zip(codes, range(len(codes)), strict=True))
+
+    @property
+    def allowed(self) -> int | None:
+        """Classes a mask may hold (binary: 0 and 1); None until inferred."""
+        if self.num_classes is not None:
+            return max(int(self.num_classes), 2)
+        if self.palette:
+            return len(self.palette)
+        if self.label_map:
+            return max(int(v) for v in self.label_map.values()) + 1
+        return None
+
+    def labels(self, mask: Image.Image, where: Path) -> np.ndarray:
+        """A decoded mask → int64 class indices (H×W); values it cannot place name the
+        file, the value and the key that fixes it."""
+        values = _mask_values(mask, where, self.colours is not None)
+        keep = values == self.ignore_index if self.ignore_index is not None else None
+        if self.colours is not None:
+            labels = _by_palette(values, self.colours, where, keep)
+        elif self.lut is not None:
+            labels = self.lut[np.clip(values, 0, len(self.lut) - 1)]
+            unknown = (labels < 0) if keep is None else (labels < 0) & ~keep
+            if unknown.any():
+                raise TrainlabError(
+                    f"data: mask {where} has value {int(values[unknown][0])}, which "
+                    "data.dataset.label_map does not map; add it (or set data.ignore_index)"
+                )
+        elif self.binary:  # 0/1 masks as they are; 0/255 (or lossy) ones by the threshold
+            threshold = self.threshold if values.size and values.max() > 1 else 1
+            labels = (values >= threshold).astype(np.int64)
+        else:
+            labels = values
+        if keep is not None:
+            labels = np.where(keep, self.ignore_index, labels)
+        self.check(labels, where)
+        return labels
+
+    def check(self, labels: np.ndarray, where: Path) -> None:
+        allowed = self.allowed
+        valid = labels if self.ignore_index is None else labels[labels != self.ignore_index]
+        if allowed is None or not valid.size or (valid.min() >= 0 and valid.max() < allowed):
+            return
+        bad = int(valid.max() if valid.max() >= allowed else valid.min())
+        raise TrainlabError(
+            f"data: mask {where} has class {bad}, outside 0..{allowed - 1} "
+            f"(data.num_classes={self.num_classes}); set data.num_classes, map pixel values "
+            "with data.dataset.label_map (or data.dataset.palette for colour masks), or mark "
+            "them with data.ignore_index"
+        )
+
+
+def _colour_code(rgb: np.ndarray) -> np.ndarray | int:
+    rgb = rgb.astype(np.int64)
+    code = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+    return int(code) if np.ndim(code) == 0 else code
+
+
+def _mask_values(mask: Image.Image, where: Path, colour: bool) -> np.ndarray:
+    """Pixel values as int64: palette indices for "P" masks, 16-bit values as they are,
+    RGB colour codes when a palette maps colours."""
+    if mask.mode in ("RGB", "RGBA"):
+        if not colour:
+            raise TrainlabError(
+                f"data: mask {where} is an RGB colour image; list the class colours in "
+                "data.dataset.palette (e.g. [[0,0,0],[128,0,0]]: colour i is class i), or "
+                "save masks as single-channel class indices"
+            )
+        return _colour_code(np.asarray(mask.convert("RGB")))
+    if mask.mode in ("LA", "PA"):
+        mask = mask.getchannel(0)
+    elif mask.mode not in ("1", "L", "P", *WIDE_MODES):
+        mask = mask.convert("L")
+    return np.asarray(mask).astype(np.int64)
+
+
+def _by_palette(codes: np.ndarray, colours: dict, where: Path, keep) -> np.ndarray:
+    found, inverse = np.unique(codes, return_inverse=True)
+    table = np.array([colours.get(int(code), -1) for code in found], dtype=np.int64)
+    unknown = [int(code) for code, label in zip(found, table, strict=True) if label < 0]
+    if keep is not None:
+        unknown = [code for code in unknown if not (codes[keep] == code).any()]
+    if unknown:
+        rgb = [(c >> 16, (c >> 8) & 255, c & 255) for c in unknown[:3]]
+        raise TrainlabError(
+            f"data: mask {where} has colours {rgb} that data.dataset.palette does not list"
+        )
+    return table[inverse].reshape(codes.shape)
+
+
+class SegmentationFiles(Dataset):
+    """(image, mask) file pairs → (float C×H×W image, long H×W mask).
+
+    Images resize bilinearly, masks by nearest neighbour so labels stay labels; mask
+    values become classes through ``classes`` (:class:`MaskClasses`).
+    """
+
+    def __init__(self, pairs, image_size, channels, classes: MaskClasses):
+        self.pairs = pairs
+        self.size = (int(image_size[1]), int(image_size[0]))
+        self.channels = int(channels)
+        self.classes = classes
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image_path, mask_path = self.pairs[index]
+        image, mask = _open_image(image_path), _open_image(mask_path)
+        if image.size != mask.size:
+            raise TrainlabError(
+                f"data: mask {mask_path} is {mask.size[0]}x{mask.size[1]} but its image "
+                f"{image_path} is {image.size[0]}x{image.size[1]}"
+            )
+        labels = self.classes.labels(mask.resize(self.size, Image.NEAREST), mask_path)
+        return image_tensor(image, self.channels, self.size), torch.from_numpy(labels)

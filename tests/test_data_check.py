@@ -1,0 +1,318 @@
+"""The data check before training, classes inferred from the data, and masks that mean what
+they say: files written here in each source's real layout, read back through the real
+loaders, `trainlab data check` and `trainlab train` with its MLflow store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import QUICK, runs_of
+from trainlab.data.augment import Augmentation
+from trainlab.data.check import prepare_data
+from trainlab.errors import TrainlabError
+
+
+def save(path: Path, array: np.ndarray, **options) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, **options)
+    return path
+
+
+def class_folders(root: Path, names=("cat", "dog", "fox"), n=5, size=(12, 16)) -> Path:
+    rng = np.random.default_rng(0)
+    for name in names:
+        for i in range(n):
+            save(root / name / f"{i}.jpg", rng.integers(0, 256, (*size, 3), dtype=np.uint8))
+    return root
+
+
+def break_files(root: Path) -> list[Path]:
+    """A JPEG cut short (its header still reads), and a file that is no image at all."""
+    cut = root / "dog" / "1.jpg"
+    cut.write_bytes(cut.read_bytes()[:-40])
+    junk = root / "fox" / "notes.png"
+    junk.write_text("not an image")
+    return [cut, junk]
+
+
+def folder_args(root: Path, *extra: str) -> list[str]:
+    return ["data=image_folder", f"data.dataset.root={root}", "data.image_size=[8,8]",
+            "data.num_workers=0", "data.batch_size=4", *extra]
+
+
+def test_image_folder_classes_are_inferred_and_checked(compose, tmp_path):
+    root = class_folders(tmp_path / "pets")
+    cfg = compose(*folder_args(root))
+    assert cfg.data.num_classes is None
+    data = prepare_data(cfg, {"data": "image_folder"})
+    assert cfg.data.num_classes == 3 and data.splits.class_names == ["cat", "dog", "fox"]
+    text = data.report.text()
+    assert "classes: 3 (inferred from the data): cat, dog, fox" in text
+    assert "no problems found" in text
+    with pytest.raises(TrainlabError, match=r"data.num_classes=2 but .*pets has 3 class folders "
+                                            r"\(cat, dog, fox\); set data.num_classes=3 or null"):
+        prepare_data(compose(*folder_args(root, "data.num_classes=2")), {})
+
+
+@pytest.mark.parametrize("mode", ["fast", "full"])
+def test_every_bad_file_is_reported_at_once_or_skipped(compose, tmp_path, mode):
+    root = class_folders(tmp_path / "pets")
+    bad = break_files(root)
+    with pytest.raises(TrainlabError) as err:
+        prepare_data(compose(*folder_args(root, f"data.check={mode}")), {})
+    message = str(err.value)
+    assert message.startswith("data: 2 problems found before training")
+    assert all(str(path) in message for path in bad)
+    assert "truncated JPEG" in message or "does not decode" in message
+    cfg = compose(*folder_args(root, f"data.check={mode}", "data.skip_bad_files=true"))
+    data = prepare_data(cfg, {})
+    assert sorted(line.split(":")[0] for line in data.report.skipped) == sorted(map(str, bad))
+    assert len(data.splits.train) + len(data.splits.val) == 14
+    kept = {path for path, _ in data.splits.train.samples + data.splits.val.samples}
+    assert not kept & set(bad)
+
+
+def test_csv_labels_and_missing_files_in_one_report(compose, tmp_path):
+    rng = np.random.default_rng(0)
+    rows = ["file,label"]
+    for i in range(8):
+        save(tmp_path / "img" / f"{i}.png", rng.integers(0, 256, (6, 6), dtype=np.uint8))
+        rows.append(f"{i}.png,{i % 3}")
+    rows += ["gone.png,1", "7.png,5"]
+    (tmp_path / "labels.csv").write_text("\n".join(rows))
+    args = ["data=csv_images", f"data.dataset.root={tmp_path / 'img'}",
+            f"data.dataset.csv={tmp_path / 'labels.csv'}", "data.num_classes=3",
+            "data.dataset.val_fraction=0.3"]
+    with pytest.raises(TrainlabError) as err:
+        prepare_data(compose(*args), {})
+    message = str(err.value)
+    assert "gone.png: missing" in message
+    assert "7.png: label 5 outside 0..2 (data.num_classes=3)" in message
+    cfg = compose(*args[:-2], "data.dataset.val_fraction=0.3")
+    cfg.data.num_classes = None
+    with pytest.raises(TrainlabError, match="gone.png: missing"):
+        prepare_data(cfg, {})  # inferred: 6 classes from the largest label, the file still gone
+
+
+# ------------------------------------------------------------------- segmentation
+def write_masks(root: Path, masks: list[np.ndarray], ext="png", images=None, **options) -> Path:
+    """Carvana's layout with the given masks; images are noise unless given."""
+    rng = np.random.default_rng(1)
+    for i, mask in enumerate(masks):
+        image = images[i] if images is not None else rng.integers(
+            0, 256, (*mask.shape[:2], 3), dtype=np.uint8)
+        save(root / "train" / f"car{i}.jpg", image)
+        save(root / "train_masks" / f"car{i}_mask.{ext}", mask, **options)
+    return root
+
+
+def seg(root: Path, *extra: str, ext="png") -> list[str]:
+    return ["data=segmentation_folder", f"data.dataset.root={root}", "data.num_workers=0",
+            f"data.dataset.mask_name='{{stem}}_mask.{ext}'", "data.image_size=[16,16]",
+            "data.dataset.val_fraction=0.5", *extra]
+
+
+def all_masks(data) -> torch.Tensor:
+    return torch.stack([data.splits.train[i][1] for i in range(len(data.splits.train))]
+                       + [data.splits.val[i][1] for i in range(len(data.splits.val))])
+
+
+def three_class_mask() -> np.ndarray:
+    mask = np.zeros((16, 16), dtype=np.uint8)
+    mask[2:8, 2:8], mask[9:14, 9:14] = 1, 2
+    return mask
+
+
+def test_multiclass_masks_are_never_merged_and_classes_are_inferred(compose, tmp_path):
+    root = write_masks(tmp_path / "a", [three_class_mask()] * 4)
+    cfg = compose(*seg(root, "data.num_classes=null", "data.check=full"))
+    data = prepare_data(cfg, {})
+    assert cfg.data.num_classes == 3 and set(all_masks(data).unique().tolist()) == {0, 1, 2}
+    assert "(class columns count mask pixels)" in data.report.text()
+    with pytest.raises(TrainlabError, match=r"data.num_classes=null reads the classes from the "
+                                            r"masks, which data.check=off skips"):
+        prepare_data(compose(*seg(root, "data.num_classes=null", "data.check=off")), {})
+    with pytest.raises(TrainlabError, match=r"binarize=true would merge the 3 classes"):
+        prepare_data(compose(*seg(root, "data.num_classes=3", "data.dataset.binarize=true")), {})
+    with pytest.raises(TrainlabError, match=r"has class 2, outside 0..1 \(data.num_classes=2\); "
+                                            r"set data.num_classes, map pixel values with "
+                                            r"data.dataset.label_map"):
+        prepare_data(compose(*seg(root, "data.num_classes=2", "data.check=full")), {})
+
+
+def test_lossy_binary_masks_keep_their_area(compose, tmp_path):
+    """A 0/255 mask saved as JPEG: ringing around the edge must not grow the mask."""
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[16:48, 20:44] = 255
+    root = write_masks(tmp_path / "j", [mask] * 2, ext="jpg", quality=70)
+    stored = np.asarray(Image.open(root / "train_masks" / "car0_mask.jpg"))
+    assert ((stored > 0) & (stored < 255)).any()  # really lossy
+    data = prepare_data(compose(*seg(root, "data.image_size=[64,64]", ext="jpg")), {})
+    area = all_masks(data).float().sum(dim=(1, 2)) / (32 * 24)
+    assert torch.all((area - 1).abs() < 0.03)
+
+
+def test_colour_masks_map_through_the_palette(compose, tmp_path):
+    colours = [[0, 0, 0], [128, 0, 0], [0, 128, 0]]
+    mask = np.array(colours, dtype=np.uint8)[three_class_mask()]
+    root = write_masks(tmp_path / "rgb", [mask] * 2)
+    palette = "data.dataset.palette=[[0,0,0],[128,0,0],[0,128,0]]"
+    data = prepare_data(compose(*seg(root, "data.num_classes=null", palette)), {})
+    labels = all_masks(data)
+    assert data.report.num_classes == 3
+    assert torch.equal(labels[0], torch.from_numpy(three_class_mask()).long())
+    with pytest.raises(TrainlabError, match=r"is an RGB colour image; list the class colours "
+                                            r"in data.dataset.palette"):
+        data = prepare_data(compose(*seg(root, "data.num_classes=3", "data.check=full")), {})
+    with pytest.raises(TrainlabError, match=r"colours \[\(0, 128, 0\)\] that "
+                                            r"data.dataset.palette does not list"):
+        prepare_data(compose(*seg(root, "data.num_classes=2", "data.check=full",
+                                  "data.dataset.palette=[[0,0,0],[128,0,0]]")), {})
+
+
+def test_missing_and_mismatched_masks_are_listed_and_skipped(compose, tmp_path):
+    root = write_masks(tmp_path / "m", [np.zeros((16, 16), np.uint8)] * 4)
+    (root / "train_masks" / "car1_mask.png").unlink()
+    save(root / "train_masks" / "car2_mask.png", np.zeros((8, 16), np.uint8))
+    with pytest.raises(TrainlabError) as err:
+        prepare_data(compose(*seg(root)), {})
+    message = str(err.value)
+    assert "car1.jpg: has no mask" in message and "data.dataset.mask_name" in message
+    assert "car2.jpg: its mask" in message and "is 16x8, the image 16x16" in message
+    data = prepare_data(compose(*seg(root, "data.skip_bad_files=true")), {})
+    assert len(data.report.skipped) == 2
+    assert len(data.splits.train) + len(data.splits.val) == 2
+
+
+def test_sixteen_bit_images_and_exif_orientation(compose, tmp_path):
+    """A 16-bit grey ramp is scaled by 65535, not clipped at 255; a photo stored sideways
+    with an EXIF orientation tag is turned upright, and so is its size check."""
+    ramp = (np.linspace(0, 65535, 16 * 16).reshape(16, 16)).astype(np.uint16)
+    save(tmp_path / "gray" / "a" / "0.png", ramp)
+    save(tmp_path / "gray" / "b" / "0.png", ramp)
+    data = prepare_data(compose("data=image_folder", f"data.dataset.root={tmp_path / 'gray'}",
+                                "data.in_channels=1", "data.image_size=[16,16]",
+                                "data.dataset.val_fraction=0.5"), {})
+    image = data.splits.train[0][0][0]
+    assert abs(float(image.max()) - 1.0) < 0.02 and float(image.mean()) == pytest.approx(
+        0.5, abs=0.03)
+
+    upright = np.zeros((16, 24, 3), dtype=np.uint8)
+    upright[:4] = 255  # a bright top band
+    sideways = np.ascontiguousarray(np.rot90(upright, 1))  # stored turned, 24x16
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to view"
+    mask = np.zeros((16, 24), dtype=np.uint8)
+    mask[:4] = 1
+    root = tmp_path / "exif"
+    for i in range(2):
+        save(root / "train" / f"car{i}.jpg", sideways, exif=exif.tobytes(), quality=95)
+        save(root / "train_masks" / f"car{i}_mask.png", mask)
+    data = prepare_data(compose(*seg(root, "data.image_size=[16,24]")), {})
+    image, labels = data.splits.train[0]
+    assert image.mean(0)[:4].mean() > 0.9 and image.mean(0)[6:].mean() < 0.1
+    assert torch.equal(labels, torch.from_numpy(mask).long())
+
+
+def test_augmentation_fills_masks_outside_the_image_with_ignore_index():
+    masks = torch.zeros(4, 32, 32, dtype=torch.long)
+    masks[:, 8:24, 8:24] = 1
+    images = torch.rand(4, 3, 32, 32)
+    shift = {"_target_": "imgaug.augmenters.Affine", "translate_px": {"x": 6}}
+    out_masks = Augmentation(shift, ignore_index=255)(images, masks)[1]
+    assert (out_masks[:, :, :6] == 255).all() and set(out_masks.unique().tolist()) == {0, 1, 255}
+    assert (Augmentation(shift)(images, masks)[1][:, :, :6] == 0).all()  # unset: class 0
+
+
+@pytest.mark.parametrize(("pipeline", "task", "message"), [
+    ({"_target_": "imgaug.augmenters.Crop", "px": [0, 4], "keep_size": False}, "classification",
+     r"^augment: Crop changes the image size.*set keep_size: true, or wrap it in "
+     r"imgaug.augmenters.KeepSizeByResize$"),
+    ({"_target_": "imgaug.augmenters.Sequential", "children": [
+        {"_target_": "imgaug.augmenters.Fliplr"}, {"_target_": "imgaug.augmenters.RandAugment"}]},
+     "segmentation", r"^augment: RandAugment changes images only .* segmentation data"),
+    ({"_target_": "imgaug.augmenters.pillike.Affine", "rotate": [-5, 5]}, "segmentation",
+     r"^augment: pillike.Affine .* use imgaug.augmenters.Affine"),
+    ({"_target_": "imgaug.augmenters.Resize", "size": 0.5}, "segmentation",
+     r"^augment: Resize changes the image size.*; wrap it in imgaug.augmenters.KeepSizeByResize"),
+])
+def test_augmenters_are_checked_against_the_task(compose, pipeline, task, message):
+    data = "shapes" if task == "segmentation" else "digits"
+    cfg = compose(f"data={data}", "augment=light")
+    cfg.augment.pipeline = pipeline
+    with pytest.raises(TrainlabError, match=message) as err:
+        prepare_data(cfg, {})
+    assert "\n" not in str(err.value)
+    cfg.augment.pipeline = {"_target_": "imgaug.augmenters.KeepSizeByResize",
+                            "children": pipeline} if task == "classification" else None
+    prepare_data(cfg, {})  # the fix the message names works
+
+
+# ---------------------------------------------------------------- whole workflows
+def test_data_check_command_lists_every_problem(run_trainlab, tmp_path):
+    root = class_folders(tmp_path / "pets")
+    bad = break_files(root)
+    failed = run_trainlab("data", "check", "data=image_folder", f"data.dataset.root={root}",
+                          check=False)
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+    assert "classes: 3 (inferred from the data): cat, dog, fox" in failed.stderr
+    assert all(str(path) in failed.stderr for path in bad)
+
+
+@pytest.mark.slow
+def test_training_refuses_bad_data_before_mlflow_and_logs_what_it_skipped(
+    run_trainlab, mlflow_client, tmp_path
+):
+    root = class_folders(tmp_path / "pets", size=(8, 8))
+    bad = break_files(root)
+    args = [*QUICK, "trainer.max_epochs=1", "data=image_folder", f"data.dataset.root={root}",
+            "data.image_size=[8,8]", "data.num_workers=0", "data.batch_size=4"]
+    failed = run_trainlab("train", *args, check=False)
+    assert failed.returncode == 1 and "2 problems found before training" in failed.stderr
+    assert mlflow_client.get_experiment_by_name("trainlab") is None or not runs_of(mlflow_client)
+    run_trainlab("train", *args, "data.skip_bad_files=true")
+    (run,) = runs_of(mlflow_client)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["data.skipped_files"] == "2"
+    assert run.data.params["data.num_classes"] == "3"  # inferred, and what the model was built with
+    local = mlflow_client.download_artifacts(run.info.run_id, "data/skipped_files.txt",
+                                             str(tmp_path))
+    assert sorted(line.split(":")[0] for line in Path(local).read_text().splitlines()) == sorted(
+        map(str, bad))
+
+
+@pytest.mark.parametrize("loss", ["ce", "nll", "dice", "focal"])
+@pytest.mark.parametrize("classes", [2, 3])
+def test_multiclass_losses_fit_segmentation_folder(compose, loss, classes):
+    from trainlab.losses import build_loss
+
+    cfg = compose("data=segmentation_folder", f"loss={loss}", f"data.num_classes={classes}")
+    assert cfg.data.ignore_index is None
+    build_loss(cfg.loss, loss, cfg.data)  # checks itself on a batch shaped like this data
+
+
+@pytest.mark.slow
+def test_cross_entropy_trains_on_segmentation_folder(run_trainlab, mlflow_client, tmp_path):
+    masks = [np.roll(three_class_mask(), i, axis=1) for i in range(6)]
+    root = write_masks(tmp_path / "seg", masks)
+    run_trainlab("train", "model=unet", "loss=ce", "trainer.max_epochs=1",
+                 "trainer.progress_bar=false", *seg(root, "data.num_classes=3", "data.batch_size=3",
+                                                    "augment=seg", "data.ignore_index=255"),
+                 "model.base_channels=4", "model.depth=2")
+    (run,) = runs_of(mlflow_client)
+    assert run.info.status == "FINISHED" and "val/iou" in run.data.metrics
+
+
+def test_preview_colours_each_class_and_greys_ignored_pixels():
+    from trainlab.data.preview import mask_overlay
+
+    mask = np.array([[0, 1, 2, 255]])
+    overlay = mask_overlay(mask, ignore_index=255)
+    assert overlay[0, 0, 3] == 0  # background stays clear
+    assert tuple(overlay[0, 1, :3]) == (1.0, 0.0, 0.0)  # the binary foreground is red
+    assert len({tuple(overlay[0, i, :3]) for i in (1, 2, 3)}) == 3  # classes apart, ignore grey
