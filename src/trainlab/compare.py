@@ -155,7 +155,8 @@ def format_table(rows: Sequence[Row], metric: str, width: int | None = None) -> 
     """A plain-text table for the terminal, with failed/pruned notes under it.
 
     Wider than ``width`` characters, the overrides column is cut, then left out (a sweep's
-    run names are its overrides already), then the run names are cut.
+    run names are its overrides already), then duration and last value, and only then are
+    run names cut.
     """
     head = [*COLUMNS[:4], "best", "last", COLUMNS[6]]
     body = [r.cells() for r in rows]
@@ -165,11 +166,18 @@ def format_table(rows: Sequence[Row], metric: str, width: int | None = None) -> 
     def excess() -> int:
         return sum(widths) + 2 * (len(widths) - 1) - width
 
+    def drop(name: str) -> None:
+        column = head.index(name)
+        for line in [*body, widths, head]:
+            del line[column]
+
     if excess() > 0:
         widths[3] -= excess()
         if widths[3] < len(head[3]):
-            for line in [head, *body, widths]:
-                del line[3]
+            drop("overrides")
+    for name in ("duration", "last"):
+        if excess() > 0:
+            drop(name)
     if excess() > 0:
         widths[1] = max(12, widths[1] - excess())
     lines = ["  ".join(clip(cell, w).ljust(w) for cell, w in zip(line, widths, strict=True))
