@@ -1,13 +1,18 @@
-"""Shared fixtures: a private MLflow store per test, the real `trainlab` command, Hydra compose."""
+"""Shared helpers: a private MLflow store per test, the real `trainlab` command (as a process or
+in this one), Hydra compose, a free port, a tracker that records, the fast settings."""
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from trainlab.tracker import NullTracker
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "conf"
@@ -15,6 +20,37 @@ TRAINLAB = Path(sys.executable).with_name("trainlab")
 
 # Tiny, fast settings for end-to-end runs where the learning itself is not under test.
 QUICK = ["model=mlp", "trainer.max_epochs=2", "trainer.progress_bar=false"]
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RecordingTracker(NullTracker):
+    """A tracker that keeps the metrics and artifacts it is given, for tests that read back
+    what a run logged without an MLflow store."""
+
+    def __init__(self, log_every_n_steps: int = 1) -> None:
+        super().__init__(log_every_n_steps)
+        self.metrics: dict[str, list[tuple[int, float]]] = {}  # name → [(step, value)]
+        self.artifacts: list[str] = []
+
+    def log_metrics(self, metrics, step):
+        for key, value in metrics.items():
+            self.metrics.setdefault(key, []).append((step, value))
+
+    def log_metric_series(self, rows):
+        for step, metrics in rows:
+            self.log_metrics(metrics, step)
+
+    def log_artifact(self, path, artifact_path=None):
+        self.artifacts.append(str(path))
+
+    def last(self, name: str) -> float:
+        return self.metrics[name][-1][1]
 
 
 @pytest.fixture
@@ -40,6 +76,44 @@ def run_trainlab(tmp_path: Path, tracking_uri: str):
         return proc
 
     return run
+
+
+@dataclass
+class Outcome:
+    """What a `trainlab` call run in-process ended with."""
+
+    code: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def trainlab_in_process(tmp_path: Path, tracking_uri: str, monkeypatch, capsys):
+    """Call `trainlab ARGS` in this process, in ``tmp_path``, against the test's own store.
+
+    The same code path as the command (cli.main → Hydra app), without starting an
+    interpreter and importing torch and mlflow again: seconds saved per call. Tests of
+    signals, exit codes of the real executable or DDP keep using ``run_trainlab``.
+    """
+    import mlflow
+
+    from trainlab.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
+
+    def run(*args: str) -> Outcome:
+        capsys.readouterr()
+        try:
+            code = main(list(args))
+        except SystemExit as exit_:
+            code = exit_.code
+        captured = capsys.readouterr()
+        return Outcome(int(code or 0), captured.out, captured.err)
+
+    yield run
+    mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture

@@ -82,7 +82,13 @@ def test_bad_target_is_one_line_not_a_traceback(run_trainlab):
 def test_help_lists_groups(run_trainlab):
     proc = run_trainlab("train", "--help")
     assert "loss: bce, bce_logits, ce," in proc.stdout
-    assert "model: cnn, mlp" in proc.stdout
+    assert "model: cnn, mlp, timm, torchvision, unet\n" in proc.stdout
+    assert "model/finetune" not in proc.stdout  # the shared fine-tune keys are no model
+
+
+def test_every_model_takes_the_shared_finetune_keys(compose):
+    for model in ("cnn", "mlp", "timm", "torchvision", "unet"):
+        assert compose(f"model={model}", "model.freeze=backbone").model.freeze == "backbone"
 
 
 @pytest.mark.parametrize(
@@ -100,3 +106,4 @@ def test_help_and_printing_the_config_do_not_import_torch_or_mlflow(tmp_path, ar
                           text=True, timeout=60)
     assert expected in proc.stdout
     assert "HEAVY []" in proc.stdout
+

@@ -4,24 +4,17 @@ batch; device selection errors; the rank-sharded in-memory loader."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 
-from conftest import QUICK, runs_of
+from conftest import QUICK, free_port, runs_of
 from trainlab.data.loaders import InMemoryLoader
 from trainlab.distributed import Launch, plan_launch
 from trainlab.errors import TrainlabError
 
 FAST = ["model=mlp", "trainer.progress_bar=false", "logger.log_model=false",
         "trainer.max_epochs=2", "model.hidden=[32]"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class KeepFinalState:
@@ -38,7 +31,7 @@ class KeepFinalState:
 def _rank(rank, cfg, out, port):
     from trainlab.distributed import init_process_group
     from trainlab.seeding import seed_everything
-    from trainlab.tracking import NullTracker
+    from trainlab.tracker import NullTracker
     from trainlab.train import fit
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -46,7 +39,8 @@ def _rank(rank, cfg, out, port):
     torch.set_num_threads(1)
     seed_everything(int(cfg.seed))
     try:
-        fit(cfg, NullTracker(cfg.logger), out, {}, callbacks=[KeepFinalState(out / f"{rank}.pt")])
+        fit(cfg, NullTracker.like(cfg.logger), out, {},
+            callbacks=[KeepFinalState(out / f"{rank}.pt")])
     finally:
         torch.distributed.destroy_process_group()
 
@@ -57,10 +51,11 @@ def test_two_gloo_ranks_stay_identical_and_match_one_process_on_the_global_batch
     import torch.multiprocessing as mp
 
     from trainlab.seeding import seed_everything
-    from trainlab.tracking import NullTracker
+    from trainlab.tracker import NullTracker
     from trainlab.train import fit
 
-    mp.spawn(_rank, args=(compose(*FAST, "data.batch_size=32"), tmp_path / "ddp", _free_port()),
+    mp.spawn(_rank, args=(compose(*FAST, "data.batch_size=32"), tmp_path / "ddp",
+                          free_port()),
              nprocs=2)
     rank0, rank1 = (torch.load(tmp_path / f"ddp/{r}.pt", weights_only=True) for r in (0, 1))
     assert all(torch.equal(rank0["model"][k], rank1["model"][k]) for k in rank0["model"])
@@ -69,7 +64,7 @@ def test_two_gloo_ranks_stay_identical_and_match_one_process_on_the_global_batch
     cfg = compose(*FAST, "data.batch_size=64")
     seed_everything(int(cfg.seed))
     single = tmp_path / "single"
-    fit(cfg, NullTracker(cfg.logger), single, {}, callbacks=[KeepFinalState(single / "0.pt")])
+    fit(cfg, NullTracker.like(cfg.logger), single, {}, callbacks=[KeepFinalState(single / "0.pt")])
     one = torch.load(single / "0.pt", weights_only=True)
     for key, value in one["model"].items():
         assert torch.allclose(rank0["model"][key], value, atol=1e-5), key
@@ -205,7 +200,7 @@ def test_under_torchrun_only_rank_0_makes_an_output_dir(tmp_path, tracking_uri, 
     torchrun = TRAINLAB.with_name("torchrun")
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
     proc = subprocess.run(
-        [str(torchrun), "--nproc-per-node", "2", "--master-port", str(_free_port()),
+        [str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port()),
          "-m", "trainlab.cli", "train", *FAST, "trainer.accelerator=cpu"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )

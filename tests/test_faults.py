@@ -14,7 +14,7 @@ from conftest import TRAINLAB, runs_of
 from trainlab.checkpoint import resolve_resume
 from trainlab.errors import TrainlabError
 from trainlab.seeding import seed_everything
-from trainlab.tracking import NullTracker
+from trainlab.tracker import NullTracker
 from trainlab.train import fit
 
 FAST = ["model=mlp", "trainer.progress_bar=false", "logger.log_model=false"]
@@ -23,7 +23,7 @@ FAST = ["model=mlp", "trainer.progress_bar=false", "logger.log_model=false"]
 def train(compose, out, *overrides, callbacks=(), resume=None):
     cfg = compose(*FAST, *overrides)
     seed_everything(int(cfg.seed), bool(cfg.trainer.deterministic))
-    return fit(cfg, NullTracker(cfg.logger), out, {}, callbacks=callbacks, resume=resume)
+    return fit(cfg, NullTracker.like(cfg.logger), out, {}, callbacks=callbacks, resume=resume)
 
 
 def weights(path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import runs_of
+from conftest import free_port, runs_of
 
 FAST = ["trainer.progress_bar=false", "logger.log_model=false"]
 
@@ -159,13 +159,9 @@ def _ddp_worker(rank: int, world: int, folder: str, port: str) -> None:
 
 
 def test_ddp_checkpoint_loads_into_a_single_device_model_and_back(tmp_path):
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
+    port = str(free_port())
     mp.spawn(_ddp_worker, args=(2, str(tmp_path), port), nprocs=2, join=True)
     saved = torch.load(tmp_path / "ddp.pt", weights_only=True)["model"]
     assert all(name.startswith("module.") for name in saved)

@@ -50,11 +50,11 @@ def data_overrides(kind, tmp_path):
 
 
 def fit_in_process(compose, tmp_path, loss, *overrides):
-    from trainlab.tracking import NullTracker
+    from trainlab.tracker import NullTracker
     from trainlab.train import fit
 
     cfg = compose(*FAST, f"loss={loss}", *overrides)
-    return fit(cfg, NullTracker(cfg.logger), tmp_path / "run", {"loss": loss})
+    return fit(cfg, NullTracker.like(cfg.logger), tmp_path / "run", {"loss": loss})
 
 
 PAIRS = [(c.name, kind) for c in CONTRACTS.values() for kind in KINDS if kind in c.kinds]

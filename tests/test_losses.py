@@ -173,7 +173,25 @@ def data(task="classification", num_classes=10):
      *[(name, "segmentation", 4) for name in OURS], *[(name, "segmentation", 1) for name in OURS]],
 )
 def test_loss_option_builds_for_a_task_it_fits(compose, name, task, classes):
-    build_loss(compose(f"loss={name}").loss, name, data(task, classes))
+    loss = build_loss(compose(f"loss={name}").loss, name, data(task, classes))
+    g = torch.Generator().manual_seed(0)
+    if task == "classification":
+        targets = torch.randint(0, classes, (6,), generator=g)
+        perfect = torch.nn.functional.one_hot(targets, classes).float()
+    elif classes == 1:
+        targets = torch.randint(0, 2, (6, 5, 5), generator=g)
+        perfect = targets.unsqueeze(1).float()
+    else:
+        targets = torch.randint(0, classes, (6, 5, 5), generator=g)
+        perfect = torch.nn.functional.one_hot(targets, classes).permute(0, 3, 1, 2).float()
+    guess = torch.randn(perfect.shape, generator=g)
+    if name == "bce":  # BCELoss takes probabilities, the others logits
+        guess, perfect = guess.sigmoid(), perfect.clamp(1e-4, 1 - 1e-4)
+    else:
+        perfect = 20 * (2 * perfect - 1)
+    scored = loss(guess, targets)
+    assert scored.dim() == 0 and torch.isfinite(scored)
+    assert loss(perfect, targets).item() < scored.item()  # it rewards the right answer
 
 
 def test_a_loss_gets_what_its_contract_takes_from_the_logits():

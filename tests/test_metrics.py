@@ -7,6 +7,7 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, f1_score, jaccard_score, top_k_accuracy_score
 
+from conftest import RecordingTracker, free_port
 from trainlab.errors import TrainlabError
 from trainlab.metrics import TaskMetrics, plot_confusion
 
@@ -120,13 +121,9 @@ def _ddp_worker(rank, world, port, out):
 
 @pytest.mark.slow
 def test_metrics_sum_over_ddp_ranks(tmp_path):
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2)
     logits, targets = segmentation_data(c=3)
     dice, iou = reference_segmentation(logits, targets)
@@ -154,25 +151,50 @@ def test_a_segmentation_run_monitors_dice(compose, tmp_path):
     model = nn.Conv2d(1, 3, 1)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
     cfg = compose("scheduler=plateau", "trainer.monitor=val/dice")
-    logged = {}
-
-    class Tracker:  # keeps the last value of each metric (the tracker is not under test)
-        log_every_n_steps = 1
-
-        def log_metrics(self, metrics, step):
-            logged.update(metrics)
-
-        def log_metric_series(self, rows):
-            pass
-
-        def log_artifact(self, path, artifact_path=None):
-            pass
-
+    tracker = RecordingTracker()
     result = Runner(
-        model, DiceLoss(ignore_index=255), optimizer, loader, loader, Tracker(), tmp_path,
+        model, DiceLoss(ignore_index=255), optimizer, loader, loader, tracker, tmp_path,
         scheduler=build_scheduler(cfg.scheduler, optimizer, "plateau"), max_epochs=2,
         monitor="val/dice", progress_bar=False,
         metrics=TaskMetrics("segmentation", 3, ignore_index=255),
     ).fit()
-    assert {"train/dice", "val/dice", "val/iou", "val/acc"} <= set(logged)
+    assert {"train/dice", "val/dice", "val/iou", "val/acc"} <= set(tracker.metrics)
     assert result.best == max(epoch["val/dice"] for epoch in result.history)
+
+
+def test_train_and_val_dice_agree_when_a_class_is_absent():
+    """A perfect prediction of masks without class 2 scores 1.0 in training and validation."""
+    targets = torch.randint(0, 2, (N, 6, 6), generator=torch.Generator().manual_seed(0))
+    logits = 10.0 * torch.nn.functional.one_hot(targets, 3).permute(0, 3, 1, 2).float()
+    spec = TaskMetrics("segmentation", 3)
+    assert feed(spec.train(), logits, targets)["dice"] == pytest.approx(1.0)
+    assert feed(spec.val(), logits, targets)["dice"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
+def test_the_best_epochs_confusion_matrix_and_per_class_table(compose, tmp_path, task,
+                                                              one_torch_thread):
+    import csv
+
+    from trainlab.tracking import NullTracker
+    from trainlab.train import fit
+
+    overrides = ["model=mlp", "optimizer=sgd", "optimizer.lr=0.3"] if task == "classification" \
+        else ["data=shapes", "data.dataset.n_train=32", "data.dataset.n_val=16", "model=unet",
+              "model.base_channels=4", "model.depth=1", "data.image_size=[16,16]",
+              "data.batch_size=8", "loss=dice", "trainer.monitor=val/dice"]
+    cfg = compose(*overrides, "trainer.max_epochs=3", "trainer.progress_bar=false")
+    result = fit(cfg, NullTracker(cfg.logger), tmp_path / "run", {})
+    best = result.history[result.best_epoch]
+    assert (tmp_path / "run/plots/confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    rows = list(csv.DictReader((tmp_path / "run/plots/per_class.csv").open()))
+    if task == "classification":
+        assert [row["class"] for row in rows] == [str(i) for i in range(10)]  # digits' names
+        support = np.array([int(row["support"]) for row in rows])
+        recall = np.array([float(row["recall"]) for row in rows])
+        # the table is the best epoch's: its recall over the support is that epoch's accuracy
+        assert (recall * support).sum() / support.sum() == pytest.approx(best["val/acc"],
+                                                                         abs=1e-3)
+    else:
+        assert [row["class"] for row in rows] == ["background", "shape"]
+        assert float(rows[1]["dice"]) == pytest.approx(best["val/dice"], abs=1e-3)

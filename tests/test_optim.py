@@ -72,3 +72,34 @@ def test_all_frozen_is_an_error(compose):
     model = finetune_model().requires_grad_(False)
     with pytest.raises(TrainlabError, match="no trainable parameters"):
         build_optimizer(compose().optimizer, model, "adam")
+
+
+def test_layer_decay_gives_each_block_a_lower_lr_through_the_loop(compose, tmp_path):
+    """timm's grouping: the head at lr, each stage before it layer_decay times lower; onecycle
+    keeps the ratios and the loop trains every group."""
+    from trainlab.checkpoint import load_checkpoint
+    from trainlab.tracking import NullTracker
+    from trainlab.train import fit
+
+    cfg = compose("model=timm", "model.name=test_resnet", "optimizer.layer_decay=0.5",
+                  "optimizer.weight_decay=0.01", "optimizer.no_decay_norm_bias=true",
+                  "trainer.max_epochs=1", "trainer.progress_bar=false")
+    fit(cfg, NullTracker(cfg.logger), tmp_path, {})
+    groups = load_checkpoint(tmp_path / "checkpoints/last.pt")["optimizer"]["param_groups"]
+    lrs = {group["name"]: group["lr"] for group in groups}
+    decayed = sorted((name for name in lrs if not name.endswith("_no_decay")),
+                     key=lambda name: int(name[5:]))
+    assert len(decayed) >= 3
+    for lower, higher in zip(decayed, decayed[1:], strict=False):
+        assert lrs[lower] == pytest.approx(0.5 * lrs[higher])
+    assert lrs[decayed[-1]] == pytest.approx(cfg.optimizer.lr)
+    assert all(g["weight_decay"] == 0 for g in groups if g["name"].endswith("_no_decay"))
+
+
+def test_layer_decay_needs_a_model_timm_can_group(compose):
+    from trainlab.models.finetune import build_model
+
+    cfg = compose("model=mlp", "optimizer.layer_decay=0.7")
+    model, _ = build_model(cfg.model, "mlp")
+    with pytest.raises(TrainlabError, match="^optimizer.layer_decay needs a model with stages"):
+        build_optimizer(cfg.optimizer, model, "adam")

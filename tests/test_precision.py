@@ -8,7 +8,7 @@ import torch
 from trainlab.errors import TrainlabError
 from trainlab.precision import Precision
 from trainlab.seeding import seed_everything
-from trainlab.tracking import NullTracker
+from trainlab.tracker import NullTracker
 from trainlab.train import fit
 
 FAST = ["model=mlp", "trainer.progress_bar=false", "logger.log_model=false"]
@@ -36,7 +36,7 @@ def train(compose, out, *overrides):
     cfg = compose(*FAST, *overrides)
     seed_everything(int(cfg.seed))
     watch = AfterFirstEpoch()
-    result = fit(cfg, NullTracker(cfg.logger), out, {}, callbacks=[watch])
+    result = fit(cfg, NullTracker.like(cfg.logger), out, {}, callbacks=[watch])
     last = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["model"]
     return result, watch, last
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.optim import lr_scheduler as S
 
+from conftest import RecordingTracker
 from trainlab.errors import TrainlabError
 from trainlab.metrics import TaskMetrics
 from trainlab.models.finetune import finetune
@@ -48,27 +49,6 @@ PER_BATCH = {"cycliclr", "onecycle", "warmup_cosine"}
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-class Recorder:
-    """Keeps what the runner logs (the tracker is not under test here)."""
-
-    log_every_n_steps = 2
-
-    def __init__(self):
-        self.metrics: dict[str, list[tuple[int, float]]] = {}
-        self.artifacts: list[str] = []
-
-    def log_metrics(self, metrics, step):
-        for key, value in metrics.items():
-            self.metrics.setdefault(key, []).append((step, value))
-
-    def log_metric_series(self, rows):
-        for step, metrics in rows:
-            self.log_metrics(metrics, step)
-
-    def log_artifact(self, path, artifact_path=None):
-        self.artifacts.append(str(path))
-
-
 def batches(seed: int, sizes=SIZES):
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g))
@@ -91,7 +71,7 @@ def fit(compose, tmp_path, option, overrides=(), accumulate=1, unfreeze_at=None)
     optimizer = build_optimizer(cfg.optimizer, model, "adam")
     scheduled = build_scheduler(cfg.scheduler, optimizer, option,
                                 optimizer_steps(BATCHES, accumulate), EPOCHS)
-    tracker = Recorder()
+    tracker = RecordingTracker(log_every_n_steps=2)
     runner = Runner(
         model, nn.CrossEntropyLoss(), optimizer, batches(1), batches(2, (6, 4)), tracker,
         tmp_path / "checkpoints", scheduler=scheduled, max_epochs=EPOCHS, progress_bar=False,
@@ -146,13 +126,13 @@ def test_runner_steps_each_scheduler_as_torch_does(compose, tmp_path, option, ac
     runner, tracker, result = fit(compose, tmp_path, option, overrides, accumulate, unfreeze_at)
     expected = by_hand(option, make, accumulate, result.history)
 
-    got = per_step(runner.lr_history)
+    got = per_step(runner.lr.history)
     assert got == pytest.approx(expected, rel=1e-9)
     assert len(set(expected)) > 1, "the schedule under test never changes the lr"
     if option in ("onecycle", "warmup_cosine", "cosine"):  # the run ends at the floor
         assert expected[-1] < 1e-3 * 0.05
     if unfreeze_at:  # the unfrozen layers follow the same schedule from then on, and train
-        unfrozen = per_step(runner.lr_history, "lr/unfrozen")
+        unfrozen = per_step(runner.lr.history, "lr/unfrozen")
         assert unfrozen[: BATCHES * unfreeze_at] == [None] * BATCHES * unfreeze_at
         assert unfrozen[BATCHES * unfreeze_at :] == pytest.approx(
             expected[BATCHES * unfreeze_at :], rel=1e-9)
@@ -161,7 +141,7 @@ def test_runner_steps_each_scheduler_as_torch_does(compose, tmp_path, option, ac
     else:
         # logged to the tracker at every step it changes (and once per epoch), never twice
         logged = tracker.metrics["lr"]
-        assert {(step, lrs["lr"]) for step, lrs in runner.lr_history} <= set(logged)
+        assert {(step, lrs["lr"]) for step, lrs in runner.lr.history} <= set(logged)
         assert len({step for step, _ in logged}) == len(logged)
     if option != "plateau" and not unfreeze_at:  # lr-plot steps the same schedule
         cfg = compose(f"scheduler={option}", f"trainer.max_epochs={EPOCHS}", *overrides)
@@ -207,7 +187,7 @@ def test_param_groups_each_get_their_lr_logged(compose, tmp_path):
     model.add_module("head", nn.Linear(4, 3))
     optimizer = build_optimizer(cfg.optimizer, model, "adam")
     scheduled = build_scheduler(cfg.scheduler, optimizer, "onecycle", BATCHES, 2)
-    tracker = Recorder()
+    tracker = RecordingTracker(log_every_n_steps=2)
     Runner(model, nn.CrossEntropyLoss(), optimizer, batches(1), batches(2), tracker,
            tmp_path, scheduler=scheduled, max_epochs=2, progress_bar=False).fit()
     assert {key for key in tracker.metrics if key.startswith("lr")} == {

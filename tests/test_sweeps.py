@@ -6,7 +6,6 @@ import csv
 import io
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import QUICK, TRAINLAB, runs_of
+from conftest import QUICK, TRAINLAB, free_port, runs_of
 
 FAST = [*QUICK, "logger.log_model=false", "logger.log_checkpoints=false"]
 
@@ -303,9 +302,7 @@ def test_ui_answers_before_it_prints_refuses_a_busy_port_and_stops_all_it_starte
     import psutil
 
     experiment = mlflow_client.create_experiment("trainlab")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
     proc = subprocess.Popen([str(TRAINLAB), "ui", "--port", str(port)], cwd=tmp_path, text=True,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)

@@ -10,7 +10,8 @@ import mlflow
 import numpy as np
 import pytest
 
-from conftest import QUICK, TRAINLAB, runs_of
+from conftest import QUICK, TRAINLAB, free_port, runs_of
+from trainlab.checkpoint import CLASS_NAMES
 
 
 def test_default_run_learns_digits_and_logs_everything(run_trainlab, mlflow_client, tracking_uri,
@@ -40,7 +41,7 @@ def test_default_run_learns_digits_and_logs_everything(run_trainlab, mlflow_clie
     top = {a.path for a in mlflow_client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", ".hydra", "checkpoints"} <= top
     ckpts = {a.path for a in mlflow_client.list_artifacts(run.info.run_id, "checkpoints")}
-    assert ckpts == {"checkpoints/best.pt", "checkpoints/last.pt"}
+    assert ckpts == {"checkpoints/best.pt", "checkpoints/last.pt", f"checkpoints/{CLASS_NAMES}"}
     hydra_files = {a.path for a in mlflow_client.list_artifacts(run.info.run_id, ".hydra")}
     assert ".hydra/overrides.yaml" in hydra_files
 
@@ -108,14 +109,11 @@ def test_unreachable_tracking_server_fails_fast_before_training(run_trainlab):
 @pytest.fixture
 def mlflow_server(tmp_path):
     """A real `mlflow server` on a free loopback port with its own sqlite backend."""
-    import socket
     import sys
     import urllib.request
     from pathlib import Path
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     server_dir = tmp_path / "server"
     server_dir.mkdir()
     proc = subprocess.Popen(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any
 
 import torch
 
+from trainlab.distributed import is_main_process
 from trainlab.errors import TrainlabError
 
 CLASS_NAMES = "class_names.json"  # beside the checkpoints: what predictions are called
@@ -55,6 +57,45 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not isinstance(state, dict):
         raise TrainlabError(f"{path} holds a {type(state).__name__}, not a checkpoint dict")
     return state
+
+
+class Checkpoints:
+    """``last.pt`` and ``best.pt`` of one run: which epoch is best by the monitored metric,
+    and their atomic writes (by rank 0 only, in a DDP group)."""
+
+    def __init__(self, folder: str | os.PathLike, monitor: str, mode: str) -> None:
+        if mode not in ("min", "max"):
+            raise TrainlabError(f"trainer.monitor_mode={mode!r}; choose 'min' or 'max'")
+        self.folder, self.monitor, self.mode = Path(folder), monitor, mode
+        self.best = math.inf if mode == "min" else -math.inf
+        self.best_epoch = -1
+
+    @property
+    def last(self) -> Path:
+        return self.folder / "last.pt"
+
+    def improves(self, value: float) -> bool:
+        return value < self.best if self.mode == "min" else value > self.best
+
+    def note(self, value: float, epoch: int) -> bool:
+        """Take an epoch's monitored value; True when it is the new best."""
+        improved = self.improves(value)
+        if improved:
+            self.best, self.best_epoch = value, epoch
+        return improved
+
+    def save(self, state: dict[str, Any], improved: bool = False) -> None:
+        """Write ``last.pt`` (and ``best.pt`` when ``improved``) with the best so far."""
+        if not is_main_process():
+            return
+        state = {**state, "monitor": self.monitor, "best": self.best,
+                 "best_epoch": self.best_epoch}
+        save_checkpoint(state, self.last)
+        if improved:
+            save_checkpoint(state, self.folder / "best.pt")
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.best, self.best_epoch = float(state["best"]), int(state.get("best_epoch", -1))
 
 
 def resolve_resume(value: str | None, output_dir: str | os.PathLike) -> Path | None:

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from trainlab.errors import TrainlabError
+from trainlab.signals import forwarded_to
 
 ACCELERATORS = ("auto", "cpu", "cuda", "mps")
 
@@ -221,17 +222,8 @@ def spawn_fit(
         _worker, args=(fit, launch, cfg, output_dir, choices, run_id, resume, results),
         nprocs=launch.world_size, join=False, start_method="spawn",
     )
-    received: list[int] = []
-
-    def forward(signum, _frame):
-        received.append(signum)
-        for process in context.processes:
-            if process.is_alive():
-                os.kill(process.pid, signum)
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     failure: ProcessException | None = None
-    try:
+    with forwarded_to(context.processes) as received:
         try:
             while not context.join(grace_period=10):
                 pass
@@ -241,9 +233,6 @@ def spawn_fit(
         while not results.empty():
             kind, *payload = results.get()
             outcome.setdefault(kind, payload)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     if received or ("interrupted" in outcome and failure is None):
         raise KeyboardInterrupt
     killed = _killed_worker(failure, context.processes)  # its peers' errors follow from it
@@ -278,12 +267,10 @@ def _killed_worker(failure, processes) -> str | None:
 
 def _worker(rank_: int, fit, launch: Launch, cfg, output_dir, choices, run_id, resume, results):
     """One DDP rank: join the group, build every part, ``fit``; rank 0 logs into ``run_id``."""
-    import contextlib
-
     from trainlab.components import build
     from trainlab.outbox import SPOOL_DIR
     from trainlab.seeding import seed_everything
-    from trainlab.tracking import NullTracker
+    from trainlab.tracker import NullTracker
 
     os.setpgrp()  # a terminal's Ctrl-C reaches the launching process only; it forwards it once
     device = init_process_group(launch, rank_)
@@ -293,10 +280,9 @@ def _worker(rank_: int, fit, launch: Launch, cfg, output_dir, choices, run_id, r
     try:
         if rank_ == 0:
             tracker = build(cfg.logger, "logger", choices.get("logger"))
-            attached = tracker.attach(run_id, spool_dir=Path(output_dir) / SPOOL_DIR)
         else:
-            tracker, attached = NullTracker(cfg.logger), contextlib.nullcontext()
-        with attached:
+            tracker = NullTracker.like(cfg.logger)
+        with tracker.attach(run_id, spool_dir=Path(output_dir) / SPOOL_DIR):
             result = fit(cfg, tracker, output_dir, choices, device=device, resume=resume)
         if rank_ == 0:
             results.put(("done", result.best, result.best_epoch))

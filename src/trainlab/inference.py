@@ -122,6 +122,7 @@ def evaluate(options: dict[str, str], overrides: list[str]) -> dict[str, float]:
     from trainlab.distributed import select_device
     from trainlab.losses import build_loss
     from trainlab.metrics import TaskMetrics
+    from trainlab.runner import loop_settings
     from trainlab.tracking import flatten
 
     if "tracking_uri" in options:
@@ -138,7 +139,7 @@ def evaluate(options: dict[str, str], overrides: list[str]) -> dict[str, float]:
             raise TrainlabError(f"split={split!r}; this data has train and val")
         # The validation loader's settings (no shuffle, no dropped batch) for any split.
         loader = build_loaders(replace(splits, val=dataset), cfg.data, int(cfg.seed), device)[1]
-        runner = build(cfg.trainer, "trainer")(
+        runner = build(loop_settings(cfg.trainer), "trainer")(
             model=model, loss=build_loss(cfg.loss, None, cfg.data), optimizer=None,
             train_loader=None, val_loader=loader, tracker=None,
             checkpoint_dir=Path(tmp) / "checkpoints", precision=build(cfg.precision, "precision"),

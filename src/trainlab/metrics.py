@@ -2,7 +2,8 @@
 
 Training updates are device ops only (no host sync), read once per logging interval.
 Validation uses torchmetrics, which is exact over batches of unequal size and sums over
-DDP ranks. Classification: ``acc``, ``acc_top5``, ``f1_macro`` and a confusion matrix.
+DDP ranks. Classification: ``acc``, ``acc_top5``, ``f1_macro``; every task keeps a
+confusion matrix, drawn and tabulated per class for the best epoch.
 Segmentation (1 output channel: binary with sigmoid; C channels: softmax): ``dice``,
 ``iou`` (mean over classes) and pixel ``acc``, ``ignore_index`` pixels left out.
 """
@@ -33,11 +34,12 @@ class TaskMetrics:
 
     def __init__(
         self, task: str = "classification", num_classes: int | None = None,
-        ignore_index: int | None = None,
+        ignore_index: int | None = None, class_names: list[str] | None = None,
     ) -> None:
         if task not in TASKS:
             raise TrainlabError(f"data.task={task!r}; choose one of {TASKS}")
         self.task, self.num_classes, self.ignore_index = task, num_classes, ignore_index
+        self.class_names = list(class_names or [])  # for the confusion matrix and table
 
     @property
     def main(self) -> str:
@@ -86,11 +88,13 @@ def _val_metrics(spec: TaskMetrics, num_classes: int) -> dict:
             "dice": tm.BinaryF1Score(ignore_index=ignore),  # Dice = F1 over all pixels
             "iou": tm.BinaryJaccardIndex(ignore_index=ignore),
             "acc": tm.BinaryAccuracy(ignore_index=ignore),
+            "confusion": tm.BinaryConfusionMatrix(ignore_index=ignore),
         }
     return {
         "dice": tm.MulticlassF1Score(num_classes, average="macro", ignore_index=ignore),
         "iou": tm.MulticlassJaccardIndex(num_classes, average="macro", ignore_index=ignore),
         "acc": tm.MulticlassAccuracy(num_classes, average="micro", ignore_index=ignore),
+        "confusion": tm.MulticlassConfusionMatrix(num_classes, ignore_index=ignore),
     }
 
 
@@ -168,10 +172,13 @@ class TrainTotals:
             return {"loss": loss_sum / count, "acc": _all_reduce(self.hits).item() / count}
         classes = int(round(self.confusion.numel() ** 0.5))
         matrix = _all_reduce(self.confusion).reshape(classes, classes).double()
-        tp = matrix.diag()
-        dice = 2 * tp / (matrix.sum(0) + matrix.sum(1)).clamp_min(1)
-        # binary: the foreground's Dice; multi-class: the mean over classes
-        return {"loss": loss_sum / count, "dice": (dice[1] if self.binary else dice.mean()).item()}
+        tp, seen = matrix.diag(), matrix.sum(0) + matrix.sum(1)
+        dice = 2 * tp / seen.clamp_min(1)
+        # binary: the foreground's Dice; multi-class: the mean over the classes present in
+        # the targets or the predictions (as validation's torchmetrics counts them)
+        present = dice[seen > 0]
+        mean = present.mean() if len(present) else torch.tensor(1.0)
+        return {"loss": loss_sum / count, "dice": (dice[1] if self.binary else mean).item()}
 
     def window(self) -> float:
         """Mean loss over the samples seen since the previous call (for per-step logging)."""
@@ -220,28 +227,79 @@ class ValMetrics:
         return values
 
     def confusion(self) -> torch.Tensor | None:
-        """Counts of (true class, predicted class) for classification; ``None`` otherwise."""
+        """Counts of (true class, predicted class): samples, or pixels for segmentation."""
         metric = (self.metrics or {}).get("confusion")
         return None if metric is None else metric.compute().cpu()
 
 
-def plot_confusion(matrix: torch.Tensor, path: str | Path) -> Path:
-    """Write ``matrix`` (rows: true class, columns: predicted) as a PNG heat map with counts."""
+def class_labels(spec: TaskMetrics, classes: int) -> list[str]:
+    """The data's class names when they fit the matrix, else the class indices."""
+    names = spec.class_names
+    return names if len(names) == classes else [str(i) for i in range(classes)]
+
+
+def per_class_table(matrix: torch.Tensor, names: list[str], task: str) -> str:
+    """CSV of per-class scores from a confusion matrix: precision, recall and F1 with the
+    support (classification), or IoU and Dice with the pixel count (segmentation)."""
+    m = matrix.double()
+    tp, predicted, actual = m.diag(), m.sum(0), m.sum(1)
+    precision, recall = tp / predicted.clamp_min(1), tp / actual.clamp_min(1)
+    f1 = 2 * tp / (predicted + actual).clamp_min(1)  # = Dice
+    iou = tp / (predicted + actual - tp).clamp_min(1)
+    if task == "classification":
+        header, columns = "class,precision,recall,f1,support", (precision, recall, f1)
+    else:
+        header, columns = "class,iou,dice,precision,recall,pixels", (iou, f1, precision, recall)
+    rows = [header]
+    for index, name in enumerate(names):
+        scores = ",".join(f"{column[index].item():.4f}" for column in columns)
+        rows.append(f"{name},{scores},{int(actual[index].item())}")
+    return "\n".join(rows) + "\n"
+
+
+def confusion_report(
+    matrix: torch.Tensor, spec: TaskMetrics, folder: str | Path, epoch: int
+) -> list[Path]:
+    """``confusion_matrix.png`` (counts and each true class normalised to 1, side by side)
+    and ``per_class.csv`` of the epoch ``matrix`` comes from."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = class_labels(spec, matrix.shape[0])
+    table = folder / "per_class.csv"
+    table.write_text(per_class_table(matrix, names, spec.task))
+    title = f"validation confusion matrix, epoch {epoch + 1}"
+    return [plot_confusion(matrix, folder / "confusion_matrix.png", names, title), table]
+
+
+def plot_confusion(
+    matrix: torch.Tensor, path: str | Path, names: list[str] | None = None,
+    title: str = "validation confusion matrix",
+) -> Path:
+    """Write ``matrix`` (rows: true class, columns: predicted) as PNG heat maps: the counts
+    and the rows normalised (recall on the diagonal)."""
     from trainlab.plots import pyplot, save_figure
 
     plt = pyplot()
 
     classes = matrix.shape[0]
+    names = names or [str(i) for i in range(classes)]
+    normalised = matrix.double() / matrix.sum(1, keepdim=True).clamp_min(1)
     size = max(4.0, 0.45 * classes + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(matrix.numpy(), cmap="Blues")
-    if classes <= 30:  # counts stay readable up to here
-        half = matrix.max().item() / 2
-        ax.set(xticks=range(classes), yticks=range(classes))
-        for row in range(classes):
-            for col in range(classes):
-                count = int(matrix[row, col])
-                ax.text(col, row, count, ha="center", va="center", fontsize=7,
-                        color="white" if count > half else "black")
-    ax.set(xlabel="predicted class", ylabel="true class", title="validation confusion matrix")
+    fig, axes = plt.subplots(1, 2, figsize=(2 * size, size))
+    for ax, values, label, form in ((axes[0], matrix, "counts", "{:.0f}"),
+                                    (axes[1], normalised, "normalised by true class", "{:.2f}")):
+        ax.imshow(values.numpy(), cmap="Blues", vmin=0)
+        ax.set(xlabel="predicted class", ylabel="true class", title=label)
+        if classes <= 30:  # values and names stay readable up to here
+            half = values.max().item() / 2
+            ax.set(xticks=range(classes), yticks=range(classes))
+            ax.set_xticklabels(names, rotation=45, ha="right", fontsize=7)
+            ax.set_yticklabels(names, fontsize=7)
+            for row in range(classes):
+                for col in range(classes):
+                    value = values[row, col].item()
+                    ax.text(col, row, form.format(value), ha="center", va="center", fontsize=7,
+                            color="white" if value > half else "black")
+    fig.suptitle(title)
+    fig.tight_layout()
     return save_figure(fig, path)

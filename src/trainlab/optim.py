@@ -4,6 +4,8 @@ Besides the optimizer's own arguments, the config may hold:
 - ``head_lr``: a different lr for the parameters whose names match ``head`` (glob patterns
   such as ``classifier.*``); the rest (the backbone) keeps ``lr``.
 - ``no_decay_norm_bias``: no weight decay on normalization layers' weights and on biases.
+- ``layer_decay``: layer-wise lr decay as timm does it (BEiT): the head trains at ``lr``,
+  each block/stage before it at ``layer_decay`` times the next one's lr.
 Frozen parameters (``requires_grad=False``) are never handed to the optimizer.
 """
 
@@ -18,7 +20,7 @@ from torch import nn
 from trainlab.components import build
 from trainlab.errors import TrainlabError
 
-OUR_KEYS = ("head_lr", "head", "no_decay_norm_bias")
+OUR_KEYS = ("head_lr", "head", "no_decay_norm_bias", "layer_decay")
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 
 
@@ -74,6 +76,14 @@ def build_optimizer(
     """The optimizer of config ``node`` over ``model``'s trainable parameters, in groups."""
     options = OmegaConf.to_container(node, resolve=True)
     ours = {key: options.pop(key) for key in OUR_KEYS if key in options}
+    if ours.get("layer_decay") is not None:
+        groups = layer_decay_groups(
+            model, float(ours["layer_decay"]), lr=options.get("lr", 1e-3),
+            weight_decay=options.get("weight_decay", 0.0),
+            no_decay_norm_bias=bool(ours.get("no_decay_norm_bias", False)),
+            head_lr=ours.get("head_lr"),
+        )
+        return build(OmegaConf.create(options), "optimizer", choice)(groups)
     groups = param_groups(
         model,
         lr=options.get("lr", 1e-3),
@@ -83,3 +93,34 @@ def build_optimizer(
         no_decay_norm_bias=bool(ours.get("no_decay_norm_bias", False)),
     )
     return build(OmegaConf.create(options), "optimizer", choice)(groups)
+
+
+def layer_decay_groups(
+    model: nn.Module, layer_decay: float, lr: float, weight_decay: float = 0.0,
+    no_decay_norm_bias: bool = False, head_lr: float | None = None,
+) -> list[dict]:
+    """timm's layer-wise lr decay groups (``layer<i>``, 0 nearest the input) with each
+    group's lr set to ``lr`` × its scale, so torch's optimizers and schedulers use it."""
+    from timm.optim import param_groups_layer_decay
+
+    if not 0 < layer_decay <= 1:
+        raise TrainlabError(f"optimizer.layer_decay={layer_decay}; choose a value in (0, 1]")
+    if head_lr is not None:
+        raise TrainlabError("optimizer.layer_decay already gives the head the highest lr; "
+                            "unset optimizer.head_lr (or optimizer.layer_decay)")
+    if not hasattr(model, "group_matcher"):
+        raise TrainlabError(
+            f"optimizer.layer_decay needs a model with stages or blocks that timm can group "
+            f"(model=timm); {type(model).__name__} has none"
+        )
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    groups = param_groups_layer_decay(
+        model, weight_decay=weight_decay, layer_decay=layer_decay,
+        no_weight_decay_list=skip, weight_decay_exclude_1d=no_decay_norm_bias,
+    )
+    scales = sorted({group["lr_scale"] for group in groups})
+    for group in groups:
+        scale = group.pop("lr_scale")
+        decay = "" if group["weight_decay"] or not weight_decay else "_no_decay"
+        group.update(name=f"layer{scales.index(scale)}{decay}", lr=lr * scale)
+    return groups

@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import signal
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -14,18 +12,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
 
 from trainlab import distributed
-from trainlab.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from trainlab.distributed import select_device
+from trainlab.checkpoint import Checkpoints, load_checkpoint, rng_state, set_rng_state
 from trainlab.errors import TrainlabError
-from trainlab.metrics import TaskMetrics, plot_confusion
+from trainlab.metrics import TaskMetrics, confusion_report
 from trainlab.precision import Precision
-from trainlab.schedulers import ScheduledLR, current_lrs, plot_lr
+from trainlab.schedulers import LrLog, ScheduledLR
+from trainlab.signals import StopRequest
 
 log = logging.getLogger(__name__)
+
+
+# trainer keys the launcher and ``train.run`` read (and the YAML callbacks they build)
+NOT_LOOP_KEYS = ("accelerator", "devices", "deterministic", "resume", "callbacks")
+
+
+def loop_settings(trainer: DictConfig) -> DictConfig:
+    """The ``trainer`` node without the keys the loop does not take."""
+    return OmegaConf.masked_copy(trainer, [k for k in trainer if k not in NOT_LOOP_KEYS])
 
 
 @dataclass
@@ -45,8 +53,8 @@ class Runner:
     scheduler.step; per-epoch schedulers step after validation. Losses and accuracy
     accumulate on the device and are read once per logging interval. In a DDP group the
     model is wrapped for training, metrics are averaged over ranks, and rank 0 alone
-    prints and writes checkpoints. SIGINT/SIGTERM end the run at the next step with a
-    checkpoint that ``resume`` continues from exactly. ``devices`` is read by the launcher.
+    prints and writes checkpoints. A stop signal (trainlab.signals) ends the run at the
+    next step with a checkpoint that ``load_state`` continues from exactly.
     """
 
     def __init__(
@@ -62,28 +70,22 @@ class Runner:
         scheduler: ScheduledLR | None = None,
         metrics: TaskMetrics | None = None,
         max_epochs: int = 10,
-        accelerator: str = "cpu",
         monitor: str = "val/acc",
         monitor_mode: str = "max",
-        deterministic: bool = False,
         progress_bar: bool = True,
         device: torch.device | None = None,
         callbacks: Sequence[Any] = (),
-        devices: Any = "auto",
         accumulate_grad_batches: int = 1,
         gradient_clip_val: float | None = None,
         sync_batchnorm: bool = False,
         detect_anomaly: bool = False,
         early_stopping: dict | None = None,
-        resume: str | Path | None = None,
     ) -> None:
-        if monitor_mode not in ("min", "max"):
-            raise TrainlabError(f"trainer.monitor_mode={monitor_mode!r}; choose 'min' or 'max'")
         if int(accumulate_grad_batches) < 1:
             raise TrainlabError(
                 f"trainer.accumulate_grad_batches={accumulate_grad_batches}; must be >= 1"
             )
-        self.device = device or select_device(accelerator)
+        self.device = torch.device(device or "cpu")
         if sync_batchnorm and distributed.is_distributed():
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model.to(self.device)
@@ -92,50 +94,52 @@ class Runner:
             self.train_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device] if self.device.type == "cuda" else None
             )
-        self.accumulate = int(accumulate_grad_batches)
-        self.gradient_clip_val = gradient_clip_val
-        self.detect_anomaly = bool(detect_anomaly)
-        self.resume = Path(resume) if resume else None
-        self._skip_batches = 0  # batches of the first epoch a mid-epoch checkpoint already did
-        self._pending_rng: dict | None = None
-        self._signal: int | None = None
         self.loss = loss.to(self.device) if isinstance(loss, nn.Module) else loss
         self.optimizer = optimizer
+        self.scheduler = scheduler
         self.train_loader = train_loader
         self.val_loader = val_loader
         self.tracker = tracker
-        self.checkpoint_dir = Path(checkpoint_dir)
         self.precision = precision or Precision()
         self.precision.setup(self.device)
-        self.scheduler = scheduler
         self.metrics = metrics or TaskMetrics("classification")
         self.metrics.check_monitor(monitor)
-        # (step, {metric name: lr}) at every change; groups may join mid-run (unfreezing)
-        self.lr_history: list[tuple[int, dict[str, float]]] = []
-        self._lr_pending: list[tuple[int, dict[str, float]]] = []  # changes not yet logged
-        self.confusion: torch.Tensor | None = None
-        self.max_epochs = int(max_epochs)
         self.monitor = monitor
-        self.monitor_mode = monitor_mode
+        self.checkpoints = Checkpoints(checkpoint_dir, monitor, monitor_mode)
+        self.lr = LrLog(optimizer)
+        self.stop = StopRequest()
+        self.max_epochs = int(max_epochs)
+        self.accumulate = int(accumulate_grad_batches)
+        self.gradient_clip_val = gradient_clip_val
+        self.detect_anomaly = bool(detect_anomaly)
         self.progress_bar = progress_bar
         self.log_every = max(1, int(getattr(tracker, "log_every_n_steps", 50)))
-        self.global_step = 0
-        self.epoch = 0
-        self.best = math.inf if monitor_mode == "min" else -math.inf
-        self.best_epoch = -1
         self.callbacks = list(callbacks)
         patience = (early_stopping or {}).get("patience")
         if patience is not None:
             self.callbacks.append(EarlyStopping(int(patience)))
+        self.global_step = 0
+        self.epoch = 0
         self.should_stop = False  # set by a callback (early stopping, pruning) to end fit
+        self.confusion: torch.Tensor | None = None  # of the last validation
+        self.best_confusion: torch.Tensor | None = None  # of the best epoch's
+        self._skip_batches = 0  # batches of the first epoch a mid-epoch checkpoint already did
+        self._pending_rng: dict | None = None
+
+    @property
+    def best(self) -> float:
+        return self.checkpoints.best
+
+    @property
+    def best_epoch(self) -> int:
+        return self.checkpoints.best_epoch
 
     # ------------------------------------------------------------------ public
     def fit(self) -> FitResult:
-        """Train from scratch or from ``resume``; SIGINT/SIGTERM become a checkpoint plus
-        KeyboardInterrupt, and ``detect_anomaly`` traces the op that made a NaN."""
-        if self.resume is not None:
-            self.load_state(self.resume)
-        with self._signals_caught(), torch.autograd.set_detect_anomaly(self.detect_anomaly):
+        """Train from scratch or from where ``load_state`` left it; a stop signal becomes a
+        checkpoint plus KeyboardInterrupt, and ``detect_anomaly`` traces the op that made a
+        NaN."""
+        with self.stop, torch.autograd.set_detect_anomaly(self.detect_anomaly):
             try:
                 result = self._fit_epochs()
             except RuntimeError as err:
@@ -151,32 +155,30 @@ class Runner:
 
     def _fit_epochs(self) -> FitResult:
         history = []
-        self._record_lr()
+        self.lr.record(self.global_step)
         for epoch in range(self.epoch, self.max_epochs):
             self.epoch = epoch
             started = time.perf_counter()
-            train_metrics = self.train_epoch(epoch)
-            val_metrics = self.validate()
-            metrics = {**train_metrics, **val_metrics}
+            metrics = {**self.train_epoch(epoch), **self.validate()}
             if self.scheduler is not None and self.scheduler.interval == "epoch":
                 self.scheduler.step(metrics[self.monitor])
-                self._record_lr()
-            improved = self._is_better(metrics[self.monitor])
+                self.lr.record(self.global_step)
+            improved = self.checkpoints.note(metrics[self.monitor], epoch)
             if improved:
-                self.best, self.best_epoch = metrics[self.monitor], epoch
-            self._save_checkpoints(metrics, improved)
+                self.best_confusion = self.confusion
+            self.checkpoints.save(self._state(metrics), improved)
             metrics["epoch"] = epoch
-            if self.lr_history[-1][0] != self.global_step:  # else logged as a change just now
-                metrics.update(self.lr_history[-1][1])
+            if not self.lr.changed_at(self.global_step):  # else logged as a change just now
+                metrics.update(self.lr.current)
             self.tracker.log_metrics(metrics, step=self.global_step)
-            self._log_lr_changes()
+            self.lr.log_changes(self.tracker)
             history.append(metrics)
             self._print_epoch(epoch, metrics, time.perf_counter() - started, improved)
             for callback in self.callbacks:
                 callback.on_epoch_end(self, epoch, metrics)
-            self._record_lr()  # a callback may have added a param group (unfreezing)
-            if distributed.any_rank(self._signal is not None):
-                self._interrupted(self.checkpoint_dir / "last.pt")
+            self.lr.record(self.global_step)  # a callback may have added a group (unfreezing)
+            if distributed.any_rank(self.stop.requested):
+                self._interrupted()
             if self.should_stop:
                 break
         self._log_plots()
@@ -221,17 +223,17 @@ class Runner:
             totals.update(loss, logits, targets)
             self.global_step += 1
             if per_batch_scheduler is not None:
-                self._record_lr()
+                self.lr.record(self.global_step)
             at_log_step = self.global_step % self.log_every == 0
-            if at_log_step:
+            if at_log_step:  # the only place the step waits for the device
                 window_loss = distributed.reduce_mean({"loss": totals.window()})["loss"]
                 self._check_finite(window_loss)
                 self.tracker.log_metrics({"train/loss": window_loss}, step=self.global_step)
-                self._log_lr_changes()
+                self.lr.log_changes(self.tracker)
                 bar.set_postfix(loss=f"{window_loss:.4f}", refresh=False)
-            if boundary and index + 1 < n_batches and self._interrupt_requested(at_log_step):
-                self._save(self.checkpoint_dir / "last.pt", {}, batches_done=index + 1)
-                self._interrupted(self.checkpoint_dir / "last.pt")
+            if boundary and index + 1 < n_batches and self._stop_now(at_log_step):
+                self.checkpoints.save(self._state({}, batches_done=index + 1))
+                self._interrupted()
         result = totals.compute()
         loss = result.pop("loss")
         self._check_finite(loss)
@@ -251,7 +253,7 @@ class Runner:
         self.confusion = totals.confusion()
         return {f"val/{name}": value for name, value in totals.compute().items()}
 
-    def load_state(self, path: str | Path) -> None:
+    def load_state(self, path: str | Path) -> dict:
         """Continue from a checkpoint: weights, optimizer, scheduler, loss scale, counters,
         random generators, and the position inside an epoch an interruption left."""
         state = load_checkpoint(path)
@@ -266,7 +268,7 @@ class Runner:
                 f"trainer.resume={path} does not fit this run's model/optimizer: {err}"
             ) from err
         self.global_step = int(state["global_step"])
-        self.best, self.best_epoch = float(state["best"]), int(state.get("best_epoch", -1))
+        self.checkpoints.restore(state)
         batches_done = state.get("batches_done")
         self.epoch = int(state["epoch"]) + (1 if batches_done is None else 0)
         self._skip_batches = int(batches_done or 0)
@@ -276,38 +278,40 @@ class Runner:
             else:
                 set_rng_state(state["rng"])
         log.info("resumed from %s at epoch %d, step %d", path, self.epoch + 1, self.global_step)
+        return state
 
     # ----------------------------------------------------------------- helpers
-    def _is_better(self, value: float) -> bool:
-        return value < self.best if self.monitor_mode == "min" else value > self.best
-
-    def _record_lr(self) -> None:
-        """Note the lrs of the param groups when they differ from the last noted ones."""
-        lrs = current_lrs(self.optimizer)
-        if not self.lr_history or self.lr_history[-1][1] != lrs:
-            self.lr_history.append((self.global_step, lrs))
-            self._lr_pending.append((self.global_step, lrs))
-
-    def _log_lr_changes(self) -> None:
-        """Log every lr change since the last call, each at the step it took effect."""
-        self.tracker.log_metric_series(list(self._lr_pending))
-        self._lr_pending.clear()
+    def _state(self, metrics: dict[str, float], batches_done: int | None = None) -> dict:
+        """Everything a resumed run needs; ``batches_done`` marks a checkpoint taken inside
+        an epoch."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.scheduler.state_dict() if self.scheduler else None,
+            "scaler": self.precision.state_dict(),
+            "epoch": self.epoch,
+            "batches_done": batches_done,
+            "global_step": self.global_step,
+            "metrics": metrics,
+            "rng": rng_state(),
+            "mlflow_run_id": getattr(self.tracker, "run_id", None),
+        }
 
     def _log_plots(self) -> None:
-        """The lr curve over the run and (classification) the last confusion matrix, as PNGs."""
-        folder = self.checkpoint_dir.parent / "plots"
-        steps = [step for step, _ in self.lr_history] + [self.global_step]
-        lrs = [lrs for _, lrs in self.lr_history] + [self.lr_history[-1][1]]
+        """The lr curve over the run; the best epoch's confusion matrix and per-class table."""
+        folder = self.checkpoints.folder.parent / "plots"
         self.tracker.log_artifact(
-            plot_lr(steps, lrs, folder / "lr_curve.png",
-                    steps_per_epoch=len(self.train_loader)), "plots")
-        if self.confusion is not None:
-            self.tracker.log_artifact(
-                plot_confusion(self.confusion, folder / "confusion_matrix.png"), "plots")
+            self.lr.plot(folder / "lr_curve.png", self.global_step, len(self.train_loader)),
+            "plots")
+        if self.best_confusion is not None:  # the logged model's epoch
+            figure, table = confusion_report(self.best_confusion, self.metrics, folder,
+                                             self.best_epoch)
+            self.tracker.log_artifact(figure, "plots")
+            self.tracker.log_artifact(table, "metrics")
 
     def _check_finite(self, value: float) -> None:
         if not math.isfinite(value):
-            last = self.checkpoint_dir / "last.pt"
+            last = self.checkpoints.last
             kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint yet"
             raise TrainlabError(
                 f"loss became {value} at epoch {self.epoch + 1}, step {self.global_step}; {kept}"
@@ -328,66 +332,20 @@ class Runner:
         self.optimizer.zero_grad(set_to_none=True)
         return stepped
 
-    @contextlib.contextmanager
-    def _signals_caught(self):
-        """SIGINT/SIGTERM only set a flag; the loop checkpoints and stops at the next step.
-        A second signal stops at once."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def note(signum, _frame):
-            if self._signal is not None:
-                raise KeyboardInterrupt
-            self._signal = signum
-
-        previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-    def _interrupt_requested(self, at_log_step: bool) -> bool:
+    def _stop_now(self, at_log_step: bool) -> bool:
         """Every step in one process; in a DDP group all ranks agree at logging steps."""
         if self.train_model is self.model:
-            return self._signal is not None
-        return at_log_step and distributed.any_rank(self._signal is not None)
+            return self.stop.requested
+        return at_log_step and distributed.any_rank(self.stop.requested)
 
-    def _interrupted(self, checkpoint: Path) -> None:
+    def _interrupted(self) -> None:
         if distributed.is_main_process():
+            last = self.checkpoints.last
             tqdm.write(
                 f"interrupted at epoch {self.epoch + 1}, step {self.global_step}; checkpoint "
-                f"{checkpoint}; continue with trainer.resume={checkpoint}"
+                f"{last}; continue with trainer.resume={last}"
             )
         raise KeyboardInterrupt
-
-    def _save(self, path: Path, metrics: dict[str, float], batches_done: int | None = None):
-        """Rank 0 writes everything a resumed run needs; ``batches_done`` marks a checkpoint
-        taken inside an epoch."""
-        if not distributed.is_main_process():
-            return
-        state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.scheduler.state_dict() if self.scheduler else None,
-            "scaler": self.precision.state_dict(),
-            "epoch": self.epoch,
-            "batches_done": batches_done,
-            "global_step": self.global_step,
-            "metrics": metrics,
-            "monitor": self.monitor,
-            "best": self.best,
-            "best_epoch": self.best_epoch,
-            "rng": rng_state(),
-            "mlflow_run_id": getattr(self.tracker, "run_id", None),
-        }
-        save_checkpoint(state, path)
-
-    def _save_checkpoints(self, metrics: dict[str, float], improved: bool) -> None:
-        self._save(self.checkpoint_dir / "last.pt", metrics)
-        if improved:
-            self._save(self.checkpoint_dir / "best.pt", metrics)
 
     def _print_epoch(self, epoch: int, metrics: dict, seconds: float, improved: bool) -> None:
         if not distributed.is_main_process():

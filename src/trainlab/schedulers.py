@@ -198,6 +198,42 @@ def current_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     return {f"lr/{group.get('name', f'group{i}')}": group["lr"] for i, group in enumerate(groups)}
 
 
+class LrLog:
+    """The lrs of the optimizer's param groups over a run: noted at every change and logged
+    to the tracker at the step each change took effect. Groups may join mid-run
+    (unfreezing)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        self.history: list[tuple[int, dict[str, float]]] = []  # (step, {name: lr}) at changes
+        self._unlogged: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def current(self) -> dict[str, float]:
+        return self.history[-1][1]
+
+    def changed_at(self, step: int) -> bool:
+        return bool(self.history) and self.history[-1][0] == step
+
+    def record(self, step: int) -> None:
+        """Note the lrs at ``step`` when they differ from the last noted ones."""
+        lrs = current_lrs(self.optimizer)
+        if not self.history or self.history[-1][1] != lrs:
+            self.history.append((step, lrs))
+            self._unlogged.append((step, lrs))
+
+    def log_changes(self, tracker) -> None:
+        """Log every change since the last call, each at the step it took effect."""
+        tracker.log_metric_series(list(self._unlogged))
+        self._unlogged.clear()
+
+    def plot(self, path: str | Path, last_step: int, steps_per_epoch: int) -> Path:
+        """The lr curve of the run up to ``last_step`` as a PNG."""
+        steps = [step for step, _ in self.history] + [last_step]
+        lrs = [lrs for _, lrs in self.history] + [self.history[-1][1]]
+        return plot_lr(steps, lrs, path, steps_per_epoch=steps_per_epoch)
+
+
 def simulate(
     scheduled: ScheduledLR | None,
     optimizer: torch.optim.Optimizer,

@@ -131,6 +131,8 @@ class MlflowSweep(Callback):
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
         # Creating the experiment here, once, keeps parallel jobs from racing to create it.
         experiment_id = instantiate(config.logger).connect()
+        if experiment_id is None:  # logger=none: nothing to nest the jobs under
+            return
         self.swept = swept_keys(overrides, config.hydra.sweeper)
         self.monitor = (config.trainer.monitor, config.trainer.monitor_mode)
         self.register_model = OmegaConf.select(config, "logger.register_model")
@@ -152,7 +154,8 @@ class MlflowSweep(Callback):
         _swept.update(self.swept)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        self.finish("FINISHED")
+        if self.parent_run_id is not None:  # None: logger=none, nothing to summarise
+            self.finish("FINISHED")
 
     def finish(self, status: str) -> None:
         """Summarise the jobs into the parent run and close it with ``status``.

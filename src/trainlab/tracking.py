@@ -6,10 +6,8 @@ import contextlib
 import logging
 import os
 import re
-import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -21,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from trainlab.errors import TrainlabError
 from trainlab.outbox import Outbox, bounded_http_calls
+from trainlab.signals import sigterm_as_interrupt
 
 log = logging.getLogger(__name__)
 
@@ -101,25 +100,10 @@ def store_creation_lock(tracking_uri: str) -> Iterator[None]:
         yield
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a scheduler or `kill` stopping the job) ends the run like Ctrl-C: KILLED."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(_signum, _frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 class MlflowTracker:
-    """Owns one MLflow run: opens it, logs to it in batches, and always closes it with a status."""
+    """Owns one MLflow run: opens it, logs to it in batches, and always closes it with a status.
+
+    Implements :class:`trainlab.tracker.Tracker`."""
 
     def __init__(
         self,
@@ -224,7 +208,7 @@ class MlflowTracker:
             self._open_outbox(spool_dir)
             if run_id is not None:
                 self.set_tags(tags)
-            with _sigterm_as_interrupt():
+            with sigterm_as_interrupt():
                 yield self
             status = "FINISHED"
         except KeyboardInterrupt:
@@ -409,19 +393,3 @@ def promote_champion(client: MlflowClient, name: str, runs: Sequence, metric: st
     client.set_registered_model_alias(name, CHAMPION, version)
     log.info("registered model %s: version %s is the %s", name, version, CHAMPION)
     return version
-
-
-class NullTracker:
-    """The tracker of DDP ranks other than 0: takes every call and records nothing."""
-
-    log_model_enabled = False
-    log_checkpoints = False
-    run_id = None
-
-    def __init__(self, logger_cfg: Mapping[str, Any] | None = None) -> None:
-        self.log_every_n_steps = int((logger_cfg or {}).get("log_every_n_steps", 10))
-
-    def __getattr__(self, name: str):
-        if name.startswith(("log_", "set_")):
-            return lambda *args, **kwargs: None
-        raise AttributeError(name)

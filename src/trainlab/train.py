@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -55,10 +57,20 @@ def torchrun_rank_overrides() -> list[str]:
     return [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
 
 
-def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbacks=(),
-        device=None, resume: Path | None = None, data=None):
-    """Build data → model → loss → optimizer → scheduler → runner, then train (as one DDP
-    rank when a process group is up: its shard of the data, rank 0 logging).
+@dataclass
+class Prepared:
+    """Every part of a run, built and tried on one batch; nothing tracked yet."""
+
+    runner: Any
+    preview: Path | None  # the augmentation preview PNG, logged once the run is open
+    resumed_run_id: str | None = None  # the MLflow run of the resume checkpoint
+
+
+def prepare(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbacks=(),
+            device=None, resume: Path | None = None, data=None) -> Prepared:
+    """Build data → model → loss → optimizer → scheduler → runner (as one DDP rank when a
+    process group is up: its shard of the data), try one batch through them and load the
+    ``resume`` checkpoint into them. Touches no tracking store.
 
     ``data`` is the checked data of :func:`trainlab.data.check.prepare_data`; a DDP worker
     passes none and checks its own copy the same way."""
@@ -72,11 +84,14 @@ def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbac
     from trainlab.metrics import TaskMetrics
     from trainlab.models.finetune import build_model
     from trainlab.optim import build_optimizer
+    from trainlab.preflight import resume_into, try_one_batch
+    from trainlab.runner import loop_settings
     from trainlab.schedulers import build_scheduler, optimizer_steps
 
     data = data or prepare_data(cfg, choices)
     splits, augmentation = data.splits, data.augmentation
-    metrics = TaskMetrics(cfg.data.task, cfg.data.num_classes, cfg.data.get("ignore_index"))
+    metrics = TaskMetrics(cfg.data.task, cfg.data.num_classes, cfg.data.get("ignore_index"),
+                          splits.class_names)
     metrics.check_monitor(cfg.trainer.monitor)
     device = device or distributed.job_device(distributed.select_device(cfg.trainer.accelerator))
     train_loader, val_loader = build_loaders(
@@ -94,10 +109,11 @@ def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbac
         max_epochs=int(cfg.trainer.max_epochs),
     )
     precision = build(cfg.precision, "precision", choices.get("precision"))
+    preview = None
     if distributed.is_main_process():
-        preview = output_dir / "augment_preview.png"
-        tracker.log_artifact(write_preview(splits, augmentation, preview, seed=cfg.seed), "preview")
-    runner = build(cfg.trainer, "trainer", choices.get("trainer"))(
+        preview = write_preview(splits, augmentation, output_dir / "augment_preview.png",
+                                seed=cfg.seed)
+    runner = build(loop_settings(cfg.trainer), "trainer", choices.get("trainer"))(
         model=model,
         loss=loss,
         optimizer=optimizer,
@@ -109,27 +125,55 @@ def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbac
         scheduler=scheduler,
         metrics=metrics,
         device=device,
-        callbacks=(*callbacks, *model_callbacks),
-        resume=resume,
+        callbacks=(*callbacks, *model_callbacks, *configured_callbacks(cfg.trainer, choices)),
     )
+    try_one_batch(runner, cfg.data, choices)
+    run_id = resume_into(runner, resume) if resume is not None else None
+    return Prepared(runner, preview, run_id)
+
+
+def configured_callbacks(trainer: DictConfig, choices: DictConfig) -> list:
+    """``trainer.callbacks`` from YAML, built; they run after the ones the code adds."""
+    from trainlab.components import build
+
+    nodes = trainer.get("callbacks") or []
+    return [build(node, "trainer", choices.get("trainer")) for node in nodes]
+
+
+def train_prepared(prepared: Prepared, tracker, output_dir: Path):
+    """Fit the prepared parts with ``tracker`` (open by now), then log checkpoints and the
+    best epoch's model."""
+    from trainlab import distributed
+
+    runner = prepared.runner
+    runner.tracker = tracker
+    if prepared.preview is not None:
+        tracker.log_artifact(prepared.preview, "preview")
     try:
         result = runner.fit()
     finally:
         if tracker.log_checkpoints:
             tracker.log_artifacts(output_dir / "checkpoints", "checkpoints")
     if distributed.is_main_process():
-        log_best_model(runner, tracker, output_dir / "checkpoints" / "best.pt", val_loader)
+        log_best_model(runner, tracker, output_dir / "checkpoints" / "best.pt")
     return result
 
 
-def log_best_model(runner, tracker, best_path: Path, val_loader) -> None:
+def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbacks=(),
+        device=None, resume: Path | None = None, data=None):
+    """Prepare every part and train them, logging to ``tracker`` (a DDP rank's whole job)."""
+    prepared = prepare(cfg, tracker, output_dir, choices, callbacks, device, resume, data)
+    return train_prepared(prepared, tracker, output_dir)
+
+
+def log_best_model(runner, tracker, best_path: Path) -> None:
     """Log the weights of the best epoch as the run's MLflow model."""
     from trainlab.checkpoint import load_checkpoint
 
     model = runner.model
     if best_path.is_file():
         model.load_state_dict(load_checkpoint(best_path)["model"])
-    example = next(iter(val_loader))[0][:2].cpu()
+    example = next(iter(runner.val_loader))[0][:2].cpu()
     tracker.log_model(model.cpu().eval(), example.numpy())
     tracker.set_tags({"trainlab.model_epoch": runner.best_epoch + 1})
 
@@ -137,17 +181,21 @@ def log_best_model(runner, tracker, best_path: Path, val_loader) -> None:
 def run(cfg: DictConfig) -> float:
     """One training job; returns the best value of ``trainer.monitor`` for sweepers.
 
+    The order is the contract: check the config, build every part and try one batch, fit a
+    resume checkpoint into them, and only then open (or reopen) the MLflow run and train.
     More than one device: the job spawns the DDP workers (one output dir, one MLflow run
     that rank 0 logs into); under an outside ``torchrun`` each process joins its group.
     """
     from trainlab import distributed
-    from trainlab.checkpoint import load_checkpoint, resolve_resume
+    from trainlab.checkpoint import resolve_resume
     from trainlab.components import build
+    from trainlab.config_check import check_config
     from trainlab.data.check import log_to_run, prepare_data
     from trainlab.outbox import SPOOL_DIR
     from trainlab.seeding import seed_everything
     from trainlab.sweeps import finished_job, job_callbacks
-    from trainlab.tracking import NullTracker, comparable_params
+    from trainlab.tracker import NullTracker
+    from trainlab.tracking import comparable_params
 
     hydra_cfg = HydraConfig.get()
     done = finished_job(hydra_cfg, cfg.trainer.monitor, cfg.trainer.monitor_mode)
@@ -155,6 +203,7 @@ def run(cfg: DictConfig) -> float:
         return done
     output_dir = Path(hydra_cfg.runtime.output_dir)
     choices = OmegaConf.to_container(hydra_cfg.runtime.choices)
+    check_config(cfg, choices)
     seed_everything(int(cfg.seed), bool(cfg.trainer.deterministic))
     launch = distributed.plan_launch(cfg.trainer.accelerator, cfg.trainer.get("devices", 1))
     data = prepare_data(cfg, choices)  # every file, mask and label checked before MLflow
@@ -164,17 +213,19 @@ def run(cfg: DictConfig) -> float:
         device = distributed.init_process_group(launch, int(os.environ["RANK"]))
         output_dir = Path(distributed.from_rank0(str(output_dir)))  # the others made none
     resume = resolve_resume(cfg.trainer.get("resume"), output_dir)
-    run_id = load_checkpoint(resume).get("mlflow_run_id") if resume else None
-    if launch.external:
-        if not distributed.is_main_process():
-            fit(cfg, NullTracker(cfg.logger), output_dir, choices, device=device, resume=resume,
-                data=data)
-            return float("nan")
     tracker = build(cfg.logger, "logger", choices.get("logger"))
+    if launch.spawns:  # the workers build their own parts; these only check them
+        device = distributed.select_device("cpu")
+    prepared = prepare(cfg, tracker, output_dir, choices, job_callbacks(hydra_cfg),
+                       device=device, resume=resume, data=data)
+    if not distributed.is_main_process():
+        train_prepared(prepared, NullTracker.like(cfg.logger), output_dir)
+        return float("nan")
     run_name, tags = run_name_and_tags(hydra_cfg)
     if resume:
         tags["trainlab.resumed_from"] = str(resume.resolve())
-    with tracker.run(run_name, tags, run_id=run_id, spool_dir=output_dir / SPOOL_DIR):
+    with tracker.run(run_name, tags, run_id=prepared.resumed_run_id,
+                     spool_dir=output_dir / SPOOL_DIR):
         tracker.log_params(comparable_params(cfg, choices))
         tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         tracker.log_artifacts(output_dir / ".hydra", ".hydra")
@@ -186,8 +237,7 @@ def run(cfg: DictConfig) -> float:
                 fit, launch, resolved, output_dir, choices, tracker.run_id, resume
             )
         else:
-            result = fit(cfg, tracker, output_dir, choices, job_callbacks(hydra_cfg),
-                         device=device, resume=resume, data=data)
+            result = train_prepared(prepared, tracker, output_dir)
             best, best_epoch = result.best, result.best_epoch
     log.info("best %s = %.4f (epoch %d)", cfg.trainer.monitor, best, best_epoch + 1)
     return best
@@ -198,7 +248,8 @@ def main(cfg: DictConfig) -> float:
     try:
         return run(cfg)
     except TrainlabError as err:
-        print(f"error: {err}", file=sys.stderr)
+        for line in str(err).splitlines():
+            print(f"error: {line}", file=sys.stderr)
         if HydraConfig.get().mode == RunMode.RUN:
             raise SystemExit(1) from None
         raise  # in a sweep: the job fails, the others go on

@@ -1,7 +1,7 @@
 """Model surgery between build and training: new head, init, weights, freezing, compile.
 
 ``build_model`` is the one call train.py makes: it builds ``cfg.model`` without the fine-tune
-keys (conf/model/finetune/default.yaml) and then applies them in a fixed order, so a user
+keys (conf/finetune.yaml) and then applies them in a fixed order, so a user
 can start any architecture from any compatible weights file.
 """
 

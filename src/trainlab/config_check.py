@@ -1,0 +1,275 @@
+"""Step 1 of a run: check the composed config before anything is built or tracked.
+
+The schemas below are typed dataclasses, one per config node trainlab reads itself; each
+field's ``metadata`` says what is allowed. Hydra's structured configs stop at the first
+bad value and cannot express ranges, so :func:`check_config` walks these schemas itself and
+reports every problem of a config at once, one line each: the key, the value, what is
+allowed. Component nodes (those with a ``_target_``) are also checked for keys their
+constructor does not take. Checking a component imports its target; the
+hardware check imports torch: nothing here reads data or touches MLflow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from trainlab.errors import TrainlabError
+
+Check = Callable[[Any], bool]
+
+
+def spec(kind: str, check: Check, optional: bool = False) -> Any:
+    """A schema field: ``kind`` is how the error names what is allowed; ``check`` accepts a
+    value; ``optional`` also allows null."""
+    return field(default=None, metadata={"kind": kind, "check": check, "optional": optional})
+
+
+def _int(low: int) -> Check:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _number(above: float | None = None, at_least: float | None = None) -> Check:
+    def check(v: Any) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return False
+        return (above is None or v > above) and (at_least is None or v >= at_least)
+
+    return check
+
+
+def _one_of(*choices: str) -> Check:
+    return lambda v: v in choices
+
+
+def _is_bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+def _text(v: Any) -> bool:
+    return isinstance(v, str) and v.strip() != ""
+
+
+def _size(v: Any) -> bool:
+    return isinstance(v, (list, tuple)) and len(v) == 2 and all(_int(1)(x) for x in v)
+
+
+def _devices(v: Any) -> bool:
+    if v == "auto" or _int(1)(v):
+        return True
+    return isinstance(v, (list, tuple)) and len(v) > 0 and all(_int(0)(x) for x in v)
+
+
+BOOL = ("true or false", _is_bool)
+
+
+@dataclass
+class RootSchema:
+    seed: int = spec("an integer", _int(-(2**63)))
+
+
+@dataclass
+class TrainerSchema:
+    max_epochs: int = spec("an integer >= 1", _int(1))
+    accelerator: str = spec("one of auto, cpu, cuda, mps", _one_of("auto", "cpu", "cuda", "mps"))
+    devices: Any = spec("auto, a number >= 1, or a list of GPU indices like [0,2]", _devices)
+    monitor: str = spec("a metric name like val/acc", _text)
+    monitor_mode: str = spec("min or max", _one_of("min", "max"))
+    deterministic: bool = spec(*BOOL)
+    progress_bar: bool = spec(*BOOL)
+    accumulate_grad_batches: int = spec("an integer >= 1", _int(1))
+    gradient_clip_val: float = spec("a number > 0, or null for no clipping", _number(above=0),
+                                    optional=True)
+    sync_batchnorm: bool = spec(*BOOL)
+    detect_anomaly: bool = spec(*BOOL)
+    resume: str = spec("a checkpoint path, last, or null", _text, optional=True)
+
+
+@dataclass
+class EarlyStoppingSchema:
+    patience: int = spec("an integer >= 1, or null for no early stopping", _int(1), optional=True)
+
+
+@dataclass
+class DataSchema:
+    task: str = spec("classification or segmentation", _one_of("classification", "segmentation"))
+    num_classes: int = spec("an integer >= 1, or null to infer it from the data", _int(1),
+                            optional=True)
+    in_channels: int = spec("an integer >= 1", _int(1))
+    image_size: Sequence[int] = spec("[height, width], integers >= 1", _size)
+    batch_size: int = spec("an integer >= 1", _int(1))
+    num_workers: int = spec("an integer >= 0", _int(0))
+    pin_memory: bool = spec(*BOOL)
+    persistent_workers: bool = spec(*BOOL)
+    drop_last: bool = spec(*BOOL)
+    ignore_index: int = spec("an integer label, or null", _int(-(2**31)), optional=True)
+
+
+@dataclass
+class OptimizerSchema:
+    lr: float = spec("a number > 0", _number(above=0))
+    weight_decay: float = spec("a number >= 0", _number(at_least=0))
+    head_lr: float = spec("a number > 0, or null", _number(above=0), optional=True)
+
+
+@dataclass
+class MlflowLoggerSchema:
+    tracking_uri: str = spec("a URI (sqlite:///mlflow.db, http://host:5000) or null", _text,
+                             optional=True)
+    experiment_name: str = spec("a non-empty string (quote digits: '\"123\"')", _text)
+    log_every_n_steps: int = spec("an integer >= 1", _int(1))
+    log_checkpoints: bool = spec(*BOOL)
+    flush_every_s: float = spec("a number >= 0", _number(at_least=0))
+
+
+@dataclass
+class PrecisionSchema:
+    mode: str = spec("fp32, bf16 or fp16", _one_of("fp32", "bf16", "fp16"))
+    tf32: bool = spec(*BOOL)
+
+
+# config path → schema; only keys present in the config are checked (options differ).
+SCHEMAS: dict[str, type] = {
+    "": RootSchema,
+    "trainer": TrainerSchema,
+    "trainer.early_stopping": EarlyStoppingSchema,
+    "data": DataSchema,
+    "optimizer": OptimizerSchema,
+    "logger": MlflowLoggerSchema,
+    "precision": PrecisionSchema,
+}
+
+# Component nodes: config path → (config group, keys trainlab reads before building it,
+# constructor arguments the code passes itself and the YAML must not set).
+COMPONENTS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
+    "trainer": ("trainer", ("accelerator", "devices", "deterministic", "resume", "callbacks"),
+                ("model", "loss", "optimizer", "train_loader", "val_loader", "tracker",
+                 "checkpoint_dir", "precision", "scheduler", "metrics", "device")),
+    "logger": ("logger", (), ()),
+    "optimizer": ("optimizer", ("head_lr", "head", "no_decay_norm_bias"), ("params",)),
+    "scheduler": ("scheduler", ("interval",), ("optimizer",)),
+    "loss": ("loss", (), ()),
+    "precision": ("precision", (), ()),
+    "data.dataset": ("data", (), ()),
+    "model": ("model", ("weights_path", "freeze", "freeze_bn", "unfreeze_at_epoch", "init",
+                        "head", "channels_last", "compile"), ()),
+}
+HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
+
+
+class ConfigError(TrainlabError):
+    """Every problem of a config, one line each."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+def _value(cfg: DictConfig, key: str) -> tuple[bool, Any]:
+    """(present, value with interpolations resolved and containers made plain)."""
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    if not isinstance(node, DictConfig) or leaf not in node.keys():
+        return False, None
+    if OmegaConf.is_missing(node, leaf):
+        return True, "???"
+    value = node[leaf]
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value, resolve=True)
+    return True, value
+
+
+def _show(value: Any) -> str:
+    return repr(value) if isinstance(value, str) and value == "" else str(value)
+
+
+def schema_problems(cfg: DictConfig) -> list[str]:
+    """Values of the known keys that break their schema."""
+    problems = []
+    for path, schema in SCHEMAS.items():
+        if path and OmegaConf.select(cfg, path) is None:
+            continue  # e.g. no logger node with logger=none
+        for item in dataclasses.fields(schema):
+            key = f"{path}.{item.name}" if path else item.name
+            try:
+                present, value = _value(cfg, key)
+            except OmegaConfBaseException as err:  # ??? left unset, a broken ${...}
+                problems.append(f"{key}: {str(err).splitlines()[0]}")
+                continue
+            if not present or (value is None and item.metadata["optional"]):
+                continue
+            if value == "???":
+                problems.append(f"{key}=???: not set; give {key}=..., {item.metadata['kind']}")
+            elif value is None or not item.metadata["check"](value):
+                problems.append(f"{key}={_show(value)}: must be {item.metadata['kind']}")
+    return problems
+
+
+def unknown_key_problems(cfg: DictConfig, choices: dict) -> list[str]:
+    """Keys under a component that neither its constructor nor trainlab reads."""
+    from hydra.utils import get_object
+
+    problems = []
+    for path, (group, ours, given) in COMPONENTS.items():
+        node = OmegaConf.select(cfg, path)
+        if not isinstance(node, DictConfig) or not node.get("_target_"):
+            continue
+        try:
+            target = get_object(node._target_)
+            parameters = inspect.signature(target).parameters.values()
+        except (ImportError, AttributeError, ValueError, TypeError):
+            continue  # building it names the bad _target_ (components.build)
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+            continue
+        accepted = {p.name for p in parameters} - set(given)
+        unknown = sorted(set(node) - HYDRA_KEYS - accepted - set(ours))
+        where = f"conf/{group}/{choices[group]}.yaml" if choices.get(group) else group
+        for key in unknown:
+            problems.append(
+                f"{path}.{key}: not a setting of {node._target_} ({where}); accepted: "
+                + ", ".join(sorted((accepted | set(ours)) - {"self"}))
+            )
+    return problems
+
+
+def hardware_problems(cfg: DictConfig) -> list[str]:
+    """Hardware the config asks for and this machine lacks (fp16 without a GPU, CUDA
+    indices that are not visible). Imports torch; run once the values are well typed."""
+    from trainlab.distributed import plan_launch
+
+    try:
+        launch = plan_launch(cfg.trainer.accelerator, cfg.trainer.devices)
+    except TrainlabError as err:
+        return [str(err)]
+    if OmegaConf.select(cfg, "precision.mode") == "fp16" and launch.device_type == "cpu":
+        return [
+            f"precision.mode=fp16 (precision=fp16) needs a GPU (float16 autocast with loss "
+            f"scaling) but trainer.accelerator={cfg.trainer.accelerator} runs on the CPU; use "
+            "precision=bf16, which autocasts on the CPU too"
+        ]
+    return []
+
+
+def unset_problems(cfg: DictConfig, reported: Sequence[str]) -> list[str]:
+    """Mandatory values (``???``) left unset anywhere, unless a schema already named them."""
+    return [
+        f"{key}=???: not set; give {key}=... on the command line"
+        for key in sorted(OmegaConf.missing_keys(cfg))
+        if not any(line.startswith(f"{key}=") for line in reported)
+    ]
+
+
+def check_config(cfg: DictConfig, choices: dict) -> None:
+    """Raise a :class:`ConfigError` listing every problem of ``cfg``; return when none."""
+    problems = schema_problems(cfg)
+    problems += unset_problems(cfg, problems) + unknown_key_problems(cfg, choices)
+    if not any(p.startswith(("trainer.", "precision.")) for p in problems):
+        problems += hardware_problems(cfg)
+    if problems:
+        raise ConfigError(problems)

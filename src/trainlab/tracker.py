@@ -1,0 +1,111 @@
+"""What the training code asks of experiment tracking, and the tracker that records nothing.
+
+``Tracker`` is the contract between the run (train.py, the runner, the DDP launcher) and a
+tracking backend: :class:`trainlab.tracking.MlflowTracker` implements it for MLflow,
+:class:`NullTracker` for ``logger=none`` and for DDP ranks other than 0. This module imports
+neither torch nor mlflow, so a run without tracking never loads MLflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+
+@runtime_checkable
+class Tracker(Protocol):
+    """One tracked run. Logging calls are cheap: metrics are queued, never sent inline."""
+
+    run_id: str | None  # the open run, written into checkpoints so a resume reopens it
+    log_every_n_steps: int  # the loop reads its running loss this often
+    log_checkpoints: bool  # whether the checkpoint folder is logged at the end
+
+    def connect(self) -> str | None:
+        """Reach the store before anything runs; returns the experiment id (None: no store)."""
+
+    def run(self, run_name: str, tags: Mapping[str, str], run_id: str | None = None,
+            spool_dir: Path | None = None) -> contextlib.AbstractContextManager:
+        """Open (or, with ``run_id``, reopen) the run; it always ends with a status:
+        FINISHED, FAILED on an exception, KILLED on KeyboardInterrupt. What the store does
+        not take in time waits in ``spool_dir``."""
+
+    def attach(self, run_id: str,
+               spool_dir: Path | None = None) -> contextlib.AbstractContextManager:
+        """Log into a run another process owns (a DDP worker); its status stays the owner's."""
+
+    def log_params(self, params: Mapping[str, Any]) -> None: ...
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
+
+    def log_metric_series(self, rows: Sequence[tuple[int, Mapping[str, float]]]) -> None:
+        """Queue ``(step, {name: value})`` rows."""
+
+    def flush(self) -> None:
+        """Send what is queued now."""
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None: ...
+
+    def log_text(self, text: str, artifact_file: str) -> None: ...
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+
+    def log_artifacts(self, folder: str | Path, artifact_path: str | None = None) -> None: ...
+
+    def log_model(self, model: Any, input_example: Any) -> None:
+        """Log the trained model so it can be loaded back from the run."""
+
+
+class NullTracker:
+    """Takes every call and records nothing: ``logger=none``, and DDP ranks other than 0."""
+
+    run_id = None
+    log_checkpoints = False
+
+    def __init__(self, log_every_n_steps: int = 10) -> None:
+        self.log_every_n_steps = int(log_every_n_steps)
+
+    @classmethod
+    def like(cls, logger_cfg: Mapping[str, Any] | None) -> NullTracker:
+        """A silent tracker that reads the loss as often as ``logger_cfg``'s tracker would."""
+        return cls(int((logger_cfg or {}).get("log_every_n_steps", 10)))
+
+    def connect(self) -> None:
+        return None
+
+    @contextlib.contextmanager
+    def run(self, run_name: str, tags: Mapping[str, str], run_id: str | None = None,
+            spool_dir: Path | None = None) -> Iterator[NullTracker]:
+        yield self
+
+    @contextlib.contextmanager
+    def attach(self, run_id: str, spool_dir: Path | None = None) -> Iterator[NullTracker]:
+        yield self
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def log_metric_series(self, rows: Sequence[tuple[int, Mapping[str, float]]]) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        pass
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_artifacts(self, folder: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_model(self, model: Any, input_example: Any) -> None:
+        pass
