@@ -20,6 +20,8 @@ TRAINLAB = Path(sys.executable).with_name("trainlab")
 
 # Tiny, fast settings for end-to-end runs where the learning itself is not under test.
 QUICK = ["model=mlp", "trainer.max_epochs=2", "trainer.progress_bar=false"]
+# The same without a fixed length and without logging the MLflow model (seconds per run).
+FAST = ["model=mlp", "trainer.progress_bar=false", "logger.log_model=false"]
 
 
 def free_port() -> int:
@@ -80,20 +82,21 @@ def run_trainlab(tmp_path: Path, tracking_uri: str):
 
 @dataclass
 class Outcome:
-    """What a `trainlab` call run in-process ended with."""
+    """What a `trainlab` call run in-process ended with (named like subprocess's result)."""
 
-    code: int
+    returncode: int
     stdout: str
     stderr: str
 
 
 @pytest.fixture
 def trainlab_in_process(tmp_path: Path, tracking_uri: str, monkeypatch, capsys):
-    """Call `trainlab ARGS` in this process, in ``tmp_path``, against the test's own store.
+    """``run_trainlab`` without a new interpreter: `trainlab ARGS` called in this process, in
+    ``tmp_path``, against the test's own store.
 
-    The same code path as the command (cli.main → Hydra app), without starting an
-    interpreter and importing torch and mlflow again: seconds saved per call. Tests of
-    signals, exit codes of the real executable or DDP keep using ``run_trainlab``.
+    The same code path as the command (cli.main → Hydra app), without starting Python and
+    importing torch and mlflow again: seconds saved per call. Tests of signals, of the
+    installed executable or of DDP keep using ``run_trainlab``.
     """
     import mlflow
 
@@ -103,14 +106,19 @@ def trainlab_in_process(tmp_path: Path, tracking_uri: str, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
 
-    def run(*args: str) -> Outcome:
+    def run(*args: str, check: bool = True) -> Outcome:
         capsys.readouterr()
         try:
             code = main(list(args))
         except SystemExit as exit_:
             code = exit_.code
         captured = capsys.readouterr()
-        return Outcome(int(code or 0), captured.out, captured.err)
+        outcome = Outcome(int(code or 0), captured.out, captured.err)
+        if check and outcome.returncode != 0:
+            raise AssertionError(f"trainlab {' '.join(args)} exited {outcome.returncode}\n"
+                                 f"--- stdout\n{outcome.stdout[-4000:]}\n"
+                                 f"--- stderr\n{outcome.stderr[-4000:]}")
+        return outcome
 
     yield run
     mlflow.set_tracking_uri(None)

@@ -63,8 +63,8 @@ def test_unimportable_target_names_the_config_file(compose):
         build(cfg.loss, "loss", "ce")
 
 
-def test_unknown_group_option_lists_the_available_ones(run_trainlab):
-    proc = run_trainlab("train", "loss=nope", check=False)
+def test_unknown_group_option_lists_the_available_ones(trainlab_in_process):
+    proc = trainlab_in_process("train", "loss=nope", check=False)
     assert proc.returncode != 0
     assert "Could not find 'loss/nope'" in proc.stderr
     assert "Available options in 'loss'" in proc.stderr
@@ -72,15 +72,15 @@ def test_unknown_group_option_lists_the_available_ones(run_trainlab):
     assert "Traceback" not in proc.stderr
 
 
-def test_bad_target_is_one_line_not_a_traceback(run_trainlab):
-    proc = run_trainlab("train", "loss._target_=torch.nn.NoSuchLoss", *QUICK, check=False)
+def test_bad_target_is_one_line_not_a_traceback(trainlab_in_process):
+    proc = trainlab_in_process("train", "loss._target_=torch.nn.NoSuchLoss", *QUICK, check=False)
     assert proc.returncode == 1
     assert "conf/loss/ce.yaml: _target_ 'torch.nn.NoSuchLoss' cannot be imported" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
-def test_help_lists_groups(run_trainlab):
-    proc = run_trainlab("train", "--help")
+def test_help_lists_groups(trainlab_in_process):
+    proc = trainlab_in_process("train", "--help")
     assert "loss: bce, bce_logits, ce," in proc.stdout
     assert "model: cnn, mlp, timm, torchvision, unet\n" in proc.stdout
     assert "model/finetune" not in proc.stdout  # the shared fine-tune keys are no model

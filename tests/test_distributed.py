@@ -8,13 +8,13 @@ import os
 import pytest
 import torch
 
+from conftest import FAST as BASE_FAST
 from conftest import QUICK, free_port, runs_of
 from trainlab.data.loaders import InMemoryLoader
 from trainlab.distributed import Launch, plan_launch
 from trainlab.errors import TrainlabError
 
-FAST = ["model=mlp", "trainer.progress_bar=false", "logger.log_model=false",
-        "trainer.max_epochs=2", "model.hidden=[32]"]
+FAST = [*BASE_FAST, "trainer.max_epochs=2", "model.hidden=[32]"]
 
 
 class KeepFinalState:

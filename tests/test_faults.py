@@ -10,14 +10,12 @@ import time
 import pytest
 import torch
 
-from conftest import TRAINLAB, runs_of
+from conftest import FAST, TRAINLAB, runs_of
 from trainlab.checkpoint import resolve_resume
 from trainlab.errors import TrainlabError
 from trainlab.seeding import seed_everything
 from trainlab.tracker import NullTracker
 from trainlab.train import fit
-
-FAST = ["model=mlp", "trainer.progress_bar=false", "logger.log_model=false"]
 
 
 def train(compose, out, *overrides, callbacks=(), resume=None):

@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import FAST
 from trainlab.errors import TrainlabError
 from trainlab.precision import Precision
 from trainlab.seeding import seed_everything
 from trainlab.tracker import NullTracker
 from trainlab.train import fit
-
-FAST = ["model=mlp", "trainer.progress_bar=false", "logger.log_model=false"]
 
 
 class AfterFirstEpoch:

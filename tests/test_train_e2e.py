@@ -57,8 +57,9 @@ def test_default_run_learns_digits_and_logs_everything(run_trainlab, mlflow_clie
     assert (predicted == digits.target[:200]).mean() > 0.9
 
 
-def test_multirun_makes_one_mlflow_run_per_job(run_trainlab, mlflow_client):
-    proc = run_trainlab("train", "-m", "optimizer.lr=1e-3,1e-2", *QUICK, "logger.log_model=false")
+def test_multirun_makes_one_mlflow_run_per_job(trainlab_in_process, mlflow_client):
+    proc = trainlab_in_process("train", "-m", "optimizer.lr=1e-3,1e-2", *QUICK,
+                               "logger.log_model=false")
     assert "Launching 2 jobs" in proc.stdout
     runs = [r for r in runs_of(mlflow_client) if "mlflow.parentRunId" in r.data.tags]
     names = [r.info.run_name for r in runs]
@@ -67,8 +68,8 @@ def test_multirun_makes_one_mlflow_run_per_job(run_trainlab, mlflow_client):
     assert [r.data.params["optimizer.lr"] for r in runs] == ["0.001", "0.01"]
 
 
-def test_exception_marks_the_run_failed_and_keeps_checkpoints(run_trainlab, mlflow_client):
-    proc = run_trainlab("train", *QUICK, "optimizer=sgd", "optimizer.lr=1e10",
+def test_exception_marks_the_run_failed_and_keeps_checkpoints(trainlab_in_process, mlflow_client):
+    proc = trainlab_in_process("train", *QUICK, "optimizer=sgd", "optimizer.lr=1e10",
                         check=False)
     assert proc.returncode == 1
     assert "loss became nan" in proc.stderr or "loss became inf" in proc.stderr
@@ -97,9 +98,10 @@ def test_ctrl_c_marks_the_run_killed(tmp_path, tracking_uri, mlflow_client):
     assert "checkpoints/last.pt" in ckpts
 
 
-def test_unreachable_tracking_server_fails_fast_before_training(run_trainlab):
+def test_unreachable_tracking_server_fails_fast_before_training(trainlab_in_process):
     started = time.monotonic()
-    proc = run_trainlab("train", *QUICK, "logger.tracking_uri=http://127.0.0.1:9", check=False)
+    proc = trainlab_in_process("train", *QUICK, "logger.tracking_uri=http://127.0.0.1:9",
+                               check=False)
     assert time.monotonic() - started < 30
     assert proc.returncode == 1
     assert "http://127.0.0.1:9 is unreachable" in proc.stderr

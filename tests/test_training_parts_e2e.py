@@ -9,8 +9,8 @@ from conftest import QUICK, runs_of
 from trainlab.errors import TrainlabError
 
 
-def test_run_logs_lr_changes_task_metrics_and_plots(run_trainlab, mlflow_client):
-    run_trainlab("train", *QUICK, "scheduler=onecycle", "optimizer=sgd", "loss=focal",
+def test_run_logs_lr_changes_task_metrics_and_plots(trainlab_in_process, mlflow_client):
+    trainlab_in_process("train", *QUICK, "scheduler=onecycle", "optimizer=sgd", "loss=focal",
                  "trainer.monitor=val/f1_macro", "logger.log_model=false")
     (run,) = runs_of(mlflow_client)
     metrics = run.data.metrics
@@ -27,8 +27,8 @@ def test_run_logs_lr_changes_task_metrics_and_plots(run_trainlab, mlflow_client)
     assert artifacts == {"plots/lr_curve.png", "plots/confusion_matrix.png"}
 
 
-def test_lr_plot_writes_the_curve_of_any_scheduler(run_trainlab, tmp_path):
-    proc = run_trainlab("lr-plot", "scheduler=warmup_cosine", "trainer.max_epochs=3",
+def test_lr_plot_writes_the_curve_of_any_scheduler(trainlab_in_process, tmp_path):
+    proc = trainlab_in_process("lr-plot", "scheduler=warmup_cosine", "trainer.max_epochs=3",
                         "+out=curve.png")
     assert "wrote curve.png" in proc.stdout
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"

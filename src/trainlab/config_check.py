@@ -145,20 +145,20 @@ SCHEMAS: dict[str, type] = {
     "precision": PrecisionSchema,
 }
 
-# Component nodes: config path → (config group, keys trainlab reads before building it,
-# constructor arguments the code passes itself and the YAML must not set).
-COMPONENTS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
-    "trainer": ("trainer", ("accelerator", "devices", "deterministic", "resume", "callbacks"),
+# Component nodes: config path → (config group, the keys trainlab reads itself before
+# building it — named where they are read —, constructor arguments the code passes itself
+# and the YAML must not set).
+COMPONENTS: dict[str, tuple[str, str | tuple[str, ...], tuple[str, ...]]] = {
+    "trainer": ("trainer", "trainlab.runner.NOT_LOOP_KEYS",
                 ("model", "loss", "optimizer", "train_loader", "val_loader", "tracker",
                  "checkpoint_dir", "precision", "scheduler", "metrics", "device")),
     "logger": ("logger", (), ()),
-    "optimizer": ("optimizer", ("head_lr", "head", "no_decay_norm_bias"), ("params",)),
+    "optimizer": ("optimizer", "trainlab.optim.OUR_KEYS", ("params",)),
     "scheduler": ("scheduler", ("interval",), ("optimizer",)),
     "loss": ("loss", (), ()),
     "precision": ("precision", (), ()),
     "data.dataset": ("data", (), ()),
-    "model": ("model", ("weights_path", "freeze", "freeze_bn", "unfreeze_at_epoch", "init",
-                        "head", "channels_last", "compile"), ()),
+    "model": ("model", "trainlab.models.finetune.FINETUNE_KEYS", ()),
 }
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 
@@ -220,6 +220,7 @@ def unknown_key_problems(cfg: DictConfig, choices: dict) -> list[str]:
         node = OmegaConf.select(cfg, path)
         if not isinstance(node, DictConfig) or not node.get("_target_"):
             continue
+        ours = get_object(ours) if isinstance(ours, str) else ours
         try:
             target = get_object(node._target_)
             parameters = inspect.signature(target).parameters.values()

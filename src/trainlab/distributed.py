@@ -273,9 +273,7 @@ def _worker(rank_: int, fit, launch: Launch, cfg, output_dir, choices, run_id, r
     from trainlab.tracker import NullTracker
 
     os.setpgrp()  # a terminal's Ctrl-C reaches the launching process only; it forwards it once
-    device = init_process_group(launch, rank_)
-    if device.type == "cpu":  # the ranks share the cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // launch.world_size))
+    device = init_process_group(launch, rank_)  # fit() sizes the rank's share of the cores
     seed_everything(int(cfg.seed), bool(cfg.trainer.deterministic))
     try:
         if rank_ == 0:

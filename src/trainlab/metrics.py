@@ -40,6 +40,7 @@ class TaskMetrics:
             raise TrainlabError(f"data.task={task!r}; choose one of {TASKS}")
         self.task, self.num_classes, self.ignore_index = task, num_classes, ignore_index
         self.class_names = list(class_names or [])  # for the confusion matrix and table
+        self._val: dict[str, ValMetrics] = {}  # by device, reused epoch after epoch
 
     @property
     def main(self) -> str:
@@ -68,7 +69,14 @@ class TaskMetrics:
         return TrainTotals(self, device)
 
     def val(self, device: torch.device | str = "cpu") -> ValMetrics:
-        return ValMetrics(self, device)
+        """Validation accumulators, emptied: built once per device, as building the
+        torchmetrics objects costs more than validating a small model."""
+        metrics = self._val.get(str(device))
+        if metrics is None:
+            metrics = self._val[str(device)] = ValMetrics(self, device)
+        else:
+            metrics.reset()
+        return metrics
 
 
 def _val_metrics(spec: TaskMetrics, num_classes: int) -> dict:
@@ -207,6 +215,11 @@ class ValMetrics:
             name: metric.to(self.device)
             for name, metric in _val_metrics(self.spec, num_classes).items()
         }
+
+    def reset(self) -> None:
+        self.loss.reset()
+        for metric in (self.metrics or {}).values():
+            metric.reset()
 
     @torch.no_grad()
     def update(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:

@@ -87,6 +87,7 @@ def prepare(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, cal
     from trainlab.preflight import resume_into, try_one_batch
     from trainlab.runner import loop_settings
     from trainlab.schedulers import build_scheduler, optimizer_steps
+    from trainlab.threads import set_training_threads
 
     data = data or prepare_data(cfg, choices)
     splits, augmentation = data.splits, data.augmentation
@@ -94,6 +95,7 @@ def prepare(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, cal
                           splits.class_names)
     metrics.check_monitor(cfg.trainer.monitor)
     device = device or distributed.job_device(distributed.select_device(cfg.trainer.accelerator))
+    set_training_threads(device, int(cfg.data.get("num_workers", 0)), distributed.world_size())
     train_loader, val_loader = build_loaders(
         splits, cfg.data, int(cfg.seed), device, augmentation,
         rank=distributed.rank(), world_size=distributed.world_size(),

@@ -1,9 +1,11 @@
 """trainlab's speed, measured against the loops it replaces; writes tests/benchmarks/RESULTS.md.
 
-Run with `make bench` (a few minutes on 2 CPU cores). Every training loop is timed in this
-one process, the loops interleaved round by round (their order rotating) so that a busy
-machine slows them alike; the tables give medians, and each ratio is the median of the
-per-round ratios.
+Run with `make bench` (10-20 minutes on 2 CPU cores; `--only whole,sweep` runs some
+sections and prints them). Whole jobs run as alternating processes (whole_run.py), image
+loaders alternate epoch by epoch (image_folder.py), GPU figures need a CUDA GPU (gpu.py).
+The training loops below are timed in this one process, interleaved round by round (their
+order rotating) so that a busy machine slows them alike; the tables give medians, and each
+ratio is the median of the per-round ratios.
 
 - pure compute: one shuffled index per epoch, batches sliced from tensors, no DataLoader,
   nothing measured or logged: the floor any loop can reach.
@@ -47,6 +49,11 @@ from trainlab.components import build  # noqa: E402
 from trainlab.data.datasets import DataSplits  # noqa: E402
 from trainlab.data.loaders import build_loaders  # noqa: E402
 from trainlab.metrics import TaskMetrics  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu import gpu_figures  # noqa: E402
+from image_folder import image_folder_figures  # noqa: E402
+from whole_run import sweep_overhead, whole_jobs  # noqa: E402
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 BATCH = 64
@@ -259,39 +266,6 @@ def startup_seconds(repeats: int = 3) -> list[tuple[str, float]]:
     return rows
 
 
-def gpu_precisions() -> str:
-    """fp32 / bf16 / fp16 / channels_last steps/s of the course CNN, on a CUDA GPU only."""
-    if not torch.cuda.is_available():
-        return "No CUDA GPU on this machine: fp32/bf16/fp16 and channels_last figures skipped.\n"
-    from trainlab.models.cnn import CourseCNN
-
-    lines = ["| CNN 28×28 on " + torch.cuda.get_device_name() + " | steps/s |", "| --- | ---: |"]
-    x = torch.rand(BATCH, 1, 28, 28, device="cuda")
-    y = torch.randint(0, 10, (BATCH,), device="cuda")
-    for label, dtype, memory_format in [
-        ("fp32", None, torch.contiguous_format), ("bf16 autocast", torch.bfloat16,
-        torch.contiguous_format), ("fp16 autocast + GradScaler", torch.float16,
-        torch.contiguous_format), ("fp16 + channels_last", torch.float16, torch.channels_last),
-    ]:
-        model = CourseCNN().cuda().to(memory_format=memory_format)
-        optimizer = torch.optim.Adam(model.parameters())
-        scaler = torch.amp.GradScaler("cuda", enabled=dtype is torch.float16)
-        inputs = x.to(memory_format=memory_format)
-        for step in range(250):  # the first 50 warm up
-            if step == 50:
-                torch.cuda.synchronize()
-                started = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
-                loss = nn.functional.cross_entropy(model(inputs), y)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        torch.cuda.synchronize()
-        lines.append(f"| {label} | {200 / (time.perf_counter() - started):,.0f} |")
-    return "\n".join(lines) + "\n"
-
-
 # ------------------------------------------------------------------------- report
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
@@ -317,14 +291,8 @@ def speed_table(work: Workload, speeds: dict[str, list]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    torch.set_num_threads(parser.parse_args().threads)
-    torch.manual_seed(0)
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    load_before = os.getloadavg()[0]
-    began = time.perf_counter()
+def loop_sections() -> list[str]:
+    """Training loops interleaved in this process, and MLflow's cost per logging call."""
     sections = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
@@ -366,31 +334,68 @@ def main() -> int:
                  "| call | ms per call | µs per training step |", "| --- | ---: | ---: |"]
         lines += [f"| {name} | {ms:.3f} | {ms * 1e3 / LOG_EVERY:,.1f} |" for name, ms in rows]
         sections.append("\n".join(lines) + "\n")
+    return sections
 
-    print("timing imgaug pipelines", flush=True)
+
+def imgaug_section() -> str:
     rows = imgaug_throughput()
     lines = ["### imgaug throughput of the training loader, 28×28 grayscale\n",
              "| augment | how | images/s |", "| --- | --- | ---: |"]
     lines += [f"| {name} | {how} | {speed:,.0f} |" for name, how, speed in rows]
-    sections.append("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
-    print("timing start-up", flush=True)
+
+def startup_section() -> str:
     lines = ["### Start-up (no torch, no mlflow imported)\n", "| command | seconds (median of 3) |",
              "| --- | ---: |"]
     lines += [f"| `{cmd}` | {seconds:.2f} |" for cmd, seconds in startup_seconds()]
-    sections.append("\n".join(lines) + "\n")
-    sections.append("### GPU precisions\n\n" + gpu_precisions())
+    return "\n".join(lines) + "\n"
 
+
+SECTIONS = {
+    "whole": ("whole jobs as processes", lambda: [whole_jobs()]),
+    "sweep": ("sweep overhead per job", lambda: [sweep_overhead()]),
+    "loops": ("training loops in one process", loop_sections),
+    "images": ("image files and the decoded-image cache", lambda: [image_folder_figures()]),
+    "imgaug": ("imgaug pipelines", lambda: [imgaug_section()]),
+    "startup": ("start-up", lambda: [startup_section()]),
+    "gpu": ("GPU", lambda: [gpu_figures()]),
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--only", default=",".join(SECTIONS),
+                        help=f"comma-separated sections of {', '.join(SECTIONS)}; a partial "
+                             "run prints its figures and leaves RESULTS.md as it is")
+    args = parser.parse_args()
+    chosen = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = sorted(set(chosen) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    load_before = os.getloadavg()[0]
+    began = time.perf_counter()
+    sections = []
+    for name in chosen:
+        print(f"timing {SECTIONS[name][0]}", flush=True)
+        sections += SECTIONS[name][1]()
     header = (
         "# trainlab benchmarks\n\n"
         f"Written by `make bench` on {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, "
         f"in {time.perf_counter() - began:.0f} s.\n\n"
         f"Machine: {machine()}, Python {platform.python_version()}; load average "
         f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after (other work on the machine "
-        "slows every loop alike but widens the ranges).\n"
+        "slows every job alike but widens the ranges; every ratio compares runs measured "
+        "alternately in the same benchmark).\n"
     )
-    RESULTS.write_text("\n".join([header, *sections]))
-    print(RESULTS.read_text())
+    report = "\n".join([header, *sections])
+    if set(chosen) == set(SECTIONS):
+        RESULTS.write_text(report)
+    print(report)
     return 0
 
 

@@ -37,17 +37,33 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor,
 
 def load_digits(val_fraction: float = 0.2, seed: int = 0) -> DataSplits:
     """scikit-learn's bundled 8x8 digits as (N, 1, 8, 8) floats in [0, 1]; no download."""
-    from sklearn.datasets import load_digits as sklearn_digits
-
-    bunch = sklearn_digits()
-    images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    targets = torch.tensor(bunch.target, dtype=torch.long)
+    pixels, target = _digits_table()
+    images = torch.from_numpy(pixels).reshape(-1, 1, 8, 8) / 16.0
+    targets = torch.from_numpy(target)
     train_idx, val_idx = split_indices(len(targets), val_fraction, seed)
     return DataSplits(
         train=TensorDataset(images[train_idx], targets[train_idx]),
         val=TensorDataset(images[val_idx], targets[val_idx]),
-        class_names=[str(name) for name in bunch.target_names],
+        class_names=[str(digit) for digit in range(10)],
     )
+
+
+def _digits_table() -> tuple[np.ndarray, np.ndarray]:
+    """The digits' pixels (float32, N×64) and labels (int64), read straight from the CSV
+    scikit-learn ships: importing scikit-learn for it costs over a second per run."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    table = None
+    if spec is not None and spec.submodule_search_locations:
+        table = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    if table is None or not table.is_file():  # another layout: ask scikit-learn itself
+        from sklearn.datasets import load_digits as sklearn_digits
+
+        bunch = sklearn_digits()
+        return bunch.data.astype(np.float32), bunch.target.astype(np.int64)
+    rows = np.loadtxt(table, delimiter=",", dtype=np.float32)
+    return np.ascontiguousarray(rows[:, :-1]), rows[:, -1].astype(np.int64)
 
 
 # ------------------------------------------------------------------ torchvision sources
@@ -157,6 +173,8 @@ def load_image_folder(
     num_classes: int | None = None,
     val_fraction: float = 0.2,
     seed: int = 0,
+    cache: str | None = None,
+    cache_dir: str | None = None,
 ) -> DataSplits:
     """One sub-folder per class (torchvision's ImageFolder layout); no val_root: split by seed.
 
@@ -193,8 +211,8 @@ def load_image_folder(
     else:
         samples, val_samples = _split_list(samples, val_fraction, seed)
     return DataSplits(
-        ImageFiles(samples, image_size, channels),
-        ImageFiles(val_samples, image_size, channels),
+        ImageFiles(samples, image_size, channels, cache, cache_dir),
+        ImageFiles(val_samples, image_size, channels, cache, cache_dir),
         list(train.classes),
     )
 
@@ -209,6 +227,8 @@ def load_csv_images(
     num_classes: int | None = None,
     val_fraction: float = 0.2,
     seed: int = 0,
+    cache: str | None = None,
+    cache_dir: str | None = None,
 ) -> DataSplits:
     """An image folder plus a CSV of file → label (an integer, or a class name).
 
@@ -242,7 +262,9 @@ def load_csv_images(
     samples = [(folder / row[file_column], label) for row, label in zip(rows, labels, strict=True)]
     train, val = _split_list(samples, val_fraction, seed)
     return DataSplits(
-        ImageFiles(train, image_size, channels), ImageFiles(val, image_size, channels), names
+        ImageFiles(train, image_size, channels, cache, cache_dir),
+        ImageFiles(val, image_size, channels, cache, cache_dir),
+        names,
     )
 
 
@@ -262,6 +284,8 @@ def load_segmentation_folder(
     ignore_index: int | None = None,
     val_fraction: float = 0.3,
     seed: int = 0,
+    cache: str | None = None,
+    cache_dir: str | None = None,
 ) -> DataSplits:
     """The Carvana layout: ``images/NAME.jpg`` with ``masks/`` + ``mask_name`` (``{stem}``,
     ``{name}``, ``{suffix}`` are filled in); split into train/val by seed.
@@ -286,7 +310,8 @@ def load_segmentation_folder(
         label_map, palette, ignore_index,
     )
     train, val = _split_list(pairs, val_fraction, seed)
-    splits = [SegmentationFiles(items, image_size, channels, classes) for items in (train, val)]
+    splits = [SegmentationFiles(items, image_size, channels, classes, cache, cache_dir)
+              for items in (train, val)]
     if classes.binary:
         names = ["background", "foreground"]
     else:

@@ -16,17 +16,26 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from trainlab.data.cache import build_cache
 from trainlab.errors import TrainlabError
 
 SKIP_HINT = "fix or remove it, or set data.skip_bad_files=true to skip such files"
 WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535}
 
 
-def _open_image(path: Path) -> Image.Image:
+def _open_image(path: Path, draft: tuple[int, int] | None = None) -> Image.Image:
     """Open and fully decode an image, turned upright by its EXIF orientation; an
-    unreadable or truncated file names itself."""
+    unreadable or truncated file names itself.
+
+    ``draft`` (width, height) lets a JPEG decode at the smallest power-of-two scale that
+    still covers that size either way up: a large photo bound for a small model decodes
+    several times faster, and the resize after it sees the same pixels averaged.
+    """
     try:
         image = Image.open(path)
+        if draft is not None:
+            side = max(draft)
+            image.draft(None, (side, side))
         image.load()
         ImageOps.exif_transpose(image, in_place=True)  # a no-op without an orientation tag
     except (OSError, SyntaxError, ValueError) as err:
@@ -53,19 +62,32 @@ def image_tensor(image: Image.Image, channels: int, size: tuple[int, int]) -> to
 
 
 class ImageFiles(Dataset):
-    """Images read from disk per sample: resized (bilinear) to ``image_size``, 1 or 3 channels."""
+    """Images read from disk per sample: resized (bilinear) to ``image_size``, 1 or 3 channels.
 
-    def __init__(self, samples: list[tuple[Path, int]], image_size: Sequence[int], channels: int):
+    ``cache`` (``memory`` or ``disk``, see :mod:`trainlab.data.cache`) keeps the decoded,
+    resized images so later epochs skip decoding.
+    """
+
+    def __init__(self, samples: list[tuple[Path, int]], image_size: Sequence[int], channels: int,
+                 cache: str | None = None, cache_dir: str | None = None):
         self.samples = samples
         self.size = (int(image_size[1]), int(image_size[0]))  # PIL wants (width, height)
         self.channels = int(channels)
+        shape = (self.channels, self.size[1], self.size[0])
+        self.cache = build_cache(cache, len(samples), [(shape, np.float32)],
+                                 lambda: f"image {shape}", cache_dir)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         path, label = self.samples[index]
-        return image_tensor(_open_image(path), self.channels, self.size), torch.tensor(label)
+        (pixels,) = self.cache.fetch(index, (path,), lambda: (self.decode(path),))
+        return torch.from_numpy(pixels), torch.tensor(label)
+
+    def decode(self, path: Path) -> np.ndarray:
+        image = _open_image(path, draft=self.size)
+        return image_tensor(image, self.channels, self.size).numpy()
 
 
 # ------------------------------------------------------------------------------ masks
@@ -199,20 +221,33 @@ class SegmentationFiles(Dataset):
     """(image, mask) file pairs → (float C×H×W image, long H×W mask).
 
     Images resize bilinearly, masks by nearest neighbour so labels stay labels; mask
-    values become classes through ``classes`` (:class:`MaskClasses`).
+    values become classes through ``classes`` (:class:`MaskClasses`). ``cache`` keeps both,
+    decoded and mapped (see :mod:`trainlab.data.cache`).
     """
 
-    def __init__(self, pairs, image_size, channels, classes: MaskClasses):
+    def __init__(self, pairs, image_size, channels, classes: MaskClasses,
+                 cache: str | None = None, cache_dir: str | None = None):
         self.pairs = pairs
         self.size = (int(image_size[1]), int(image_size[0]))
         self.channels = int(channels)
         self.classes = classes
+        height, width = self.size[1], self.size[0]
+        self.cache = build_cache(
+            cache, len(pairs), [((self.channels, height, width), np.float32),
+                                ((height, width), np.int64)],
+            lambda: f"segmentation {self.channels} {self.size} {self.classes!r}", cache_dir,
+            files_per_sample=2,
+        )
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image_path, mask_path = self.pairs[index]
+        pair = self.pairs[index]
+        pixels, labels = self.cache.fetch(index, pair, lambda: self.decode(*pair))
+        return torch.from_numpy(pixels), torch.from_numpy(labels)
+
+    def decode(self, image_path: Path, mask_path: Path) -> tuple[np.ndarray, np.ndarray]:
         image, mask = _open_image(image_path), _open_image(mask_path)
         if image.size != mask.size:
             raise TrainlabError(
@@ -220,4 +255,4 @@ class SegmentationFiles(Dataset):
                 f"{image_path} is {image.size[0]}x{image.size[1]}"
             )
         labels = self.classes.labels(mask.resize(self.size, Image.NEAREST), mask_path)
-        return image_tensor(image, self.channels, self.size), torch.from_numpy(labels)
+        return image_tensor(image, self.channels, self.size).numpy(), labels

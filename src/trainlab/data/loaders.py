@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, Te
 
 from trainlab.data.datasets import DataSplits
 from trainlab.errors import TrainlabError
+from trainlab.threads import limit_opencv_threads
 
 
 def epoch_seed(seed: int, epoch: int, worker: int = 0) -> int:
@@ -187,6 +188,8 @@ def build_loaders(
         pin_memory=bool(data_cfg.get("pin_memory", False)) and device.type == "cuda",
         persistent_workers=bool(data_cfg.get("persistent_workers", False)) and workers > 0,
     )
+    if workers > 0:
+        limit_opencv_threads()
     train_set = splits.train
     if augmentation is not None:
         from trainlab.data.augment import AugmentedDataset
