@@ -3,11 +3,14 @@ one MLflow server whose backend store is PostgreSQL, and one parent run."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -34,13 +37,14 @@ def as_postgres_user(command: list[str]) -> list[str]:
 
 
 @pytest.fixture
-def postgres(tmp_path_factory):
+def postgres():
     """A PostgreSQL server of our own in a temp dir on a free port; yields its base URL."""
     bindir = postgres_bin()
     if bindir is None:
         pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run does)")
-    data = tmp_path_factory.mktemp("pg") / "data"
-    data.parent.chmod(0o777)
+    home = Path(tempfile.mkdtemp(prefix="trainlab-pg-"))  # reachable by the postgres user
+    home.chmod(0o777)
+    data = home / "data"
     port = free_port()
     subprocess.run(as_postgres_user([str(bindir / "initdb"), "-D", str(data), "-U", "trainlab",
                                      "--auth=trust"]), check=True, capture_output=True)
@@ -52,21 +56,23 @@ def postgres(tmp_path_factory):
         for database in ("optuna", "mlflow"):
             subprocess.run([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port),
                             "-U", "trainlab", database], check=True)
-        yield f"postgresql://trainlab@127.0.0.1:{port}"
+        yield f"postgresql+psycopg2://trainlab@127.0.0.1:{port}"
     finally:
         subprocess.run(as_postgres_user([str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast",
                                          "stop"]), capture_output=True)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture
 def mlflow_server(postgres, tmp_path):
     """`mlflow server` on the PostgreSQL backend store; yields its URL."""
     port = free_port()
+    log = tmp_path / "mlflow-server.log"
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
          f"{postgres}/mlflow", "--artifacts-destination", str(tmp_path / "artifacts"),
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -77,11 +83,12 @@ def mlflow_server(postgres, tmp_path):
                     break
             except OSError:
                 assert server.poll() is None and time.monotonic() < deadline, \
-                    "mlflow server did not start"
+                    log.read_text()[-3000:]
                 time.sleep(0.5)
         yield url
     finally:
-        os.killpg(server.pid, 15)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
 
 
