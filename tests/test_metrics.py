@@ -176,7 +176,7 @@ def test_the_best_epochs_confusion_matrix_and_per_class_table(compose, tmp_path,
                                                               one_torch_thread):
     import csv
 
-    from trainlab.tracking import NullTracker
+    from trainlab.tracker import NullTracker
     from trainlab.train import fit
 
     overrides = ["model=mlp", "optimizer=sgd", "optimizer.lr=0.3"] if task == "classification" \
@@ -184,7 +184,7 @@ def test_the_best_epochs_confusion_matrix_and_per_class_table(compose, tmp_path,
               "model.base_channels=4", "model.depth=1", "data.image_size=[16,16]",
               "data.batch_size=8", "loss=dice", "trainer.monitor=val/dice"]
     cfg = compose(*overrides, "trainer.max_epochs=3", "trainer.progress_bar=false")
-    result = fit(cfg, NullTracker(cfg.logger), tmp_path / "run", {})
+    result = fit(cfg, NullTracker.like(cfg.logger), tmp_path / "run", {})
     best = result.history[result.best_epoch]
     assert (tmp_path / "run/plots/confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
     rows = list(csv.DictReader((tmp_path / "run/plots/per_class.csv").open()))

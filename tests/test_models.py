@@ -225,12 +225,12 @@ def test_head_replaces_the_whole_classifier(compose, overrides, classifier, kept
 
 
 def test_a_new_head_trains_through_the_loop(compose, tmp_path):
-    from trainlab.tracking import NullTracker
+    from trainlab.tracker import NullTracker
     from trainlab.train import fit
 
     cfg = compose("model=cnn", "model.head={hidden:32,dropout:0.1}", "trainer.max_epochs=2",
                   "trainer.progress_bar=false")
-    result = fit(cfg, NullTracker(cfg.logger), tmp_path, {})
+    result = fit(cfg, NullTracker.like(cfg.logger), tmp_path, {})
     assert result.history[-1]["val/acc"] > 0.5
 
 
@@ -239,7 +239,7 @@ def test_fixed_size_zoo_models_get_the_datas_image_size(compose, tmp_path):
     import numpy as np
     from PIL import Image
 
-    from trainlab.tracking import NullTracker
+    from trainlab.tracker import NullTracker
     from trainlab.train import fit
 
     rng = np.random.default_rng(0)
@@ -253,7 +253,7 @@ def test_fixed_size_zoo_models_get_the_datas_image_size(compose, tmp_path):
                   "data.persistent_workers=false", "data.pin_memory=false",
                   "model=timm", "model.name=test_vit", "trainer.max_epochs=1",
                   "trainer.progress_bar=false")
-    result = fit(cfg, NullTracker(cfg.logger), tmp_path / "run", {})
+    result = fit(cfg, NullTracker.like(cfg.logger), tmp_path / "run", {})
     assert 0 <= result.history[-1]["val/acc"] <= 1
 
 

@@ -78,13 +78,13 @@ def test_layer_decay_gives_each_block_a_lower_lr_through_the_loop(compose, tmp_p
     """timm's grouping: the head at lr, each stage before it layer_decay times lower; onecycle
     keeps the ratios and the loop trains every group."""
     from trainlab.checkpoint import load_checkpoint
-    from trainlab.tracking import NullTracker
+    from trainlab.tracker import NullTracker
     from trainlab.train import fit
 
     cfg = compose("model=timm", "model.name=test_resnet", "optimizer.layer_decay=0.5",
                   "optimizer.weight_decay=0.01", "optimizer.no_decay_norm_bias=true",
                   "trainer.max_epochs=1", "trainer.progress_bar=false")
-    fit(cfg, NullTracker(cfg.logger), tmp_path, {})
+    fit(cfg, NullTracker.like(cfg.logger), tmp_path, {})
     groups = load_checkpoint(tmp_path / "checkpoints/last.pt")["optimizer"]["param_groups"]
     lrs = {group["name"]: group["lr"] for group in groups}
     decayed = sorted((name for name in lrs if not name.endswith("_no_decay")),

@@ -1,6 +1,19 @@
 """The Hydra app plumbing every config-driven command shares: where the configs live and how
 a ``@hydra.main`` function is called with a command's arguments.
 
+Configs are looked up in this order, the first file found wins (so a user's
+``conf/loss/ce.yaml`` replaces the shipped one, and ``conf/loss/mine.yaml`` adds an option):
+
+1. ``--config-dir DIR`` given to the command (repeatable);
+2. ``$TRAINLAB_CONFIG_DIR`` (one or more folders, separated like PATH);
+3. ``./conf`` in the working directory;
+4. the configs shipped with trainlab (``CONFIG_DIR``).
+
+A config folder's ``experiment`` group also reads the ``experiments/`` folder beside it (the
+layout of this repository and of `trainlab init` projects), and the folder holding a user's
+config folder is importable, so ``_target_: mypackage.losses.soft_ce`` finds the user's code.
+`trainlab train --info searchpath` prints the resulting list.
+
 Kept free of torch and mlflow so `trainlab COMMAND --help` answers at once.
 """
 
@@ -10,13 +23,156 @@ import os
 import sys
 from pathlib import Path
 
-CONFIG_DIR = os.environ.get(
-    "TRAINLAB_CONFIG_DIR", str(Path(__file__).resolve().parents[2] / "conf")
-)
+from hydra.core.config_search_path import ConfigSearchPath, SearchPathQuery
+from hydra.core.object_type import ObjectType
+from hydra.plugins.config_source import ConfigResult
+from hydra.plugins.search_path_plugin import SearchPathPlugin
+
+# FileConfigSource is Hydra's own reader of a config folder; ProjectConfigSource extends it.
+from hydra._internal.core_plugins.file_config_source import FileConfigSource  # isort: skip
+
+_HERE = Path(__file__).resolve().parent
+# An installed wheel carries the configs inside the package; a clone has them at its root.
+CONFIG_DIR = str(_HERE / "conf" if (_HERE / "conf").is_dir() else _HERE.parents[1] / "conf")
+CONFIG_DIR_ENV = "TRAINLAB_CONFIG_DIR"
+SCHEME = "trainlab"
+EXPERIMENT_GROUP = "experiment"
+
+
+def user_config_dirs() -> list[Path]:
+    """The user's config folders, highest priority first (``$TRAINLAB_CONFIG_DIR``, ./conf)."""
+    listed = [Path(p) for p in os.environ.get(CONFIG_DIR_ENV, "").split(os.pathsep) if p]
+    dirs = [*listed, Path("conf")]
+    seen, found = {Path(CONFIG_DIR).resolve()}, []
+    for folder in dirs:
+        resolved = folder.resolve()
+        if resolved.is_dir() and resolved not in seen:
+            seen.add(resolved)
+            found.append(resolved)
+    return found
+
+
+def config_groups() -> set[str]:
+    """The config group names on the search path (``model``, ``experiment``, the user's …)."""
+    folders = [Path(CONFIG_DIR), *user_config_dirs()]
+    names = {child.name for folder in folders for child in folder.iterdir() if child.is_dir()}
+    return names | {EXPERIMENT_GROUP}
+
+
+def take_config_dirs(args: list[str]) -> list[str]:
+    """Move ``--config-dir DIR`` / ``-cd DIR`` from ``args`` into ``$TRAINLAB_CONFIG_DIR``.
+
+    Hydra's own flag would search the folder after the shipped configs; here it comes first,
+    and the variable carries it to sweep and DDP worker processes.
+    """
+    rest, dirs, items = [], [], iter(args)
+    for arg in items:
+        flag, sep, value = arg.partition("=")
+        if flag in ("--config-dir", "-cd"):
+            value = value if sep else next(items, "")
+            folder = Path(value).expanduser().resolve()
+            if not folder.is_dir():
+                print(f"error: --config-dir {value!r}: no such folder", file=sys.stderr)
+                raise SystemExit(2)
+            dirs.append(str(folder))
+        else:
+            rest.append(arg)
+    if dirs:
+        previous = os.environ.get(CONFIG_DIR_ENV)
+        os.environ[CONFIG_DIR_ENV] = os.pathsep.join([*dirs, *([previous] if previous else [])])
+    return rest
+
+
+def make_user_code_importable() -> None:
+    """Put the folder holding each user config folder on the import path (and on PYTHONPATH
+    for worker processes), so their ``_target_`` modules import without setup."""
+    roots = [str(folder.parent) for folder in user_config_dirs()]
+    for root in reversed(roots):
+        if root not in sys.path:
+            sys.path.insert(0, root)
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    missing = [root for root in roots if root not in paths]
+    if missing:
+        os.environ["PYTHONPATH"] = os.pathsep.join([*missing, *filter(None, paths)])
 
 
 def run_hydra_app(app, name: str, args: list[str]) -> int:
-    """Call a ``@hydra.main`` function with ``args`` as its command line."""
+    """Call a ``@hydra.main`` function with ``args`` as its command line, on the shared
+    config search path."""
+    args = take_config_dirs(args)
+    make_user_code_importable()
     sys.argv = [f"trainlab-{name}", *args]
     app()
     return 0
+
+
+def compose(config_name: str = "train", overrides: list[str] | tuple[str, ...] = ()):
+    """The config ``trainlab train overrides…`` would run (without Hydra's own keys), on the
+    same search path, running nothing: for tools that need a config outside a Hydra app."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    make_user_code_importable()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return hydra_compose(config_name, overrides=list(overrides))
+
+
+class ProjectConfigSource(FileConfigSource):
+    """A config folder (``trainlab://DIR``) whose ``experiment`` group also holds the
+    ``*.yaml`` files of the ``experiments/`` folder beside it."""
+
+    @staticmethod
+    def scheme() -> str:
+        return SCHEME
+
+    def _experiments(self, config_path: str) -> Path | None:
+        """``experiment/x.yaml`` → ``<DIR>/../experiments/x.yaml`` (None outside the group)."""
+        group, _, rest = config_path.strip("/").partition("/")
+        if group != EXPERIMENT_GROUP:
+            return None
+        return Path(self.path).parent / "experiments" / rest
+
+    def load_config(self, config_path: str) -> ConfigResult:
+        if super().is_config(config_path):
+            return super().load_config(config_path)
+        outside = self._experiments(self._normalize_file_name(config_path))
+        source = FileConfigSource(self.provider, str(outside.parent))
+        result = source.load_config(outside.name)
+        result.path = f"{SCHEME}://{self.path}"
+        return result
+
+    def is_group(self, config_path: str) -> bool:
+        outside = self._experiments(config_path)
+        return super().is_group(config_path) or (outside is not None and outside.is_dir())
+
+    def is_config(self, config_path: str) -> bool:
+        outside = self._experiments(self._normalize_file_name(config_path))
+        return super().is_config(config_path) or (outside is not None and outside.is_file())
+
+    def list(self, config_path: str, results_filter: ObjectType | None) -> list[str]:
+        found = super().list(config_path, results_filter) if super().is_group(
+            config_path) else []
+        outside = self._experiments(config_path)
+        if outside is not None and outside.is_dir():
+            for file in os.listdir(outside):
+                self._list_add_result(files=found, file_path=f"{config_path}/{file}",
+                                      file_name=file, results_filter=results_filter)
+        elif config_path == "" and self.is_group(EXPERIMENT_GROUP):
+            if results_filter in (None, ObjectType.GROUP):
+                found.append(EXPERIMENT_GROUP)
+        return sorted(set(found))
+
+
+class ProjectSearchPath(SearchPathPlugin):
+    """Puts the user's config folders before the shipped ones in trainlab's apps (and leaves
+    every other Hydra app alone)."""
+
+    def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
+        entries = search_path.get_path()
+        main = next((e for e in entries if e.provider == "main"), None)
+        if main is None or main.path.removeprefix("file://") != CONFIG_DIR:
+            return
+        main.path = f"{SCHEME}://{CONFIG_DIR}"
+        for folder in user_config_dirs():  # each goes right before the shipped configs
+            search_path.prepend("trainlab-user", f"{SCHEME}://{folder}",
+                                anchor=SearchPathQuery(provider="main"))

@@ -17,6 +17,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
              "trainlab eval run_id=ID|ckpt=PATH [split=val]"),
     "predict": ("trainlab.inference", "predict_cli", "predict a folder of images: "
                 "trainlab predict run_id=ID input=FOLDER"),
+    "init": ("trainlab.starter", "init_cli", "a starter project (own data, model, losses, "
+             "experiment): trainlab init DIR"),
+    "reproduce": ("trainlab.reproduce", "reproduce_cli", "code, packages, config and command "
+                  "that repeat a run: trainlab reproduce RUN_ID [--run]"),
     "runs": ("trainlab.compare", "runs_cli", "compare runs: trainlab runs [--sweep ID] [--plot F]"),
     "ui": ("trainlab.ui", "ui_cli", "serve the MLflow UI and print the run table's URL"),
     "sync": ("trainlab.outbox", "sync_cli", "send what a run spooled while MLflow was down: "

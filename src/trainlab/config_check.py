@@ -116,6 +116,7 @@ class OptimizerSchema:
     lr: float = spec("a number > 0", _number(above=0))
     weight_decay: float = spec("a number >= 0", _number(at_least=0))
     head_lr: float = spec("a number > 0, or null", _number(above=0), optional=True)
+    layer_decay: float = spec("a number in (0, 1], or null", _number(above=0), optional=True)
 
 
 @dataclass
@@ -126,6 +127,16 @@ class MlflowLoggerSchema:
     log_every_n_steps: int = spec("an integer >= 1", _int(1))
     log_checkpoints: bool = spec(*BOOL)
     flush_every_s: float = spec("a number >= 0", _number(at_least=0))
+    log_system_metrics: bool = spec(*BOOL)
+    system_metrics_every_s: float = spec("a number > 0", _number(above=0))
+
+
+@dataclass
+class DebugSchema:
+    train_batches: int = spec("an integer >= 1, or null", _int(1), optional=True)
+    val_batches: int = spec("an integer >= 1, or null", _int(1), optional=True)
+    overfit_batches: int = spec("an integer >= 1, or null", _int(1), optional=True)
+    profile: bool = spec(*BOOL)
 
 
 @dataclass
@@ -143,6 +154,7 @@ SCHEMAS: dict[str, type] = {
     "optimizer": OptimizerSchema,
     "logger": MlflowLoggerSchema,
     "precision": PrecisionSchema,
+    "debug": DebugSchema,
 }
 
 # Component nodes: config path → (config group, the keys trainlab reads itself before

@@ -39,7 +39,10 @@ class Source:
 
 
 def parse_args(args: list[str], allowed: set[str]) -> tuple[dict[str, str], list[str]]:
-    """``key=value`` options (``allowed`` keys) and dotted config overrides."""
+    """``key=value`` options (``allowed`` keys), and config overrides: dotted values, or
+    group choices (``experiment=NAME``, ``model=mlp``) that compose the config afresh."""
+    from trainlab.app import config_groups
+
     options, overrides = {}, []
     for arg in args:
         key, sep, value = arg.partition("=")
@@ -47,17 +50,31 @@ def parse_args(args: list[str], allowed: set[str]) -> tuple[dict[str, str], list
             raise TrainlabError(f"argument {arg!r} is not key=value; options: {sorted(allowed)}")
         if key in allowed:
             options[key] = value
-        elif "." in key:
+        elif "." in key or key in config_groups():
             overrides.append(arg)
         else:
-            raise TrainlabError(f"unknown option {key!r}; choose from {sorted(allowed)} "
-                                "or override a config value (data.batch_size=256)")
+            raise TrainlabError(f"unknown option {key!r}; choose from {sorted(allowed)}, "
+                                "override a config value (data.batch_size=256) or choose a "
+                                "config (experiment=NAME)")
     return options, overrides
 
 
 def find_source(options: dict[str, str], overrides: list[str], workdir: Path) -> Source:
-    """The config and checkpoint of ``run_id=`` or ``ckpt=``, overrides applied."""
+    """The config and checkpoint of ``run_id=`` or ``ckpt=``, overrides applied. With a
+    group choice among the overrides the config is composed from them, as `trainlab train`
+    would (on the same search path), instead of read from the run."""
+    from trainlab.app import compose, config_groups, make_user_code_importable
+
+    make_user_code_importable()
     which = options.get("checkpoint", "best")
+    groups = config_groups()
+    if any(o.partition("=")[0] in groups for o in overrides):
+        if "ckpt" not in options and "run_id" not in options:
+            raise TrainlabError("say which model: run_id=MLFLOW_RUN_ID or ckpt=PATH")
+        cfg = compose("train", overrides)
+        if "run_id" in options:
+            return replace(_from_run(options["run_id"], which, workdir), cfg=cfg)
+        return Source(cfg, Path(options["ckpt"]).resolve())
     if "run_id" in options:
         source = _from_run(options["run_id"], which, workdir)
     elif "ckpt" in options:

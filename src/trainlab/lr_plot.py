@@ -17,9 +17,6 @@ from omegaconf import DictConfig
 from trainlab.app import CONFIG_DIR, run_hydra_app
 from trainlab.errors import TrainlabError
 
-# no output folder and no log file for a plot
-HYDRA_ARGS = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
-
 
 def plot(cfg: DictConfig, out: Path) -> Path:
     from trainlab.data.check import prepare_data
@@ -46,7 +43,7 @@ def plot(cfg: DictConfig, out: Path) -> Path:
     return plot_lr(range(len(lrs)), lrs, out, title, steps_per_epoch=steps)
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="lr_plot")
 def main(cfg: DictConfig) -> None:
     out = Path(cfg.get("out") or f"lr_{HydraConfig.get().runtime.choices.get('scheduler')}.png")
     try:
@@ -59,4 +56,4 @@ def main(cfg: DictConfig) -> None:
 
 def cli(args: list[str]) -> int:
     """`trainlab lr-plot [overrides] [+out=FILE.png]`."""
-    return run_hydra_app(main, "lr-plot", [*HYDRA_ARGS, *args])
+    return run_hydra_app(main, "lr-plot", args)

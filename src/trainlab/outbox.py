@@ -67,6 +67,14 @@ def send(client: Any, run_id: str, call: dict[str, Any]) -> None:
         elif kind == "artifacts":
             if Path(call["path"]).is_dir():
                 client.log_artifacts(run_id, call["path"], call["artifact_path"])
+        elif kind == "inputs":  # {"context": train|val, "dataset": mlflow Dataset fields}
+            from mlflow.entities import Dataset, DatasetInput, InputTag
+
+            client.log_inputs(run_id, datasets=[
+                DatasetInput(Dataset(**item["dataset"]),
+                             [InputTag("mlflow.data.context", item["context"])])
+                for item in call["inputs"]
+            ])
         elif kind == "status":
             client.set_terminated(run_id, call["status"])
         else:

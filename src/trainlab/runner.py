@@ -80,6 +80,7 @@ class Runner:
         sync_batchnorm: bool = False,
         detect_anomaly: bool = False,
         early_stopping: dict | None = None,
+        ema: float | None = None,
     ) -> None:
         if int(accumulate_grad_batches) < 1:
             raise TrainlabError(
@@ -94,6 +95,9 @@ class Runner:
             self.train_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device] if self.device.type == "cuda" else None
             )
+        self.ema = _ema(self.model, ema)
+        # what validation, checkpoints and the logged model use: the average when on
+        self.eval_model = self.ema.module if self.ema is not None else self.model
         self.loss = loss.to(self.device) if isinstance(loss, nn.Module) else loss
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -218,6 +222,8 @@ class Runner:
                 self.precision.backward(loss / self.accumulate if self.accumulate > 1 else loss)
             if boundary:
                 stepped = self._optimizer_step()
+                if stepped and self.ema is not None:
+                    self.ema.update_parameters(self.model)
                 if stepped and per_batch_scheduler is not None:
                     per_batch_scheduler.step()
             totals.update(loss, logits, targets)
@@ -241,13 +247,13 @@ class Runner:
 
     @torch.inference_mode()
     def validate(self) -> dict[str, float]:
-        self.model.eval()
+        self.eval_model.eval()
         totals = self.metrics.val(self.device)
         for inputs, targets in self.val_loader:
             inputs = inputs.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
             with self.precision.autocast():
-                logits = self.model(inputs)
+                logits = self.eval_model(inputs)
                 loss = self.loss(logits, targets)
             totals.update(loss, logits, targets)
         self.confusion = totals.confusion()
@@ -258,7 +264,10 @@ class Runner:
         random generators, and the position inside an epoch an interruption left."""
         state = load_checkpoint(path)
         try:
-            self.model.load_state_dict(state["model"])
+            self.model.load_state_dict(state.get("raw_model") or state["model"])
+            if self.ema is not None and state.get("raw_model") is not None:
+                self.ema.module.load_state_dict(state["model"])
+                self.ema.n_averaged.fill_(int(state["ema_updates"]))
             self.optimizer.load_state_dict(state["optimizer"])
             if self.scheduler is not None and state.get("scheduler") is not None:
                 self.scheduler.scheduler.load_state_dict(state["scheduler"])
@@ -285,7 +294,10 @@ class Runner:
         """Everything a resumed run needs; ``batches_done`` marks a checkpoint taken inside
         an epoch."""
         return {
-            "model": self.model.state_dict(),
+            "model": self.eval_model.state_dict(),
+            # with trainer.ema, "model" is the average and these the weights that train on
+            "raw_model": self.model.state_dict() if self.ema is not None else None,
+            "ema_updates": int(self.ema.n_averaged) if self.ema is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.scheduler.state_dict() if self.scheduler else None,
             "scaler": self.precision.state_dict(),
@@ -359,6 +371,20 @@ class Runner:
             + ("  *best" if improved else "")
         )
         tqdm.write(line)
+
+
+def _ema(model: nn.Module, decay: float | None):
+    """torch's exponential moving average of ``model``'s weights and buffers, updated after
+    every optimizer step: average = decay · average + (1 − decay) · weights."""
+    if decay is None:
+        return None
+    if not 0 < float(decay) < 1:
+        raise TrainlabError(f"trainer.ema={decay}; choose a decay in (0, 1), e.g. 0.999, "
+                            "or null for no average")
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(float(decay)),
+                         use_buffers=True)
 
 
 class EarlyStopping:

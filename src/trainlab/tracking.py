@@ -6,7 +6,6 @@ import contextlib
 import logging
 import os
 import re
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -41,9 +40,10 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 # Keys that say how a run is executed or tracked, not what it trains: config.yaml keeps them.
-NOT_COMPARED_GROUPS = {"hydra", "logger"}
-NOT_COMPARED = ("logger.", "task_name", "trainer.progress_bar", "trainer.resume",
-                "data.num_workers", "data.pin_memory", "data.persistent_workers")
+NOT_COMPARED_GROUPS = {"hydra", "logger", "paths", "debug"}
+NOT_COMPARED = ("logger.", "paths.", "debug.", "task_name", "trainer.progress_bar",
+                "trainer.resume", "trainer.callbacks", "data.check", "data.num_workers",
+                "data.pin_memory", "data.persistent_workers")
 _INTERPOLATION = re.compile(r"^\$\{[^}]*\}$")
 
 
@@ -61,7 +61,7 @@ def comparable_params(cfg, choices: Mapping[str, Any]) -> dict[str, Any]:
 
     params: dict[str, Any] = {
         group: choice for group, choice in choices.items()
-        if choice is not None and "/" not in group and group not in NOT_COMPARED_GROUPS
+        if choice is not None and not set("/@") & set(group) and group not in NOT_COMPARED_GROUPS
     }
     raw = flatten(OmegaConf.to_container(cfg, resolve=False))
     for key, value in flatten(OmegaConf.to_container(cfg, resolve=True)).items():
@@ -72,17 +72,6 @@ def comparable_params(cfg, choices: Mapping[str, Any]) -> dict[str, Any]:
             continue
         params[key] = value
     return params
-
-
-def git_commit(cwd: str | Path = ".") -> str | None:
-    """The commit checked out at ``cwd``, or None outside a git work tree."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
 
 
 @contextlib.contextmanager
@@ -117,6 +106,8 @@ class MlflowTracker:
         close_timeout_s: float = 10.0,
         model_format: str = "pickle",
         register_model: str | None = None,
+        log_system_metrics: bool = True,
+        system_metrics_every_s: float = 10.0,
     ) -> None:
         if model_format not in MODEL_FORMATS:
             raise TrainlabError(
@@ -133,6 +124,8 @@ class MlflowTracker:
         self.flush_every_s = float(flush_every_s)
         self.retry_every_s = float(retry_every_s)
         self.close_timeout_s = float(close_timeout_s)
+        self.log_system_metrics = bool(log_system_metrics)
+        self.system_metrics_every_s = float(system_metrics_every_s)
         self.run_id: str | None = None
         self._outbox: Outbox | None = None  # sends the open run's calls off the training thread
         self._pending: list = []  # metrics not yet handed to the outbox, batched by time
@@ -196,10 +189,13 @@ class MlflowTracker:
         parent = os.environ.get(PARENT_RUN_ENV)  # set by sweeps.MlflowSweep
         if parent:
             tags["mlflow.parentRunId"] = parent
+        if self.log_system_metrics:
+            mlflow.set_system_metrics_sampling_interval(self.system_metrics_every_s)
         if run_id is None:
-            run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
+            run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags,
+                                   log_system_metrics=self.log_system_metrics)
         else:
-            run = self._reopen(run_id)
+            run = self._reopen(run_id, self.log_system_metrics)
         self.run_id = run.info.run_id
         status = "FAILED"
         try:  # from here on a Ctrl-C at any point still closes the run KILLED
@@ -248,9 +244,9 @@ class MlflowTracker:
             log.warning("MLflow did not take %d calls of run %s; they are lost", left,
                         self.run_id)
 
-    def _reopen(self, run_id: str):
+    def _reopen(self, run_id: str, log_system_metrics: bool = False):
         try:
-            return mlflow.start_run(run_id=run_id)
+            return mlflow.start_run(run_id=run_id, log_system_metrics=log_system_metrics)
         except MlflowException as err:
             raise TrainlabError(
                 f"the checkpoint's MLflow run {run_id} is not in {mlflow.get_tracking_uri()}; "
@@ -326,6 +322,12 @@ class MlflowTracker:
         if Path(folder).is_dir():
             self._outbox.put({"call": "artifacts", "path": str(Path(folder).resolve()),
                               "artifact_path": artifact_path})
+
+    def log_datasets(self, splits: Any, data_cfg: Mapping[str, Any], name: str) -> None:
+        """The data splits as the run's MLflow dataset inputs (the UI's Dataset column)."""
+        from trainlab.provenance import dataset_inputs
+
+        self._outbox.put({"call": "inputs", "inputs": dataset_inputs(splits, data_cfg, name)})
 
     def log_model(self, model: Any, input_example: Any) -> None:
         """Log the model so ``mlflow.pytorch.load_model("runs:/<id>/model")`` brings it back,

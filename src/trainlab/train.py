@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 def run_name_and_tags(hydra_cfg: DictConfig) -> tuple[str, dict[str, str]]:
     """A run is named by its overrides (``loss=dice,optimizer.lr=0.01``), or ``default``."""
     from trainlab.sweeps import run_name
-    from trainlab.tracking import git_commit
 
     overrides = list(hydra_cfg.overrides.task)
     name = run_name(overrides) or hydra_cfg.job.override_dirname or "default"
@@ -37,9 +36,6 @@ def run_name_and_tags(hydra_cfg: DictConfig) -> tuple[str, dict[str, str]]:
         "trainlab.output_dir": str(Path(hydra_cfg.runtime.output_dir).resolve()),
         "trainlab.command": " ".join(["trainlab", "train", *overrides]),
     }
-    commit = git_commit(hydra_cfg.runtime.cwd)
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
     return name, tags
 
 
@@ -64,6 +60,7 @@ class Prepared:
     runner: Any
     preview: Path | None  # the augmentation preview PNG, logged once the run is open
     resumed_run_id: str | None = None  # the MLflow run of the resume checkpoint
+    profile: bool = False  # debug=profile: fit under torch.profiler
 
 
 def prepare(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbacks=(),
@@ -80,6 +77,7 @@ def prepare(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, cal
     from trainlab.data.check import prepare_data
     from trainlab.data.loaders import build_loaders
     from trainlab.data.preview import write_preview
+    from trainlab.debug import limit_loaders
     from trainlab.losses import build_loss
     from trainlab.metrics import TaskMetrics
     from trainlab.models.finetune import build_model
@@ -100,6 +98,7 @@ def prepare(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, cal
         splits, cfg.data, int(cfg.seed), device, augmentation,
         rank=distributed.rank(), world_size=distributed.world_size(),
     )
+    train_loader, val_loader = limit_loaders(train_loader, val_loader, cfg.get("debug"))
     if distributed.is_main_process() and splits.class_names:
         save_class_names(splits.class_names, output_dir / "checkpoints")
     model, model_callbacks = build_model(cfg.model, choices.get("model"))
@@ -131,7 +130,7 @@ def prepare(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, cal
     )
     try_one_batch(runner, cfg.data, choices)
     run_id = resume_into(runner, resume) if resume is not None else None
-    return Prepared(runner, preview, run_id)
+    return Prepared(runner, preview, run_id, profile=bool(cfg.get("debug", {}).get("profile")))
 
 
 def configured_callbacks(trainer: DictConfig, choices: DictConfig) -> list:
@@ -146,13 +145,15 @@ def train_prepared(prepared: Prepared, tracker, output_dir: Path):
     """Fit the prepared parts with ``tracker`` (open by now), then log checkpoints and the
     best epoch's model."""
     from trainlab import distributed
+    from trainlab.debug import profiled
 
     runner = prepared.runner
     runner.tracker = tracker
     if prepared.preview is not None:
         tracker.log_artifact(prepared.preview, "preview")
     try:
-        result = runner.fit()
+        with profiled(prepared.profile, output_dir, tracker):
+            result = runner.fit()
     finally:
         if tracker.log_checkpoints:
             tracker.log_artifacts(output_dir / "checkpoints", "checkpoints")
@@ -172,7 +173,7 @@ def log_best_model(runner, tracker, best_path: Path) -> None:
     """Log the weights of the best epoch as the run's MLflow model."""
     from trainlab.checkpoint import load_checkpoint
 
-    model = runner.model
+    model = runner.eval_model  # the average of the weights with trainer.ema
     if best_path.is_file():
         model.load_state_dict(load_checkpoint(best_path)["model"])
     example = next(iter(runner.val_loader))[0][:2].cpu()
@@ -194,6 +195,7 @@ def run(cfg: DictConfig) -> float:
     from trainlab.config_check import check_config
     from trainlab.data.check import log_to_run, prepare_data
     from trainlab.outbox import SPOOL_DIR
+    from trainlab.provenance import record as record_provenance
     from trainlab.seeding import seed_everything
     from trainlab.sweeps import finished_job, job_callbacks
     from trainlab.tracker import NullTracker
@@ -228,6 +230,9 @@ def run(cfg: DictConfig) -> float:
         tags["trainlab.resumed_from"] = str(resume.resolve())
     with tracker.run(run_name, tags, run_id=prepared.resumed_run_id,
                      spool_dir=output_dir / SPOOL_DIR):
+        record_provenance(tracker, hydra_cfg.runtime.cwd)
+        tracker.log_datasets(data.splits, OmegaConf.to_container(cfg.data, resolve=True),
+                             choices.get("data") or "data")
         tracker.log_params(comparable_params(cfg, choices))
         tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         tracker.log_artifacts(output_dir / ".hydra", ".hydra")

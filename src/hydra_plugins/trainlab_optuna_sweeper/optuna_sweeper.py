@@ -1,4 +1,5 @@
-"""A Hydra sweeper that searches with Optuna ≥ 4.
+"""A Hydra sweeper that searches with Optuna ≥ 4 (every Optuna call by keyword: Optuna 5
+removed positional arguments).
 
 It reads the YAML shape of the published hydra-optuna-sweeper (``params`` written in
 Hydra's override grammar: ``interval(...)``, ``int(interval(...))``, ``range(...)``,
@@ -40,16 +41,16 @@ def distribution(override: Override):
     value = override.value()
     log_scale = "log" in getattr(value, "tags", ())
     if isinstance(value, ChoiceSweep):
-        return d.CategoricalDistribution(list(value.list))
+        return d.CategoricalDistribution(choices=list(value.list))
     if isinstance(value, RangeSweep):
         if all(isinstance(x, int) for x in (value.start, value.stop, value.step)):
-            return d.IntDistribution(value.start, value.stop - 1, step=value.step)
+            return d.IntDistribution(low=value.start, high=value.stop - 1, step=value.step)
         last = value.start + value.step * int((value.stop - value.start) / value.step - 1e-9)
-        return d.FloatDistribution(value.start, last, step=value.step)
+        return d.FloatDistribution(low=value.start, high=last, step=value.step)
     if isinstance(value, IntervalSweep):
         if isinstance(value.start, int) and isinstance(value.end, int):
-            return d.IntDistribution(value.start, value.end, log=log_scale)
-        return d.FloatDistribution(value.start, value.end, log=log_scale)
+            return d.IntDistribution(low=value.start, high=value.end, log=log_scale)
+        return d.FloatDistribution(low=value.start, high=value.end, log=log_scale)
     raise ValueError(f"{override.input_line}: Optuna cannot search a {type(value).__name__}")
 
 
@@ -141,7 +142,8 @@ class OptunaSweeper(Sweeper):
         asked, launched, failures = 0, 0, []
         # Other processes may work on the same study: what is left is counted each time.
         while asked < budget and (room := self.n_trials - counted(study)) > 0:
-            trials = [study.ask(space) for _ in range(min(self.n_jobs, room, budget - asked))]
+            trials = [study.ask(fixed_distributions=space)
+                      for _ in range(min(self.n_jobs, room, budget - asked))]
             asked += len(trials)
             for chunk in consecutive([t for t in trials
                                       if not answered_from_earlier(study, t)]):
@@ -169,8 +171,8 @@ class OptunaSweeper(Sweeper):
                 results = self.launcher.launch(batch, initial_job_idx=trials[0].number)
         except BaseException:
             for trial in trials:
-                study.tell(trial, state=TrialState.FAIL)
-                study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+                study.tell(trial=trial, state=TrialState.FAIL)
+                study.enqueue_trial(params=trial.params, user_attrs={"retry_of": trial.number})
             raise
         finally:
             for trial in trials:
@@ -179,12 +181,12 @@ class OptunaSweeper(Sweeper):
         failures = []
         for trial, result in zip(trials, results, strict=True):
             if result.status == JobStatus.FAILED:
-                study.tell(trial, state=TrialState.FAIL)
+                study.tell(trial=trial, state=TrialState.FAIL)
                 failures.append(result)
             elif PRUNED_ATTR in running[trial.number].user_attrs:
-                study.tell(trial, state=TrialState.PRUNED)
+                study.tell(trial=trial, state=TrialState.PRUNED)
             else:
-                study.tell(trial, float(result.return_value))
+                study.tell(trial=trial, values=float(result.return_value))
         return failures
 
     def _save_best(self, study, sweep_dir: Path) -> None:
@@ -214,7 +216,7 @@ class OptunaSweeper(Sweeper):
                                DIRECTIONS[cfg.direction])
             frozen = next(t for t in study.get_trials(deepcopy=False)
                           if t.number == hydra_cfg.job.num)
-            trial = optuna.Trial(study, frozen._trial_id)
+            trial = optuna.Trial(study=study, trial_id=frozen._trial_id)
         if trial is None:
             log.warning("No Optuna trial for job %d (storage is null and the launcher runs "
                         "jobs in other processes): pruning is off", hydra_cfg.job.num)
@@ -253,9 +255,9 @@ def answered_from_earlier(study, trial) -> bool:
         if earlier.params == trial.params and earlier.number != trial.number:
             trial.set_user_attr("same_as_trial", earlier.number)
             if earlier.state == TrialState.PRUNED:
-                study.tell(trial, state=TrialState.PRUNED)
+                study.tell(trial=trial, state=TrialState.PRUNED)
             else:
-                study.tell(trial, earlier.value)
+                study.tell(trial=trial, values=earlier.value)
             log.info("Trial %d repeats trial %d (%s): not run again", trial.number,
                      earlier.number, trial.params)
             return True
@@ -345,8 +347,8 @@ class OptunaPruning:
         self.trial = trial
 
     def on_epoch_end(self, runner, epoch: int, metrics: Mapping[str, float]) -> None:
-        self.trial.report(float(metrics[runner.monitor]), step=epoch)
+        self.trial.report(value=float(metrics[runner.monitor]), step=epoch)
         if self.trial.should_prune():
-            self.trial.set_user_attr(PRUNED_ATTR, epoch + 1)
+            self.trial.set_user_attr(key=PRUNED_ATTR, value=epoch + 1)
             runner.tracker.set_tags({"pruned": f"epoch {epoch + 1}"})
             runner.should_stop = True

@@ -316,6 +316,8 @@ class GradualUnfreeze:
 
         device = next(self.model.parameters()).device
         unfreeze_batch_norm_2d(self.model).to(device)
+        if getattr(runner, "ema", None) is not None:  # the average keeps the same layers
+            unfreeze_batch_norm_2d(runner.ema.module).to(device)
         optimizer = runner.optimizer
         known = {id(p) for group in optimizer.param_groups for p in group["params"]}
         new = [p for p in self.model.parameters() if id(p) not in known]

@@ -1,0 +1,186 @@
+"""`trainlab reproduce RUN_ID`: what it takes to repeat a tracked run, here and now.
+
+Reads what every training run records (trainlab.provenance: the git commit and uncommitted
+diff, the installed packages; the overrides and the resolved ``config.yaml``) and prints:
+the code to check out, the packages that differ from this environment, the config values
+today's configs would give differently, and the command that repeats the run with those
+values pinned. ``--run`` runs that command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainlab.errors import TrainlabError
+from trainlab.provenance import (
+    COMMIT_TAG,
+    DIFF_ARTIFACT,
+    DIRTY_TAG,
+    PACKAGES_ARTIFACT,
+    git_state,
+    installed_packages,
+    parse_requirements,
+)
+
+MISSING = object()
+PLAIN = re.compile(r"^[\w./:+@-]+$")  # a string Hydra's override grammar takes unquoted
+
+
+@dataclass
+class Plan:
+    """Everything `trainlab reproduce` reports about one run."""
+
+    run_id: str
+    overrides: list[str]
+    commit: str | None = None
+    dirty: bool = False
+    diff_file: Path | None = None
+    package_changes: list[tuple[str, str | None, str | None]] = field(default_factory=list)
+    pinned: list[str] = field(default_factory=list)  # overrides restoring changed values
+
+    @property
+    def command(self) -> list[str]:
+        return ["trainlab", "train", *self.overrides, *self.pinned]
+
+
+def override_value(value: Any) -> str:
+    """``value`` in Hydra's override grammar."""
+    if isinstance(value, str):
+        return value if PLAIN.match(value) else json.dumps(value)
+    return json.dumps(value)
+
+
+def config_pins(logged: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """Overrides that turn today's composed config ``now`` into the run's ``logged`` one."""
+    pins = []
+    for key, value in logged.items():
+        current = now.get(key, MISSING)
+        if current is MISSING:
+            pins.append(f"+{key}={override_value(value)}")
+        elif current != value:
+            pins.append(f"{key}={override_value(value)}")
+    pins += [f"~{key}" for key in now if key not in logged]
+    return pins
+
+
+def package_changes(logged: dict[str, str], here: dict[str, str]):
+    """``(name, version of the run, version here)`` of every package that differs."""
+    names = sorted(set(logged) | set(here))
+    return [(n, logged.get(n), here.get(n)) for n in names if logged.get(n) != here.get(n)]
+
+
+def _download(run_id: str, path: str, into: Path) -> Path | None:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path,
+                                                        dst_path=str(into)))
+    except (MlflowException, OSError):
+        return None
+
+
+def plan_for(run_id: str, workdir: Path) -> Plan:
+    """Read the run from MLflow and compare it with this environment and today's configs."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+    from omegaconf import OmegaConf
+
+    from trainlab.app import compose
+    from trainlab.tracking import flatten
+
+    try:
+        run = MlflowClient().get_run(run_id)
+    except MlflowException as err:
+        raise TrainlabError(f"no run {run_id} in this MLflow store ({err.message})") from err
+    tags = run.data.tags
+    overrides_file = _download(run_id, ".hydra/overrides.yaml", workdir)
+    if overrides_file is not None:
+        overrides = list(OmegaConf.load(overrides_file))
+    else:
+        overrides = [o for o in tags.get("trainlab.overrides", "").split() if o != "(none)"]
+    plan = Plan(run_id=run_id, overrides=overrides, commit=tags.get(COMMIT_TAG),
+                dirty=tags.get(DIRTY_TAG) == "true")
+    if plan.dirty:
+        plan.diff_file = _download(run_id, DIFF_ARTIFACT, workdir)
+    packages = _download(run_id, PACKAGES_ARTIFACT, workdir)
+    if packages is not None:
+        plan.package_changes = package_changes(parse_requirements(packages.read_text()),
+                                               installed_packages())
+    config = _download(run_id, "config.yaml", workdir)
+    if config is not None:
+        logged = flatten(OmegaConf.to_container(OmegaConf.load(config)))
+        composed = OmegaConf.to_container(compose("train", overrides), resolve=True)
+        plan.pinned = config_pins(logged, flatten(composed))
+    return plan
+
+
+def report(plan: Plan, here_commit: str | None, here_dirty: bool) -> str:
+    lines = [f"run {plan.run_id}"]
+    if plan.commit:
+        same = "this checkout" if plan.commit == here_commit and not here_dirty else None
+        lines.append(f"code:     git checkout {plan.commit}" + (f"   (= {same})" if same else ""))
+        if plan.diff_file:
+            lines.append(f"          git apply {plan.diff_file}   (it ran with uncommitted "
+                         "changes)")
+    else:
+        lines.append("code:     not in a git repository when it ran")
+    if plan.package_changes:
+        lines.append(f"packages: {len(plan.package_changes)} differ (run → here):")
+        lines += [f"          {name} {old or '-'} → {new or '-'}"
+                  for name, old, new in plan.package_changes]
+        pins = [f"{name}=={old}" for name, old, _ in plan.package_changes if old]
+        if pins:
+            lines.append("          pip install " + " ".join(shlex.quote(p) for p in pins))
+    else:
+        lines.append("packages: the same as here")
+    if plan.pinned:
+        lines.append(f"config:   {len(plan.pinned)} values differ from today's configs, pinned "
+                     "in the command: " + " ".join(plan.pinned))
+    else:
+        lines.append("config:   today's configs give the same values")
+    lines.append("command:  " + shlex.join(plan.command))
+    return "\n".join(lines)
+
+
+def reproduce_cli(args: list[str]) -> int:
+    """`trainlab reproduce RUN_ID [--run] [--tracking-uri URI]`."""
+    parser = argparse.ArgumentParser(
+        prog="trainlab reproduce",
+        description="Print the code, packages, config and command that repeat a run.",
+    )
+    parser.add_argument("run_id", help="the MLflow run id")
+    parser.add_argument("--run", action="store_true", help="run the command now, here")
+    parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI "
+                        "or sqlite:///mlflow.db)")
+    parser.add_argument("--into", type=Path, help="keep the downloaded files (config, diff, "
+                        "packages) in this folder")
+    opts = parser.parse_args(args)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if opts.tracking_uri:
+        import mlflow
+
+        mlflow.set_tracking_uri(opts.tracking_uri)
+    workdir = opts.into or Path(tempfile.mkdtemp(prefix=f"reproduce-{opts.run_id[:8]}-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        plan = plan_for(opts.run_id, workdir)
+    except TrainlabError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    here = git_state(".")
+    print(report(plan, here.commit if here else None, bool(here and here.dirty)))
+    if not opts.run:
+        return 0
+    from trainlab.train import cli as train
+
+    return train([*plan.overrides, *plan.pinned])

@@ -1,0 +1,1 @@
+"""Files `trainlab init` copies into a new project (``project/``; ``starter`` is renamed)."""

@@ -1,0 +1,199 @@
+"""trainlab used from a user's own project: ./conf (or --config-dir, or TRAINLAB_CONFIG_DIR)
+beside the shipped configs for every command, `trainlab init`, debug presets, and runs that
+record what it takes to repeat them (`trainlab reproduce`)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import runs_of
+
+GIT = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def job_config(proc) -> dict:
+    return yaml.safe_load(proc.stdout)
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A user's project in the working directory: a loss of its own code, an override of a
+    shipped option, an experiment in conf/experiment and one in experiments/."""
+    write(tmp_path / "mycode" / "__init__.py", "")
+    write(tmp_path / "mycode" / "losses.py",
+          "import torch.nn.functional as F\n\n\n"
+          "def soft_ce(logits, targets, smoothing=0.1):\n"
+          "    return F.cross_entropy(logits, targets, label_smoothing=smoothing)\n")
+    write(tmp_path / "conf" / "loss" / "soft_ce.yaml",
+          "_target_: mycode.losses.soft_ce\n_partial_: true\nsmoothing: 0.2\n")
+    write(tmp_path / "conf" / "optimizer" / "adam.yaml",  # replaces the shipped adam
+          "_target_: torch.optim.Adam\n_partial_: true\nlr: 0.0042\n")
+    write(tmp_path / "conf" / "experiment" / "mine.yaml",
+          "# @package _global_\ndefaults:\n  - override /loss: soft_ce\n  - override /model: mlp\n"
+          "seed: 7\n")
+    write(tmp_path / "experiments" / "beside.yaml", "# @package _global_\nseed: 8\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("command", ["train", "preview", "lr-plot"])
+def test_every_command_sees_the_projects_configs_and_experiments(run_trainlab, project, command):
+    cfg = job_config(run_trainlab(command, "--cfg", "job", "experiment=mine"))
+    assert cfg["loss"]["_target_"] == "mycode.losses.soft_ce"
+    assert cfg["optimizer"]["lr"] == 0.0042  # the project's adam.yaml wins over the shipped one
+    assert cfg["seed"] == 7
+
+
+def test_experiments_beside_conf_and_shipped_presets_stay_available(run_trainlab, project):
+    assert job_config(run_trainlab("train", "--cfg", "job", "experiment=beside"))["seed"] == 8
+    shipped = job_config(run_trainlab("train", "--cfg", "job", "experiment=digits_cnn"))
+    assert shipped["logger"]["experiment_name"] == "digits_cnn"
+
+
+def test_help_lists_the_projects_options_beside_the_shipped_ones(run_trainlab, project):
+    text = run_trainlab("train", "--help").stdout
+    experiments = next(line for line in text.splitlines() if line.startswith("experiment:"))
+    assert {"mine", "beside", "digits_cnn"} <= {x.strip() for x in
+                                                experiments.split(":")[1].split(",")}
+    assert "soft_ce" in next(line for line in text.splitlines() if line.startswith("loss:"))
+
+
+@pytest.mark.parametrize("how", ["--config-dir", "TRAINLAB_CONFIG_DIR"])
+def test_a_config_folder_elsewhere_comes_before_the_shipped_and_local_ones(
+        run_trainlab, project, tmp_path, how):
+    other = write(tmp_path / "team" / "conf" / "optimizer" / "adam.yaml",
+                  "_target_: torch.optim.Adam\n_partial_: true\nlr: 0.0777\n").parents[1]
+    if how == "--config-dir":
+        proc = run_trainlab("train", "--config-dir", str(other), "--cfg", "job")
+    else:
+        proc = run_trainlab("train", "--cfg", "job", env={"TRAINLAB_CONFIG_DIR": str(other)})
+    assert job_config(proc)["optimizer"]["lr"] == 0.0777
+
+
+def test_a_missing_config_folder_is_a_one_line_error(run_trainlab):
+    proc = run_trainlab("train", "--config-dir", "nowhere", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: --config-dir 'nowhere': no such folder"
+
+
+def test_the_projects_own_loss_trains_from_its_folder(run_trainlab, project, mlflow_client):
+    """No PYTHONPATH, no --config-dir: ./conf and the code beside it are found."""
+    run_trainlab("train", "experiment=mine", "debug=fast", "trainer.progress_bar=false")
+    (run,) = runs_of(mlflow_client, "debug")
+    assert run.info.status == "FINISHED"
+    assert run.data.params["loss._target_"] == "mycode.losses.soft_ce"
+
+
+# ------------------------------------------------------------------------- debug
+def test_debug_fast_runs_two_batches_and_logs_no_model(run_trainlab, mlflow_client):
+    run_trainlab("train", "debug=fast", "model=mlp", "trainer.progress_bar=false")
+    (run,) = runs_of(mlflow_client, "debug")
+    assert run.data.metrics["epoch"] == 0
+    steps = [m.step for m in mlflow_client.get_metric_history(run.info.run_id, "val/acc")]
+    assert steps == [2]  # one epoch of two training batches
+    assert not [a for a in mlflow_client.list_artifacts(run.info.run_id) if a.path == "model"]
+
+
+def test_debug_profile_logs_a_trace_and_the_slowest_ops(run_trainlab, mlflow_client):
+    run_trainlab("train", "debug=profile", "model=mlp", "trainer.progress_bar=false")
+    (run,) = runs_of(mlflow_client, "debug")
+    logged = {Path(a.path).name for a in mlflow_client.list_artifacts(run.info.run_id, "profile")}
+    assert logged == {"trace.json", "ops.txt"}
+    ops = Path(mlflow_client.download_artifacts(run.info.run_id, "profile/ops.txt")).read_text()
+    assert "aten::" in ops and "Self CPU" in ops
+
+
+@pytest.mark.slow
+def test_debug_overfit_drives_the_loss_to_about_zero(run_trainlab, mlflow_client):
+    run_trainlab("train", "debug=overfit", "model=mlp", "trainer.progress_bar=false")
+    (run,) = runs_of(mlflow_client, "debug")
+    assert run.data.metrics["val/loss"] < 0.05
+    assert run.data.metrics["val/acc"] == 1.0
+
+
+# -------------------------------------------------------------------- provenance
+def git_project(folder: Path) -> None:
+    write(folder / ".gitignore", "outputs/\nmlflow.db*\nmlruns/\n__pycache__/\n")
+    subprocess.run(["git", "init", "-q"], cwd=folder, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=folder, check=True)
+    subprocess.run([*GIT, "commit", "-q", "-m", "start"], cwd=folder, check=True)
+
+
+def assert_reproducible(client, run, dirty: bool) -> None:
+    """What `trainlab reproduce` needs is in the run, read back from the store."""
+    from importlib.metadata import version
+
+    import torch
+
+    tags = run.data.tags
+    assert tags["trainlab.env.torch"] == torch.__version__
+    assert {"trainlab.env.python", "trainlab.env.cuda", "trainlab.env.cudnn",
+            "trainlab.env.cpu", "trainlab.env.gpu"} <= set(tags)
+    assert len(tags["mlflow.source.git.commit"]) == 40
+    assert tags["trainlab.git.dirty"] == str(dirty).lower()
+    packages = Path(client.download_artifacts(run.info.run_id, "environment/requirements.txt"))
+    assert f"torch=={version('torch')}" in packages.read_text().splitlines()
+    git_files = [a.path for a in client.list_artifacts(run.info.run_id, "git")]
+    assert git_files == (["git/uncommitted.diff"] if dirty else [])
+    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"train", "val"}
+    assert inputs["train"].name == "digits" and inputs["train"].digest != inputs["val"].digest
+    assert '"num_rows": 1438' in inputs["train"].profile
+    assert any(name.startswith("system/cpu_utilization") for name in run.data.metrics)
+
+
+def test_runs_record_environment_git_state_data_and_system_metrics(
+        run_trainlab, mlflow_client, project):
+    git_project(project)
+    args = ["experiment=mine", "debug=fast", "trainer.progress_bar=false",
+            "logger.system_metrics_every_s=0.5"]
+    run_trainlab("train", *args)
+    write(project / "mycode" / "losses.py", "# changed after the commit\n"
+          + (project / "mycode" / "losses.py").read_text())
+    run_trainlab("train", *args)
+    clean, dirty = runs_of(mlflow_client, "debug")
+    assert_reproducible(mlflow_client, clean, dirty=False)
+    assert_reproducible(mlflow_client, dirty, dirty=True)
+    diff = Path(mlflow_client.download_artifacts(dirty.info.run_id, "git/uncommitted.diff"))
+    assert "+# changed after the commit" in diff.read_text()
+
+    # months later: the experiment's config changed; reproduce pins the old value and says
+    # which code to check out, then repeats the run
+    write(project / "conf" / "experiment" / "mine.yaml",
+          (project / "conf" / "experiment" / "mine.yaml").read_text().replace("seed: 7", "seed: 9"))
+    report = run_trainlab("reproduce", dirty.info.run_id).stdout
+    assert f"git checkout {dirty.data.tags['mlflow.source.git.commit']}" in report
+    assert "git apply" in report and "uncommitted.diff" in report
+    assert "seed=7" in report.splitlines()[-1]  # the command line
+    run_trainlab("reproduce", dirty.info.run_id, "--run")
+    repeated = runs_of(mlflow_client, "debug")[-1]
+    assert repeated.data.params["seed"] == "7"
+    assert repeated.data.params == dirty.data.params
+
+
+def test_reproduce_names_an_unknown_run(run_trainlab):
+    proc = run_trainlab("reproduce", "0123456789abcdef", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines()[-1].startswith("error: no run 0123456789abcdef in ")
+
+
+# -------------------------------------------------------------------------- init
+def test_init_names_the_package_after_the_folder_and_refuses_to_overwrite(run_trainlab, tmp_path):
+    run_trainlab("init", "My-Cats")
+    project = tmp_path / "My-Cats"
+    assert (project / "my_cats" / "losses.py").is_file()
+    assert "mlflow.db*" in (project / ".gitignore").read_text().splitlines()
+    experiment = (project / "conf" / "experiment" / "stripes.yaml").read_text()
+    assert "starter" not in experiment
+    assert (project / "conf" / "model" / "tiny_cnn.yaml").read_text().count("my_cats.models") == 1
+    again = run_trainlab("init", "My-Cats", check=False)
+    assert again.returncode == 1 and "--force" in again.stderr
