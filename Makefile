@@ -3,12 +3,16 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+# The package maps conf/ and experiments/ into trainlab/; setuptools' default editable mode
+# then imports through a finder that hides src/hydra_plugins from Hydra's plugin scan.
+# compat mode puts src/ on the path instead (the configs are read from the clone).
+EDITABLE := --config-settings editable_mode=compat -e
 
 .PHONY: install run test test-fast bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check $(EDITABLE) '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

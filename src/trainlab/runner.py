@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 # trainer keys the launcher and ``train.run`` read (and the YAML callbacks they build)
-NOT_LOOP_KEYS = ("accelerator", "devices", "deterministic", "resume", "callbacks")
+NOT_LOOP_KEYS = ("accelerator", "devices", "deterministic", "resume", "resume_as", "callbacks")
 
 
 def loop_settings(trainer: DictConfig) -> DictConfig:

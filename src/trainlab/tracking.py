@@ -129,6 +129,7 @@ class MlflowTracker:
         self.run_id: str | None = None
         self._outbox: Outbox | None = None  # sends the open run's calls off the training thread
         self._pending: list = []  # metrics not yet handed to the outbox, batched by time
+        self._logged_upto: dict[str, int] = {}  # a reopened run's last logged step per metric
         self._flushed_at = time.monotonic()
 
     # --------------------------------------------------------------- lifecycle
@@ -192,6 +193,7 @@ class MlflowTracker:
         if self.log_system_metrics:
             mlflow.set_system_metrics_sampling_interval(self.system_metrics_every_s)
         if run_id is None:
+            self._logged_upto = {}
             run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags,
                                    log_system_metrics=self.log_system_metrics)
         else:
@@ -245,8 +247,16 @@ class MlflowTracker:
                         self.run_id)
 
     def _reopen(self, run_id: str, log_system_metrics: bool = False):
+        """Reopen ``run_id``, noting each metric's last logged step: a resumed fit re-trains
+        the steps after its checkpoint, and what the run already has is not sent again."""
         try:
-            return mlflow.start_run(run_id=run_id, log_system_metrics=log_system_metrics)
+            run = mlflow.start_run(run_id=run_id, log_system_metrics=log_system_metrics)
+            self._logged_upto = {
+                key: max((m.step for m in MlflowClient().get_metric_history(run_id, key)),
+                         default=-1)
+                for key in run.data.metrics
+            }
+            return run
         except MlflowException as err:
             raise TrainlabError(
                 f"the checkpoint's MLflow run {run_id} is not in {mlflow.get_tracking_uri()}; "
@@ -297,6 +307,7 @@ class MlflowTracker:
             (key, float(value), stamp, step)
             for step, values in rows
             for key, value in values.items()
+            if step > self._logged_upto.get(key, -1)  # a resumed run re-trains those steps
         ]
         if time.monotonic() - self._flushed_at >= self.flush_every_s:
             self.flush()
@@ -334,8 +345,8 @@ class MlflowTracker:
         registered as ``register_model`` when that is set.
 
         ``pickle`` (the default) gives back the module itself (``.eval()``, ``.train()``,
-        fine-tunable) and saves in well under a second; trainlab's own code travels with it
-        so it loads where trainlab is not installed. ``pt2`` is torch.export's graph.
+        fine-tunable) and saves fast; trainlab's own code travels with it (``code_paths``).
+        ``pt2`` is torch.export's graph, for inference only.
         Requirements are given explicitly: inferring them costs several seconds per run.
         """
         if not self.log_model_enabled:

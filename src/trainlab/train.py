@@ -196,6 +196,7 @@ def run(cfg: DictConfig) -> float:
     from trainlab.data.check import log_to_run, prepare_data
     from trainlab.outbox import SPOOL_DIR
     from trainlab.provenance import record as record_provenance
+    from trainlab.resume import plan_resume, unsent_metrics
     from trainlab.seeding import seed_everything
     from trainlab.sweeps import finished_job, job_callbacks
     from trainlab.tracker import NullTracker
@@ -216,8 +217,16 @@ def run(cfg: DictConfig) -> float:
     if launch.external:
         device = distributed.init_process_group(launch, int(os.environ["RANK"]))
         output_dir = Path(distributed.from_rank0(str(output_dir)))  # the others made none
-    resume = resolve_resume(cfg.trainer.get("resume"), output_dir)
     tracker = build(cfg.logger, "logger", choices.get("logger"))
+    hydra_dir = Path(hydra_cfg.runtime.output_dir) / ".hydra"
+    plan = None
+    if distributed.is_main_process():  # refusals leave the old run as it was
+        plan = plan_resume(cfg.trainer, output_dir, tracker)
+        resume = plan.checkpoint if plan else None
+        if plan:
+            output_dir = plan.output_dir  # best.pt and the checkpoints go on where they were
+    else:
+        resume = resolve_resume(cfg.trainer.get("resume"), output_dir)
     if launch.spawns:  # the workers build their own parts; these only check them
         device = distributed.select_device("cpu")
     prepared = prepare(cfg, tracker, output_dir, choices, job_callbacks(hydra_cfg),
@@ -226,17 +235,19 @@ def run(cfg: DictConfig) -> float:
         train_prepared(prepared, NullTracker.like(cfg.logger), output_dir)
         return float("nan")
     run_name, tags = run_name_and_tags(hydra_cfg)
-    if resume:
-        tags["trainlab.resumed_from"] = str(resume.resolve())
-    with tracker.run(run_name, tags, run_id=prepared.resumed_run_id,
-                     spool_dir=output_dir / SPOOL_DIR):
+    run_id = plan.run_id if plan else None
+    if plan:
+        tags.update(plan.tags)
+    with tracker.run(run_name, tags, run_id=run_id, spool_dir=output_dir / SPOOL_DIR):
         record_provenance(tracker, hydra_cfg.runtime.cwd)
         tracker.log_datasets(data.splits, OmegaConf.to_container(cfg.data, resolve=True),
                              choices.get("data") or "data")
         tracker.log_params(comparable_params(cfg, choices))
         tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-        tracker.log_artifacts(output_dir / ".hydra", ".hydra")
+        tracker.log_artifacts(hydra_dir, ".hydra")
         log_to_run(data.report, tracker)
+        if run_id:
+            tracker.log_metric_series(unsent_metrics(resume))
         if launch.spawns:
             # workers have no HydraConfig: hand them the config with every value resolved
             resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))

@@ -81,7 +81,7 @@ def trainlab_against_bare(rounds: int = 3) -> tuple[float, float]:
     from trainlab.metrics import TaskMetrics
     from trainlab.precision import Precision
     from trainlab.runner import Runner
-    from trainlab.tracking import NullTracker
+    from trainlab.tracker import NullTracker
 
     x, y = _batch()
     loader = InMemoryLoader((x.repeat(STEPS // 2, 1, 1, 1), y.repeat(STEPS // 2)), BATCH,

@@ -49,6 +49,7 @@ from trainlab.components import build  # noqa: E402
 from trainlab.data.datasets import DataSplits  # noqa: E402
 from trainlab.data.loaders import build_loaders  # noqa: E402
 from trainlab.metrics import TaskMetrics  # noqa: E402
+from trainlab.runner import loop_settings  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu import gpu_figures  # noqa: E402
@@ -128,7 +129,7 @@ class TrainlabLoop:
 
     def __call__(self, work: Workload, cfg) -> float:
         model, optimizer, loss_fn = work.fresh(cfg)
-        runner = build(cfg.trainer, "trainer")(
+        runner = build(loop_settings(cfg.trainer), "trainer")(
             model=model, loss=loss_fn, optimizer=optimizer, train_loader=self.loaders[0],
             val_loader=self.loaders[1], tracker=self.tracker, checkpoint_dir=self.folder,
             metrics=TaskMetrics(cfg.data.task, cfg.data.num_classes), device=DEVICE,

@@ -1,0 +1,105 @@
+"""`trainer.resume`: which checkpoint, which MLflow run and which output dir a resumed run
+continues, all decided and checked before the old run is touched."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainlab.checkpoint import load_checkpoint, resolve_resume
+from trainlab.errors import TrainlabError
+
+RESUME_AS = ("same_run", "new_run")
+
+
+@dataclass
+class ResumePlan:
+    checkpoint: Path
+    run_id: str | None  # the run to continue; None: a new run (``resume_as=new_run``)
+    output_dir: Path  # where the fit writes checkpoints: the original run's folder
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def plan_resume(trainer: Any, output_dir: Path, tracker: Any) -> ResumePlan | None:
+    """Check ``trainer.resume`` against ``trainer.max_epochs`` and the run's logged history.
+
+    A checkpoint behind what its run has logged (an older one, re-run by a requeue script)
+    would log different values at steps the run already has: refused, naming the newer
+    checkpoint, unless ``trainer.resume_as=new_run`` branches off into a new run.
+    """
+    resume_as = trainer.get("resume_as") or "same_run"
+    if resume_as not in RESUME_AS:
+        raise TrainlabError(f"trainer.resume_as={resume_as!r}; choose one of {RESUME_AS}")
+    path = resolve_resume(trainer.get("resume"), output_dir)
+    if path is None:
+        return None
+    state = load_checkpoint(path)
+    mid_epoch = state.get("batches_done") is not None
+    done = int(state["epoch"]) + (0 if mid_epoch else 1)
+    max_epochs = int(trainer.max_epochs)
+    if max_epochs <= done:
+        raise TrainlabError(
+            f"trainer.resume={path} has {done} epoch(s) done; trainer.max_epochs={max_epochs} "
+            f"leaves nothing to train: set trainer.max_epochs above {done}"
+        )
+    tags = {"trainlab.resumed_from": str(path.resolve())}
+    origin = state.get("mlflow_run_id")
+    if resume_as == "new_run" or origin is None:
+        if origin:
+            tags["trainlab.origin_run_id"] = origin
+        _carry_best(path, Path(output_dir) / "checkpoints")
+        return ResumePlan(path, None, Path(output_dir), tags)
+    logged, run_dir = _run_record(tracker, origin)
+    if path.parent.name == "checkpoints":
+        run_dir = path.resolve().parent.parent
+    run_dir = run_dir or Path(output_dir)
+    step = int(state["global_step"])
+    if logged is not None and step < logged:
+        raise TrainlabError(
+            f"trainer.resume={path} is at step {step}, but its MLflow run {origin} has logged "
+            f"up to step {logged}; resume from the newer {run_dir / 'checkpoints' / 'last.pt'}"
+            ", or add trainer.resume_as=new_run to branch off into a new run"
+        )
+    tags["trainlab.output_dir"] = str(run_dir)
+    return ResumePlan(path, origin, run_dir, tags)
+
+
+def unsent_metrics(checkpoint: Path) -> list[tuple[int, dict[str, float]]]:
+    """The metrics of the epoch an epoch-end checkpoint closed, as ``(step, metrics)`` rows:
+    re-sent on resume, as a hard kill may have lost them on the way to MLflow (what the run
+    already has is dropped by the tracker, not repeated)."""
+    state = load_checkpoint(checkpoint)
+    rows = []
+    if state.get("batches_done") is None and state.get("metrics"):
+        rows.append((int(state["global_step"]),
+                     {**state["metrics"], "epoch": int(state["epoch"])}))
+    return rows
+
+
+def _run_record(tracker: Any, run_id: str) -> tuple[int | None, Path | None]:
+    """The step of the last epoch the run logged (None before its first) and its output dir."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    tracker.connect()
+    client = MlflowClient()
+    try:
+        history = client.get_metric_history(run_id, "epoch")
+        folder = client.get_run(run_id).data.tags.get("trainlab.output_dir")
+    except MlflowException as err:
+        raise TrainlabError(
+            f"the checkpoint's MLflow run {run_id} is not in {client.tracking_uri}; resume "
+            "against the store the run was tracked in (logger.tracking_uri), or add "
+            "trainer.resume_as=new_run"
+        ) from err
+    return max((m.step for m in history), default=None), Path(folder) if folder else None
+
+
+def _carry_best(checkpoint: Path, folder: Path) -> None:
+    """A branched run starts with its origin's best.pt, so its logged model is the true best."""
+    best = checkpoint.parent / "best.pt"
+    if best.is_file() and not (folder / "best.pt").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(best, folder / "best.pt")
