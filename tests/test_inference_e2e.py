@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import runs_of
+from test_data import write_idx
 from test_finetune_e2e import train_in_process
 
 TINY_UNET = ["model=unet", "model.base_channels=4", "model.depth=1", "data.image_size=[16,16]",
@@ -100,3 +102,69 @@ def test_predict_streams_names_classes_skips_bad_files_and_flips(
     bad = run_trainlab("predict", f"run_id={run_id}", f"input={images}", "tta=maybe",
                        check=False)
     assert bad.returncode == 1 and bad.stderr.strip() == "error: tta='maybe'; choose true or false"
+
+
+def mnist_with_test_files(root):
+    """MNIST's raw IDX files (train and t10k) in torchvision's layout."""
+    rng = np.random.default_rng(0)
+    raw = root / "MNIST" / "raw"
+    write_idx(raw, "train", rng.integers(0, 256, (40, 28, 28)), np.arange(40) % 10)
+    write_idx(raw, "t10k", rng.integers(0, 256, (20, 28, 28)), np.arange(20) % 10)
+    return ["data=mnist", f"data.root={root}", "data.batch_size=16"]
+
+
+def folder_with_test_root(root):
+    write_shapes_folder(root / "train", per_class=8)
+    write_shapes_folder(root / "test", per_class=3)
+    return ["data=image_folder", f"data.dataset.root={root / 'train'}",
+            f"data.dataset.test_root={root / 'test'}", *SMALL_IMAGES]
+
+
+def csv_with_test_csv(root):
+    write_shapes_folder(root / "img", per_class=8)
+    files = sorted(root.glob("img/*/*.png"))
+    for name, chosen in (("labels.csv", files[::2]), ("test.csv", files[1::2])):
+        rows = [f"{f.relative_to(root / 'img')},{f.parent.name}" for f in chosen]
+        (root / name).write_text("\n".join(["file,label", *rows]))
+    return ["data=csv_images", f"data.dataset.root={root / 'img'}",
+            f"data.dataset.csv={root / 'labels.csv'}", f"data.dataset.test_csv={root / 'test.csv'}",
+            *SMALL_IMAGES]
+
+
+SMALL_IMAGES = ["data.image_size=[8,8]", "data.num_workers=0", "data.persistent_workers=false",
+                "data.pin_memory=false"]
+TEST_SPLITS = {"mnist": mnist_with_test_files, "image_folder": folder_with_test_root,
+               "csv_images": csv_with_test_csv}
+
+
+@pytest.mark.parametrize("source", TEST_SPLITS)
+def test_eval_split_test_logs_test_metrics_on_a_linked_run(trainlab_in_process, mlflow_client,
+                                                           tmp_path, source):
+    data = TEST_SPLITS[source](tmp_path / "data")
+    trainlab_in_process("train", "model=mlp", "trainer.max_epochs=1", "trainer.progress_bar=false",
+                        "logger.log_model=false", "trainer.top_k=2", *data)
+    (trained,) = runs_of(mlflow_client)
+    run_id = trained.info.run_id
+    out = trainlab_in_process("eval", f"run_id={run_id}", "split=test").stdout
+    assert "test/acc = " in out
+    evaluated = next(r for r in runs_of(mlflow_client) if r.info.run_id != run_id)
+    assert evaluated.data.tags["trainlab.source_run_id"] == run_id
+    assert mlflow_client.get_run(run_id).data.tags["trainlab.eval_run_id"] == \
+        evaluated.info.run_id
+    metrics = evaluated.data.metrics
+    assert {"test/loss", "test/acc", "test/f1_macro"} <= set(metrics)
+    assert not any(name.startswith("val/") for name in metrics)
+    assert ("test/acc_top2" in metrics) == (source == "mnist")  # k < classes: 10, not 2
+    if source == "mnist":  # torchvision's test files are also its validation split
+        assert metrics["test/acc"] == pytest.approx(trained.data.metrics["val/acc"])
+
+
+def test_eval_of_a_split_the_data_lacks_names_the_splits_it_has(trainlab_in_process,
+                                                               mlflow_client):
+    trainlab_in_process("train", "model=mlp", "trainer.max_epochs=1", "trainer.progress_bar=false",
+                        "logger.log_model=false")
+    (trained,) = runs_of(mlflow_client)
+    proc = trainlab_in_process("eval", f"run_id={trained.info.run_id}", "split=test", check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "split='test'; this data has train, val" in proc.stderr, proc.stderr
+    assert len(runs_of(mlflow_client)) == 1  # no eval run left behind

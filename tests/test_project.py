@@ -90,7 +90,9 @@ def test_the_projects_own_loss_trains_from_its_folder(run_trainlab, project, mlf
     run_trainlab("train", "experiment=mine", "debug=fast", "trainer.progress_bar=false")
     (run,) = runs_of(mlflow_client, "debug")
     assert run.info.status == "FINISHED"
-    assert run.data.params["loss._target_"] == "mycode.losses.soft_ce"
+    assert run.data.params["loss"] == "soft_ce"
+    logged = mlflow_client.download_artifacts(run.info.run_id, "config.yaml", str(project))
+    assert yaml.safe_load(Path(logged).read_text())["loss"]["_target_"] == "mycode.losses.soft_ce"
 
 
 # ------------------------------------------------------------------------- debug

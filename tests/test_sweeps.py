@@ -27,37 +27,62 @@ def split_sweep(runs):
 
 def test_grid_sweep_nests_jobs_and_summarises_failures_and_seeds(run_trainlab, mlflow_client,
                                                                  tmp_path):
-    proc = run_trainlab("train", "-m", "optimizer=sgd", "optimizer.lr=0.05,1e10", "seed=1,2",
-                        *FAST, check=False)
+    note = "x" * 300  # a long override: job dirs must stay within filesystem limits
+    grid = ["train", "-m", "hydra.sweep.dir=grid", "optimizer=sgd",
+            "optimizer.lr=0.0512345678,1e10", "seed=1,2", f"+data.note={note}", *FAST]
+    proc = run_trainlab(*grid, check=False)
     assert proc.returncode == 1, "a failed job fails the sweep, after all jobs ran"
     runs = runs_of(mlflow_client)
     parent, children = split_sweep(runs)
     assert len(runs) == 5 and len(children) == 4
-
-    assert parent.data.tags["trainlab.command"].startswith("trainlab train -m optimizer=sgd")
-    assert "optimizer.lr=0.05,1e10" in parent.data.tags["trainlab.command"]
+    assert parent.info.run_name == "optimizer.lr × seed, 4 jobs"
+    assert parent.data.tags["trainlab.command"] == (
+        "trainlab train -m hydra.sweep.dir=grid optimizer=sgd optimizer.lr=0.0512345678,1e10 "
+        f"seed=1,2 +data.note={note} " + " ".join(FAST))
     sweep_dir = Path(parent.data.tags["trainlab.sweep_dir"])
     assert (sweep_dir / "multirun.yaml").is_file()
-    assert len([d for d in sweep_dir.iterdir() if d.is_dir()]) == 4, "one output dir per job"
+    job_dirs = [d.name for d in sweep_dir.iterdir() if d.is_dir()]
+    assert len(job_dirs) == 4 and all(len(d) <= 120 for d in job_dirs), job_dirs
+    assert any(d.startswith("0_") and "optimizer.lr=0.05123," in d for d in job_dirs)
 
-    # Children are named by their swept overrides only.
+    # Children are named by their swept overrides only, floats shortened.
     assert sorted(r.info.run_name for r in children) == [
-        "optimizer.lr=0.05,seed=1", "optimizer.lr=0.05,seed=2",
-        "optimizer.lr=10000000000.0,seed=1", "optimizer.lr=10000000000.0,seed=2",
+        "optimizer.lr=0.05123,seed=1", "optimizer.lr=0.05123,seed=2",
+        "optimizer.lr=1e+10,seed=1", "optimizer.lr=1e+10,seed=2",
     ]
+    # Params for comparing: group choices and values a user sets, no structural keys.
+    params = children[0].data.params
+    assert {"optimizer": "sgd", "model": "mlp", "loss": "ce", "data": "digits"}.items() \
+        <= params.items()
+    assert params["optimizer.lr"] in ("0.0512345678", "10000000000.0")
+    assert 25 <= len(params) <= 50, sorted(params)
+    assert not [k for k in params if "_target_" in k or k.startswith("logger.")
+                or k in ("task_name", "trainer.progress_bar", "model.num_classes")]
     failed = [r for r in children if r.info.status == "FAILED"]
     assert len(failed) == 2
     assert all("loss became nan" in r.data.tags["trainlab.error"] for r in failed)
-    assert all(r.info.status == "FINISHED" for r in children if r not in failed)
+    finished = [r for r in children if r not in failed]
+    assert all(r.info.status == "FINISHED" for r in finished)
 
     out = proc.stdout
     assert "Sweep summary (4 jobs" in out
-    assert "overrides of every job: optimizer=sgd model=mlp" in out
+    assert "overrides of every job: hydra.sweep.dir=grid" not in out
+    assert "overrides of every job: optimizer=sgd +data.note=" in out
     table = out[out.index("Sweep summary"):].splitlines()
-    assert table[3].startswith("optimizer.lr=0.05,seed="), "best job first"
-    assert "optimizer.lr=0.05 " in out and "mean of 2 seeds" in out and "±" in out
+    assert table[4].split()[1].startswith("optimizer.lr=0.05123,seed="), "best job first"
+    assert max(map(len, table[1:9])) <= 80, "fits the terminal"
+    assert "optimizer.lr=0.05123 " in out and "mean of 2 seeds" in out and "±" in out
     assert "FAILED TrainlabError: loss became nan" in out
 
+    # The parent can be sorted and compared like a run.
+    parent = mlflow_client.get_run(parent.info.run_id)
+    bests = {r.info.run_id: max(m.value for m in mlflow_client.get_metric_history(
+        r.info.run_id, "val/acc")) for r in finished}
+    assert parent.data.metrics["best/val/acc"] == pytest.approx(max(bests.values()))
+    assert parent.data.tags["trainlab.best_run"] == max(bests, key=bests.get)
+    seeds = "seeds/optimizer.lr:0.05123/val/acc"
+    assert parent.data.metrics[f"{seeds}_mean"] == pytest.approx(sum(bests.values()) / 2)
+    assert parent.data.metrics[f"{seeds}_std"] > 0
     artifacts = {a.path for a in mlflow_client.list_artifacts(parent.info.run_id)}
     assert {"summary.csv", "summary.md"} <= artifacts
     local = mlflow_client.download_artifacts(parent.info.run_id, "summary.csv", str(tmp_path))
@@ -65,13 +90,24 @@ def test_grid_sweep_nests_jobs_and_summarises_failures_and_seeds(run_trainlab, m
     assert [r["status"] for r in rows] == ["FINISHED", "FINISHED", "FAILED", "FAILED",
                                            "mean of 2 seeds"]
     assert "±" in rows[-1]["note"]
+    summary = mlflow_client.download_artifacts(parent.info.run_id, "summary.md", str(tmp_path))
+    text = Path(summary).read_text()
+    assert text.count(note) == 1, "shared overrides are stated once, above the table"
+    assert "0.0512345678" not in text and "| optimizer.lr=0.05123 seed=1 |" in text
     assert parent.info.status == "FAILED"
+
+    # The same command again: finished jobs are skipped, failed ones rerun, same parent.
+    proc = run_trainlab(*grid, check=False)
+    assert (proc.stdout + proc.stderr).count("finished in an earlier attempt") == 2
+    runs = runs_of(mlflow_client)
+    again, children = split_sweep(runs)
+    assert again.info.run_id == parent.info.run_id and len(runs) == 7
+    assert sorted(r.info.status for r in children) == ["FAILED"] * 4 + ["FINISHED"] * 2
 
 
 OPTUNA = [
-    "-m", "hydra/sweeper=optuna", "optimizer.lr=choice(0.01,0.00001)", "hydra.sweep.dir=search",
-    "hydra.sweeper.sampler._target_=optuna.samplers.RandomSampler",
-    "~hydra.sweeper.sampler.n_startup_trials", "hydra.sweeper.sampler.seed=0",
+    "-m", "hydra/sweeper=optuna", "hydra/sweeper/sampler=random", "hydra.sweep.dir=search",
+    "optimizer.lr=choice(0.00001,0.02,0.01)",  # seed 42 draws 0.02, then 1e-05
     # a trial below 50 % accuracy after its first epoch is pruned
     "hydra.sweeper.pruner._target_=optuna.pruners.ThresholdPruner",
     "~hydra.sweeper.pruner.n_startup_trials", "hydra.sweeper.pruner.n_warmup_steps=0",
@@ -79,33 +115,59 @@ OPTUNA = [
 ]
 
 
-def test_optuna_search_prunes_logs_best_and_resumes(run_trainlab, mlflow_client, tmp_path):
+def test_optuna_search_prunes_resumes_and_never_repeats_a_trial(mlflow_client, tmp_path,
+                                                                run_trainlab, tracking_uri):
     import optuna
 
-    proc = run_trainlab("train", *OPTUNA, "hydra.sweeper.n_trials=2")
-    parent, children = split_sweep(runs_of(mlflow_client))
-    assert len(children) == 2
+    # Interrupted (Ctrl-C) during its second trial ...
+    proc = subprocess.Popen(
+        [str(TRAINLAB), "train", *OPTUNA, "hydra.sweeper.n_trials=2"],
+        cwd=tmp_path, text=True,
+        env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if sum("trainlab.tracking" in x and "MLflow run" in x for x in seen) == 2:
+            proc.send_signal(signal.SIGINT)
+            break
+    out = "".join(seen) + proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, out[-3000:]
+
+    # ... then rerun until the study holds 4 trials.
+    proc = run_trainlab("train", *OPTUNA, "hydra.sweeper.n_trials=4")
+    assert "1 trials done, 3 to go" in proc.stdout + proc.stderr
+    study = optuna.load_study(study_name="train", storage=f"sqlite:///{tmp_path}/search/optuna.db")
+    (interrupted,) = [t for t in study.trials if t.state.name == "FAIL"]
+    (retry,) = [t for t in study.trials if t.user_attrs.get("retry_of") == interrupted.number]
+    assert retry.params == interrupted.params and retry.state.name in ("COMPLETE", "PRUNED")
+    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials) == 4
+
+    runs = runs_of(mlflow_client)
+    parent, children = split_sweep(runs)
+    assert len([r for r in runs if r.data.tags.get("trainlab.role") == "sweep"]) == 1, \
+        "one parent per study across reruns"
+    assert parent.info.run_name == "optimizer.lr, 4 trials"
+    trained = [r.info.run_name for r in children if r.info.status != "KILLED"]
+    assert len(trained) == len(set(trained)), "no completed point is trained twice"
+    ran = [t for t in study.trials if t.state.name != "FAIL" and "same_as_trial" not in
+           t.user_attrs]
+    assert len(trained) == len(ran)
+
     pruned = [r for r in children if "pruned" in r.data.tags]
-    (kept,) = [r for r in children if "pruned" not in r.data.tags]
     assert [r.info.run_name for r in pruned] == ["optimizer.lr=1e-05"]
     assert pruned[0].data.tags["pruned"] == "epoch 1"
     assert len(mlflow_client.get_metric_history(pruned[0].info.run_id, "val/acc")) == 1
-    assert kept.info.run_name == "optimizer.lr=0.01"
-    assert len(mlflow_client.get_metric_history(kept.info.run_id, "val/acc")) == 2
-    assert "pruned at epoch 1" in proc.stdout
+    summary = proc.stdout[proc.stdout.index("Sweep summary"):].splitlines()
+    assert "PRUNED" in summary[-1] or "pruned at epoch 1" in proc.stdout
 
-    parent = mlflow_client.get_run(parent.info.run_id)
-    assert parent.data.params["best.optimizer.lr"] == "0.01"
-    kept_history = mlflow_client.get_metric_history(kept.info.run_id, "val/acc")
-    assert parent.data.metrics["best/val/acc"] == pytest.approx(max(m.value for m in kept_history))
-
-    # Rerunning the command continues the study in the sweep dir's storage: one more trial.
-    proc = run_trainlab("train", *OPTUNA, "hydra.sweeper.n_trials=3")
-    assert "2 trials done, 1 to go" in proc.stdout + proc.stderr
-    study = optuna.load_study(study_name="train", storage=f"sqlite:///{tmp_path}/search/optuna.db")
-    states = sorted(t.state.name for t in study.trials)
-    assert len(states) == 3 and states.count("PRUNED") >= 1 and "COMPLETE" in states
-    assert len(list((tmp_path / "search").glob("[0-9]_*"))) == 3, "trial i runs in dir i_..."
+    best = study.best_trial
+    assert parent.data.tags["best.optimizer.lr"] == str(best.params["optimizer.lr"])
+    assert parent.data.metrics["best/val/acc"] == pytest.approx(best.value)
+    plots = {a.path for a in mlflow_client.list_artifacts(parent.info.run_id, "plots")}
+    assert {"plots/optuna_history.png", "plots/optuna_parallel_coordinate.png"} <= plots
+    assert len(list((tmp_path / "search").glob("[0-9]_*"))) == len(trained) + 1
 
 
 @pytest.mark.slow
@@ -168,68 +230,104 @@ def test_optuna_search_space_follows_the_hydra_grammar():
     assert fixed == ["trainer.max_epochs=3"]
 
 
-def test_runs_command_compares_runs_and_plots_curves(tracking_uri, mlflow_client, tmp_path,
-                                                     capsys):
+def test_runs_command_compares_diffs_filters_and_plots(tracking_uri, mlflow_client, tmp_path,
+                                                       capsys, monkeypatch):
+    from PIL import Image
+
     from trainlab.compare import runs_cli
 
+    monkeypatch.setenv("COLUMNS", "80")
     experiment = mlflow_client.create_experiment("cmp")
     parent = mlflow_client.create_run(experiment, run_name="sweep",
                                       tags={"trainlab.role": "sweep"}).info.run_id
     curves = {"lr=0.1,seed=1": [0.5, 0.9, 0.8], "lr=0.1,seed=2": [0.6, 0.7, 0.7],
               "lr=1,seed=1": [0.2, 0.3, 0.4]}
+    ids = {}
     for name, values in curves.items():
-        overrides = name.replace(",", " ")
+        overrides = name.replace(",", " ") + " model=mlp trainer.max_epochs=3 " + "x=y " * 20
         run = mlflow_client.create_run(experiment, run_name=name, tags={
             "mlflow.parentRunId": parent, "trainlab.overrides": overrides}).info.run_id
-        for step, value in enumerate(values):
-            mlflow_client.log_metric(run, "val/acc", value, step=step)
+        ids[name] = run
+        mlflow_client.log_param(run, "lr", name.split(",")[0][3:])
+        mlflow_client.log_param(run, "model", "mlp")
+        for epoch, value in enumerate(values):
+            mlflow_client.log_metric(run, "val/acc", value, step=10 * (epoch + 1))
+            mlflow_client.log_metric(run, "epoch", epoch, step=10 * (epoch + 1))
         mlflow_client.set_terminated(run, "FINISHED")
+    mlflow_client.log_text(ids["lr=1,seed=1"], "optimizer:\n  lr: 1\n  momentum: 0.9\n",
+                           "config.yaml")
+    mlflow_client.log_text(ids["lr=0.1,seed=1"], "optimizer:\n  lr: 0.1\n  momentum: 0.9\n",
+                           "config.yaml")
     mlflow_client.create_run(experiment, run_name="outside the sweep")
+    cli = ["--tracking-uri", tracking_uri, "--experiment", "cmp"]
 
     png = tmp_path / "curves.png"
-    assert runs_cli(["--tracking-uri", tracking_uri, "--experiment", "cmp", "--sweep", parent,
-                     "--plot", str(png)]) == 0
+    assert runs_cli([*cli, "--sweep", parent[:6], "--plot", str(png)]) == 0
     out = capsys.readouterr().out
-    lines = out.splitlines()[1:]
-    assert lines[0].split()[:3] == ["run", "status", "overrides"]
-    assert [line.split()[0] for line in lines[2:5]] == ["lr=0.1,seed=1", "lr=0.1,seed=2",
-                                                        "lr=1,seed=1"]
+    lines = out.splitlines()[2:]
+    assert lines[0].split() == ["id", "run", "status", "best", "last", "duration"], \
+        "too narrow for the overrides column: the run names show them"
+    assert max(map(len, lines[:6])) <= 80, "the table fits the terminal"
+    assert [line.split()[:2] for line in lines[2:5]] == [
+        [ids["lr=0.1,seed=1"][:8], "lr=0.1,seed=1"], [ids["lr=0.1,seed=2"][:8], "lr=0.1,seed=2"],
+        [ids["lr=1,seed=1"][:8], "lr=1,seed=1"]]
     assert "0.9000" in lines[2] and "0.8000" in lines[2], "best and last value"
     assert "lr=0.1" in lines[5] and "0.8000 ± 0.1414" in lines[5]
     assert "outside the sweep" not in out
-    assert png.stat().st_size > 10_000
+    with Image.open(png) as image:
+        assert image.width > 1000
 
+    assert runs_cli([*cli, "--filter", "params.lr = '0.1'"]) == 0
+    out = capsys.readouterr().out
+    assert "lr=0.1,seed=2" in out and "lr=1,seed=1" not in out
+
+    assert runs_cli([*cli, "--diff", ids["lr=0.1,seed=1"][:7], ids["lr=1,seed=1"][:7]]) == 0
+    out = capsys.readouterr().out
+    assert "lr  0.1  →  1" in out and "optimizer.lr  0.1  →  1" in out
+    assert "model" not in out and "momentum" not in out, "only what differs"
+
+    assert runs_cli([*cli, "--metric", "val/accuracy"]) == 1
+    assert "no run has this metric; they have epoch, val/acc" in capsys.readouterr().err
+    assert runs_cli([*cli, "--filter", "params.lr = = 1"]) == 1
+    assert "--filter" in capsys.readouterr().err
+    assert runs_cli([*cli, "--sweep", "zzzz"]) == 1
+    assert "no run of this experiment has an id starting with 'zzzz'" in capsys.readouterr().err
     assert runs_cli(["--tracking-uri", tracking_uri, "--experiment", "nope"]) == 1
     assert "no MLflow experiment 'nope'" in capsys.readouterr().err
 
 
-def test_ui_serves_the_store_and_prints_the_run_table_url(tmp_path, tracking_uri,
-                                                          mlflow_client):
+@pytest.mark.slow
+def test_ui_answers_before_it_prints_refuses_a_busy_port_and_stops_all_it_started(
+        tmp_path, tracking_uri, mlflow_client):
+    import psutil
+
     experiment = mlflow_client.create_experiment("trainlab")
     port = free_port()
-    proc = subprocess.Popen(
-        [str(TRAINLAB), "ui", "--port", str(port)], cwd=tmp_path, text=True,
-        env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri},
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    proc = subprocess.Popen([str(TRAINLAB), "ui", "--port", str(port)], cwd=tmp_path, text=True,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
         line = proc.stdout.readline()
-        url = f"http://127.0.0.1:{port}/#/experiments/{experiment}/runs"
-        assert line.strip().endswith(url)
+        url = f"http://127.0.0.1:{port}/#/experiments/{experiment}/runs?workflowType=machine_learning"
+        assert line.strip().endswith(url), line
+        with urllib.request.urlopen(url, timeout=10) as page:  # answers at once
+            assert page.status == 200
         api = (f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/experiments/get"
                f"?experiment_id={experiment}")
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(url, timeout=5) as page:
-                    assert page.status == 200
-                with urllib.request.urlopen(api, timeout=5) as answer:
-                    assert b'"name": "trainlab"' in answer.read().replace(b'":"', b'": "')
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the MLflow UI never answered"
-                time.sleep(0.5)
+        with urllib.request.urlopen(api, timeout=10) as answer:
+            assert b'"name": "trainlab"' in answer.read().replace(b'":"', b'": "')
+
+        busy = subprocess.run([str(TRAINLAB), "ui", "--port", str(port)], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=60)
+        assert busy.returncode == 1 and busy.stdout == ""
+        assert f"--port {port}: 127.0.0.1:{port} is in use" in busy.stderr
+
+        started = psutil.Process(proc.pid).children(recursive=True)
+        assert started, "the server runs in child processes"
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=30)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
     assert proc.returncode == 0
+    time.sleep(0.5)
+    left = [p.pid for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert left == [], "every process the UI started is stopped"

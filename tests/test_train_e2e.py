@@ -27,7 +27,7 @@ def test_default_run_learns_digits_and_logs_everything(run_trainlab, mlflow_clie
     assert run.info.status == "FINISHED"
     assert run.info.run_name == "default"
     assert run.data.params["optimizer.lr"] == "0.001"
-    assert run.data.params["model._target_"] == "trainlab.models.cnn.CourseCNN"
+    assert run.data.params["model"] == "cnn"
     assert run.data.tags["mlflow.source.git.commit"]
     assert run.data.tags["trainlab.output_dir"].startswith(str(tmp_path))
     assert run.data.metrics["val/acc"] >= 0.95

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import QUICK, runs_of
+from conftest import FAST, QUICK, runs_of
 from trainlab.errors import TrainlabError
 
 
@@ -25,6 +25,28 @@ def test_run_logs_lr_changes_task_metrics_and_plots(trainlab_in_process, mlflow_
     assert len(set(first_epoch)) > 2  # onecycle changes the lr at every batch
     artifacts = {a.path for a in mlflow_client.list_artifacts(run.info.run_id, "plots")}
     assert artifacts == {"plots/lr_curve.png", "plots/confusion_matrix.png"}
+
+
+def test_top_k_names_the_metric_and_can_be_monitored(trainlab_in_process, mlflow_client):
+    trainlab_in_process("train", *FAST, "trainer.max_epochs=1", "trainer.top_k=3",
+                        "trainer.monitor=val/acc_top3")
+    (run,) = runs_of(mlflow_client)
+    metrics = run.data.metrics
+    assert "val/acc_top5" not in metrics
+    assert metrics["val/acc"] <= metrics["val/acc_top3"] <= 1
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["trainer.top_k=1"], "trainer.top_k=1: must be an integer >= 2, or null"),
+    (["trainer.top_k=10", "trainer.monitor=val/acc_top10"],  # digits has 10 classes
+     "trainer.monitor='val/acc_top10' is never computed"),
+])
+def test_top_k_that_says_nothing_is_refused_in_one_line(trainlab_in_process, mlflow_client,
+                                                        overrides, message):
+    proc = trainlab_in_process("train", *FAST, *overrides, check=False)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert mlflow_client.get_experiment_by_name("trainlab") is None  # checked before MLflow
 
 
 def test_lr_plot_writes_the_curve_of_any_scheduler(trainlab_in_process, tmp_path):

@@ -12,6 +12,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import REPO, runs_of
 
@@ -93,10 +94,11 @@ def test_the_wheel_carries_configs_and_trains_a_new_project_from_anywhere(tmp_pa
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     (run,) = runs_of(client, "catalog")
     assert run.info.status == "FINISHED"
-    params = run.data.params
-    assert params["model._target_"] == "catalog.models.TinyCNN"
-    assert params["loss._target_"] == "catalog.losses.FocalCE"
-    assert params["data.dataset._target_"] == "catalog.data.load_stripes"
+    logged = client.download_artifacts(run.info.run_id, "config.yaml", str(project))
+    config = yaml.safe_load(Path(logged).read_text())  # structural keys are not params
+    assert config["model"]["_target_"] == "catalog.models.TinyCNN"
+    assert config["loss"]["_target_"] == "catalog.losses.FocalCE"
+    assert config["data"]["dataset"]["_target_"] == "catalog.data.load_stripes"
     tags = run.data.tags
     assert tags["trainlab.git.dirty"] == "false" and len(tags["mlflow.source.git.commit"]) == 40
     assert tags["trainlab.env.trainlab"] == "0.1.0" and tags["trainlab.env.gpu"] == "none"

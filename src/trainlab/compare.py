@@ -1,4 +1,4 @@
-"""`trainlab runs` and `trainlab ui`: compare tracked runs from the MLflow store.
+"""`trainlab runs`: compare tracked runs from the MLflow store.
 
 The same table backs a sweep's summary (sweeps.py): one row per run with its status,
 overrides, the metric's best and last values and its duration, plus a mean ± std row per
@@ -13,6 +13,7 @@ import dataclasses
 import io
 import math
 import re
+import shutil
 import statistics
 import sys
 from collections.abc import Sequence
@@ -20,9 +21,23 @@ from dataclasses import dataclass
 
 from trainlab.errors import TrainlabError
 
-COLUMNS = ("run", "status", "overrides", "best", "last", "duration")
+COLUMNS = ("id", "run", "status", "overrides", "best", "last", "duration")
+ID_CHARS = 8  # run ids are shown (and accepted) as prefixes this long
 SWEEP_ROLE_TAG = "trainlab.role"  # "sweep" on a sweep's parent run
 SEED_OVERRIDE = re.compile(r"^\+*seed=\S*$")
+_FLOAT = re.compile(r"(?<![\w.])[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?(?![\w.])")
+
+
+def short_numbers(text: str, digits: int = 4) -> str:
+    """Floats cut to ``digits`` significant digits: ``lr=0.000847362913`` → ``lr=0.0008474``."""
+
+    def shorten(match: re.Match) -> str:
+        number = match.group(0)
+        if re.fullmatch(r"[-+]?\d+", number):
+            return number  # integers (seeds, epochs) stay exact
+        return f"{float(number):.{digits}g}"
+
+    return _FLOAT.sub(shorten, text)
 
 
 @dataclass
@@ -36,15 +51,18 @@ class Row:
     last: float | None
     duration: float | None
     note: str = ""
+    run_id: str = ""
+    std: float | None = None  # a seed group's standard deviation of ``best``
 
     def cells(self) -> list[str]:
         best = "" if self.best is None else f"{self.best:.4f}"
         if self.status.startswith("mean"):  # a seed group: best is "mean ± std"
             best = self.note
         return [
+            self.run_id[:ID_CHARS],
             self.run,
             self.status,
-            self.overrides,
+            short_numbers(self.overrides),
             best,
             "" if self.last is None else f"{self.last:.4f}",
             "" if self.duration is None else f"{self.duration:.1f}s",
@@ -65,22 +83,25 @@ def rows_for(client, runs: Sequence, metric: str, mode: str) -> list[Row]:
         finite = [v for v in history if math.isfinite(v)]
         end = run.info.end_time or None
         tags = run.data.tags
-        note = tags.get("trainlab.error", "")
-        if "pruned" in tags:
-            note = f"pruned at {tags['pruned']}"
+        note, status = tags.get("trainlab.error", ""), run.info.status
+        if "pruned" in tags:  # MLflow has no such status; the Optuna trial has
+            note, status = f"pruned at {tags['pruned']}", "PRUNED"
         rows.append(
             Row(
                 run=run.info.run_name or run.info.run_id,
-                status=run.info.status,
+                status=status,
                 overrides=tags.get("trainlab.overrides", ""),
                 best=pick(finite) if finite else None,
                 last=history[-1] if history else None,
                 duration=(end - run.info.start_time) / 1000 if end else None,
                 note=note,
+                run_id=run.info.run_id,
             )
         )
     sign = 1 if mode == "min" else -1
-    return sorted(rows, key=lambda r: (r.best is None, sign * (r.best or 0.0)))
+    # Pruned runs stopped early: their values are not comparable with complete ones.
+    return sorted(rows, key=lambda r: (r.best is None, r.status == "PRUNED",
+                                       sign * (r.best or 0.0)))
 
 
 def seed_groups(rows: Sequence[Row], mode: str) -> list[Row]:
@@ -88,7 +109,8 @@ def seed_groups(rows: Sequence[Row], mode: str) -> list[Row]:
     groups: dict[str, list[Row]] = {}
     for row in rows:
         words = row.overrides.split()
-        if row.best is None or not any(SEED_OVERRIDE.match(w) for w in words):
+        if (row.best is None or row.status != "FINISHED"
+                or not any(SEED_OVERRIDE.match(w) for w in words)):
             continue
         config = " ".join(w for w in words if not SEED_OVERRIDE.match(w))
         groups.setdefault(config, []).append(row)
@@ -102,7 +124,7 @@ def seed_groups(rows: Sequence[Row], mode: str) -> list[Row]:
         summary.append(
             Row(run=name or "(defaults)", status=f"mean of {len(members)} seeds",
                 overrides=config, best=mean, last=None, duration=None,
-                note=f"{mean:.4f} ± {std:.4f}")
+                note=f"{mean:.4f} ± {std:.4f}", std=std)
         )
     sign = 1 if mode == "min" else -1
     return sorted(summary, key=lambda r: sign * r.best)
@@ -121,54 +143,133 @@ def without_common_overrides(rows: Sequence[Row]) -> tuple[str, list[Row]]:
     ]
 
 
-def format_table(rows: Sequence[Row], metric: str) -> str:
-    """A plain-text table for the terminal, with failed/pruned notes under it."""
-    header = [*COLUMNS[:3], f"best {metric}", f"last {metric}", COLUMNS[5]]
+def header(metric: str) -> list[str]:
+    return [*COLUMNS[:4], f"best {metric}", f"last {metric}", COLUMNS[6]]
+
+
+def clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
+
+
+def format_table(rows: Sequence[Row], metric: str, width: int | None = None) -> str:
+    """A plain-text table for the terminal, with failed/pruned notes under it.
+
+    Wider than ``width`` characters, the overrides column is cut, then left out (a sweep's
+    run names are its overrides already), then duration and last value, and only then are
+    run names cut.
+    """
+    head = [*COLUMNS[:4], "best", "last", COLUMNS[6]]
     body = [r.cells() for r in rows]
-    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
-             for line in [header, *body]]
+    widths = [max(len(line[i]) for line in [head, *body]) for i in range(len(head))]
+    width = width or 10**6
+
+    def excess() -> int:
+        return sum(widths) + 2 * (len(widths) - 1) - width
+
+    def drop(name: str) -> None:
+        column = head.index(name)
+        for line in [*body, widths, head]:
+            del line[column]
+
+    if excess() > 0:
+        widths[3] -= excess()
+        if widths[3] < len(head[3]):
+            drop("overrides")
+    for name in ("duration", "last"):
+        if excess() > 0:
+            drop(name)
+    if excess() > 0:
+        widths[1] = max(12, widths[1] - excess())
+    lines = ["  ".join(clip(cell, w).ljust(w) for cell, w in zip(line, widths, strict=True))
+             .rstrip() for line in [head, *body]]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    notes = [f"  {r.run}: {r.status} {r.note}" for r in rows
+    notes = [clip(f"  {r.run}: {r.status} {r.note}", width) for r in rows
              if r.note and not r.status.startswith("mean")]
-    return "\n".join(lines + (["", "not finished or stopped early:", *notes] if notes else []))
+    title = f"{metric}: best and last value of each run"
+    return "\n".join([title, *lines]
+                     + (["", "not finished or stopped early:", *notes] if notes else []))
 
 
-def format_markdown(rows: Sequence[Row], metric: str) -> str:
-    header = [*COLUMNS[:3], f"best {metric}", f"last {metric}", COLUMNS[5], "note"]
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+def format_markdown(rows: Sequence[Row], metric: str, shared: str = "") -> str:
+    """A compact table: the overrides every row shares stated once above it, short floats."""
+    head = [*header(metric), "note"]
+    lines = [f"Overrides of every job: `{shared}`\n" if shared else "",
+             "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
-        cells = [*r.cells(), "" if r.status.startswith("mean") else r.note]
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    return "\n".join(lines) + "\n"
+        cells = [*r.cells(), "" if r.status.startswith("mean") else r.note[:120]]
+        lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ")
+                                       for c in cells) + " |")
+    return "\n".join(line for line in lines if line) + "\n"
+
+
+def metric_key(text: str) -> str:
+    """``optimizer.lr=0.05,loss=ce`` as part of a metric name: ``optimizer.lr:0.05,loss:ce``
+    with every character MLflow refuses in names made ``_``."""
+    return re.sub(r"[^\w.\- :/]", "_", text.replace("=", ":").replace(",", " ")).strip("/")
 
 
 def format_csv(rows: Sequence[Row], metric: str) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow([*COLUMNS[:3], f"best {metric}", f"last {metric}", "duration_s", "note"])
+    writer.writerow(["run_id", *COLUMNS[1:4], f"best {metric}", f"last {metric}", "duration_s",
+                     "note"])
     for r in rows:
-        writer.writerow([r.run, r.status, r.overrides, r.best, r.last, r.duration, r.note])
+        writer.writerow([r.run_id, r.run, r.status, r.overrides, r.best, r.last, r.duration,
+                         r.note])
     return out.getvalue()
 
 
+def epochs_of(client, run_id: str, steps: Sequence[int]) -> list[float]:
+    """Steps as epochs: the run logs ``epoch`` at each epoch's last step; steps in between
+    are placed proportionally."""
+    import numpy as np
+
+    ends = sorted((m.step, m.value + 1) for m in client.get_metric_history(run_id, "epoch"))
+    if not ends:
+        return list(map(float, steps))
+    return list(np.interp(steps, [0, *(s for s, _ in ends)], [0, *(e for _, e in ends)]))
+
+
 def plot_curves(client, runs: Sequence, metric: str, path: str) -> None:
-    """Draw ``metric`` against its step for every run on one figure."""
+    """``metric`` against epochs for every run; runs that differ only by their seed are
+    drawn as their mean with a band from lowest to highest, the legend beside the axes."""
+    import numpy as np
+
     from trainlab.plots import pyplot, save_figure
 
     plt = pyplot()
-
-    fig, ax = plt.subplots(figsize=(8, 5))
+    groups: dict[str, list] = {}
     for run in runs:
-        history = sorted(client.get_metric_history(run.info.run_id, metric),
-                         key=lambda m: m.step)
-        if history:
-            ax.plot([m.step for m in history], [m.value for m in history], marker=".",
-                    label=run.info.run_name or run.info.run_id[:8])
-    ax.set_xlabel("step")
+        words = run.data.tags.get("trainlab.overrides", run.info.run_id).split()
+        groups.setdefault(" ".join(w for w in words if not SEED_OVERRIDE.match(w)),
+                          []).append(run)
+    fig, ax = plt.subplots(figsize=(10, 5))
+    for members in groups.values():
+        curves = []
+        for run in members:
+            history = sorted(client.get_metric_history(run.info.run_id, metric),
+                             key=lambda m: m.step)
+            if history:
+                epochs = epochs_of(client, run.info.run_id, [m.step for m in history])
+                curves.append((epochs, [m.value for m in history]))
+        if not curves:
+            continue
+        name = members[0].info.run_name or members[0].info.run_id[:ID_CHARS]
+        if len(curves) == 1:
+            ax.plot(*curves[0], marker=".", label=name)
+            continue
+        length = min(len(values) for _, values in curves)
+        values = np.array([v[:length] for _, v in curves])
+        x = curves[0][0][:length]
+        label = ",".join(p for p in name.split(",") if not SEED_OVERRIDE.match(p))
+        line, = ax.plot(x, values.mean(0), marker=".",
+                        label=f"{label or '(defaults)'} (mean of {len(curves)} seeds)")
+        ax.fill_between(x, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("epoch")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     save_figure(fig, path, dpi=120)
 
 
@@ -190,33 +291,110 @@ def _experiment(client, name: str):
     return experiment
 
 
-def select_runs(client, experiment_id: str, sweep: str | None) -> list:
-    """The runs of one sweep (children of its parent run), or every non-parent run."""
+def find_run(client, experiment_id: str, prefix: str):
+    """The run whose id starts with ``prefix`` (a short id from the table is enough)."""
+    found = [r for r in client.search_runs([experiment_id], max_results=50000)
+             if r.info.run_id.startswith(prefix)]
+    if len(found) != 1:
+        which = "no run" if not found else f"{len(found)} runs"
+        raise TrainlabError(f"{which} of this experiment has an id starting with {prefix!r}"
+                            + ("; give more characters" if found else ""))
+    return found[0]
+
+
+def select_runs(client, experiment_id: str, sweep: str | None, where: str = "") -> list:
+    """The runs of one sweep (children of its parent run, given by an id prefix), or every
+    run but sweep parents; ``where`` is an MLflow search filter on top."""
+    from mlflow.exceptions import MlflowException
+
+    query = where
     if sweep:
-        found = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{sweep}'")
-        if not found:
-            raise TrainlabError(f"--sweep {sweep}: no runs have this parent run id")
-        return found
-    return [r for r in client.search_runs([experiment_id])
-            if r.data.tags.get(SWEEP_ROLE_TAG) != "sweep"]
+        parent = find_run(client, experiment_id, sweep).info.run_id
+        query = " and ".join(q for q in (f"tags.mlflow.parentRunId = '{parent}'", where) if q)
+    try:
+        found = client.search_runs([experiment_id], query, max_results=50000)
+    except MlflowException as err:
+        raise TrainlabError(f"--filter {where!r}: {err.message.splitlines()[0]}") from None
+    if sweep and not found:
+        raise TrainlabError(f"--sweep {sweep}: no runs have this parent run"
+                            + (" and match --filter" if where else ""))
+    return [r for r in found if r.data.tags.get(SWEEP_ROLE_TAG) != "sweep"]
+
+
+def check_metric(runs: Sequence, metric: str) -> None:
+    """A metric no run has is a typo: name the ones they have."""
+    names = sorted({name for r in runs for name in r.data.metrics})
+    if runs and metric not in names:
+        raise TrainlabError(f"--metric {metric}: no run has this metric; they have "
+                            f"{', '.join(names) or 'no metrics'}")
+
+
+def config_of(client, run) -> dict[str, str]:
+    """A run's params and every key of its logged ``config.yaml``, flattened to strings."""
+    import tempfile
+
+    import yaml
+
+    flat = dict(run.data.params)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(run.info.run_id, "config.yaml", tmp)
+        except Exception:  # an older run or one stopped before its config was logged
+            return flat
+        with open(path) as f:
+            config = yaml.safe_load(f) or {}
+
+    def walk(node, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict) and value:
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat.setdefault(f"{prefix}{key}", str(value))
+
+    walk(config, "")
+    return flat
+
+
+def format_diff(client, run_a, run_b) -> str:
+    """The params and config keys whose values differ between two runs."""
+    a, b = config_of(client, run_a), config_of(client, run_b)
+    keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    names = [run_a.info.run_name or run_a.info.run_id, run_b.info.run_name or run_b.info.run_id]
+    if not keys:
+        return f"{names[0]} and {names[1]}: same params and config"
+    width = max(map(len, keys))
+    head = [f"{'key':<{width}}  {run_a.info.run_id[:ID_CHARS]} {names[0]}",
+            f"{'':<{width}}  {run_b.info.run_id[:ID_CHARS]} {names[1]}", ""]
+    lines = [f"{k:<{width}}  {a.get(k, '(absent)')}  →  {b.get(k, '(absent)')}" for k in keys]
+    return "\n".join(head + lines)
 
 
 def runs_cli(args: list[str]) -> int:
     """`trainlab runs`: print a comparison table of tracked runs."""
     parser = argparse.ArgumentParser(prog="trainlab runs", description=runs_cli.__doc__)
     parser.add_argument("--experiment", default="trainlab", help="MLflow experiment name")
-    parser.add_argument("--sweep", help="parent run id of a sweep: only its jobs")
+    parser.add_argument("--sweep", metavar="ID", help="a sweep's parent run (an id prefix "
+                        "is enough): only its jobs")
+    parser.add_argument("--filter", default="", metavar="QUERY", help="MLflow search filter, "
+                        "e.g. \"params.optimizer = 'sgd'\" or \"metrics.`val/acc` > 0.9\"")
     parser.add_argument("--metric", default="val/acc", help="metric to compare (val/acc)")
     parser.add_argument("--mode", choices=("min", "max"),
                         help="better is min or max (default: min for losses, else max)")
     parser.add_argument("--plot", metavar="PNG", help="draw the metric's curves to this file")
+    parser.add_argument("--diff", nargs=2, metavar=("RUN_A", "RUN_B"),
+                        help="the params and config that differ between two runs")
     parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI "
                         "or sqlite:///mlflow.db)")
     opts = parser.parse_args(args)
     try:
         client = _client(opts.tracking_uri)
         experiment = _experiment(client, opts.experiment)
-        runs = select_runs(client, experiment.experiment_id, opts.sweep)
+        if opts.diff:
+            runs = [find_run(client, experiment.experiment_id, p) for p in opts.diff]
+            print(format_diff(client, *runs))
+            return 0
+        runs = select_runs(client, experiment.experiment_id, opts.sweep, opts.filter)
+        check_metric(runs, opts.metric)
     except TrainlabError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -226,39 +404,8 @@ def runs_cli(args: list[str]) -> int:
     if opts.sweep:
         shared, rows = without_common_overrides(rows)
         print(f"overrides of every job: {shared or '(none)'}")
-    print(format_table(rows, opts.metric))
+    print(format_table(rows, opts.metric, shutil.get_terminal_size().columns))
     if opts.plot:
         plot_curves(client, runs, opts.metric, opts.plot)
         print(f"curves of {opts.metric}: {opts.plot}")
     return 0
-
-
-def ui_cli(args: list[str]) -> int:
-    """`trainlab ui`: serve the MLflow UI on the configured store until Ctrl-C."""
-    import subprocess
-
-    parser = argparse.ArgumentParser(prog="trainlab ui", description=ui_cli.__doc__)
-    parser.add_argument("--experiment", default="trainlab", help="experiment to open")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=5000)
-    parser.add_argument("--workers", type=int, default=1,
-                        help="server processes (one is plenty for a personal UI)")
-    parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI "
-                        "or sqlite:///mlflow.db)")
-    opts = parser.parse_args(args)
-    import mlflow
-
-    client = _client(opts.tracking_uri)
-    uri = mlflow.get_tracking_uri()
-    experiment = client.get_experiment_by_name(opts.experiment)
-    page = f"#/experiments/{experiment.experiment_id}/runs" if experiment else ""
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri",
-                               uri, "--host", opts.host, "--port", str(opts.port),
-                               "--workers", str(opts.workers)])
-    print(f"MLflow UI on {uri}: http://{opts.host}:{opts.port}/{page}", flush=True)
-    try:
-        return server.wait()
-    except KeyboardInterrupt:
-        server.terminate()
-        server.wait(timeout=30)
-        return 0

@@ -151,16 +151,18 @@ def evaluate(options: dict[str, str], overrides: list[str]) -> dict[str, float]:
         model = load_model(cfg, source.checkpoint)
         device = select_device(cfg.trainer.accelerator)
         splits = build(cfg.data.dataset, "data")
-        dataset = getattr(splits, split, None)
-        if dataset is None:
-            raise TrainlabError(f"split={split!r}; this data has train and val")
+        if split not in splits.available():
+            raise TrainlabError(f"split={split!r}; this data has {', '.join(splits.available())}"
+                                " (image_folder: data.dataset.test_root, csv_images: "
+                                "data.dataset.test_csv add a test split)")
+        dataset = getattr(splits, split)
         # The validation loader's settings (no shuffle, no dropped batch) for any split.
         loader = build_loaders(replace(splits, val=dataset), cfg.data, int(cfg.seed), device)[1]
         runner = build(loop_settings(cfg.trainer), "trainer")(
             model=model, loss=build_loss(cfg.loss, None, cfg.data), optimizer=None,
             train_loader=None, val_loader=loader, tracker=None,
             checkpoint_dir=Path(tmp) / "checkpoints", precision=build(cfg.precision, "precision"),
-            metrics=TaskMetrics(cfg.data.task, cfg.data.num_classes, cfg.data.get("ignore_index")),
+            metrics=TaskMetrics.from_config(cfg),
             device=device,
         )
         metrics = {f"{split}/{key.split('/', 1)[1]}": value

@@ -2,8 +2,8 @@
 
 Training updates are device ops only (no host sync), read once per logging interval.
 Validation uses torchmetrics, which is exact over batches of unequal size and sums over
-DDP ranks. Classification: ``acc``, ``acc_top5``, ``f1_macro``; every task keeps a
-confusion matrix, drawn and tabulated per class for the best epoch.
+DDP ranks. Classification: ``acc``, ``acc_top{k}`` (``trainer.top_k``), ``f1_macro``;
+every task keeps a confusion matrix, drawn and tabulated per class for the best epoch.
 Segmentation (1 output channel: binary with sigmoid; C channels: softmax): ``dice``,
 ``iou`` (mean over classes) and pixel ``acc``, ``ignore_index`` pixels left out.
 """
@@ -35,12 +35,25 @@ class TaskMetrics:
     def __init__(
         self, task: str = "classification", num_classes: int | None = None,
         ignore_index: int | None = None, class_names: list[str] | None = None,
+        top_k: int | None = 5,
     ) -> None:
         if task not in TASKS:
             raise TrainlabError(f"data.task={task!r}; choose one of {TASKS}")
         self.task, self.num_classes, self.ignore_index = task, num_classes, ignore_index
+        self.top_k = top_k
         self.class_names = list(class_names or [])  # for the confusion matrix and table
         self._val: dict[str, ValMetrics] = {}  # by device, reused epoch after epoch
+
+    @classmethod
+    def from_config(cls, cfg, class_names: list[str] | None = None) -> TaskMetrics:
+        """The metrics a run's config asks for (``data.task``, ``trainer.top_k``...)."""
+        return cls(cfg.data.task, cfg.data.num_classes, cfg.data.get("ignore_index"),
+                   class_names, cfg.trainer.get("top_k", 5))
+
+    def top_k_name(self, num_classes: int | None) -> str | None:
+        """``acc_top{k}`` when top-k accuracy says more than accuracy: 1 < k < classes."""
+        k = self.top_k
+        return f"acc_top{k}" if k and 1 < k < (num_classes or 0) else None
 
     @property
     def main(self) -> str:
@@ -52,8 +65,8 @@ class TaskMetrics:
         if self.task == "segmentation":
             val = ["loss", "dice", "iou", "acc"]
         else:
-            top5 = ["acc_top5"] if (self.num_classes or 0) > 5 else []
-            val = ["loss", "acc", *top5, "f1_macro"]
+            top_k = self.top_k_name(self.num_classes)
+            val = ["loss", "acc", *([top_k] if top_k else []), "f1_macro"]
         return [f"train/{name}" for name in ("loss_epoch", self.main)] + [
             f"val/{name}" for name in val
         ]
@@ -86,8 +99,9 @@ def _val_metrics(spec: TaskMetrics, num_classes: int) -> dict:
     ignore = spec.ignore_index
     if spec.task == "classification":
         metrics = {"acc": tm.MulticlassAccuracy(num_classes, average="micro")}
-        if num_classes > 5:
-            metrics["acc_top5"] = tm.MulticlassAccuracy(num_classes, top_k=5, average="micro")
+        top_k = spec.top_k_name(num_classes)
+        if top_k:
+            metrics[top_k] = tm.MulticlassAccuracy(num_classes, top_k=spec.top_k, average="micro")
         metrics["f1_macro"] = tm.MulticlassF1Score(num_classes, average="macro")
         metrics["confusion"] = tm.MulticlassConfusionMatrix(num_classes)
         return metrics

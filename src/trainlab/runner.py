@@ -27,8 +27,10 @@ from trainlab.signals import StopRequest
 log = logging.getLogger(__name__)
 
 
-# trainer keys the launcher and ``train.run`` read (and the YAML callbacks they build)
-NOT_LOOP_KEYS = ("accelerator", "devices", "deterministic", "resume", "resume_as", "callbacks")
+# trainer keys the launcher and ``train.run`` read (the YAML callbacks they build, the
+# metrics' top_k)
+NOT_LOOP_KEYS = ("accelerator", "devices", "deterministic", "resume", "resume_as", "callbacks",
+                 "top_k")
 
 
 def loop_settings(trainer: DictConfig) -> DictConfig:

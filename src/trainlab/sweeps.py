@@ -8,18 +8,30 @@ overrides were swept, through ``tracking.PARENT_RUN_ENV`` and this module's ``_s
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 import os
+import re
 import shlex
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from trainlab.compare import SWEEP_ROLE_TAG, short_numbers
+
 log = logging.getLogger(__name__)
 
 OPTUNA_RESULTS = "optimization_results.yaml"  # written by the Optuna sweeper in the sweep dir
+OPTUNA_PLOTS = "plots"  # the Optuna sweeper's figures, in the sweep dir
+SWEEP_KEY_TAG = "trainlab.sweep_key"  # same key: the same sweep, rerun or on another machine
+BEST_RUN_TAG = "trainlab.best_run"
+JOB_DIR_LIMIT = 120  # bytes of a job dir name; filesystems allow 255
+VALUE_LIMIT = 24  # longer override values are cut in job dir names
 _swept: set[str] = set()  # keys swept by the sweep this job belongs to
 _open: list[MlflowSweep] = []  # sweeps not summarised yet (Hydra skips the end on errors)
 
@@ -39,10 +51,54 @@ def swept_keys(overrides: list[str], sweeper: DictConfig | None) -> set[str]:
     return keys | set(params)
 
 
+def job_dir_name(num: int, override_dirname: str) -> str:
+    """A sweep job's folder, ``<num>_<overrides>``, that a filesystem accepts and a person
+    reads: floats shortened, ``/`` made ``_``, values longer than ``VALUE_LIMIT`` cut, and
+    when anything was cut or the name is still too long, a stable hash of the full name."""
+    items = re.split(r",(?=[+~]?[\w./@-]+=)", short_numbers(override_dirname))
+    cut = [item if len(item.split("=", 1)[-1]) <= VALUE_LIMIT
+           else item[: item.index("=") + 1 + VALUE_LIMIT // 2] + "…" for item in items]
+    name = f"{num}_{','.join(cut)}".replace("/", "_").rstrip("_")
+    if cut == items and len(name.encode()) <= JOB_DIR_LIMIT:
+        return name
+    digest = hashlib.sha1(override_dirname.encode()).hexdigest()[:10]
+    return f"{name.encode()[: JOB_DIR_LIMIT - 11].decode(errors='ignore')}~{digest}"
+
+
+OmegaConf.register_new_resolver("trainlab_job_dir", job_dir_name, replace=True)
+
+
 def run_name(task_overrides: list[str]) -> str | None:
     """A sweep job's run name: only its swept overrides (``loss=focal,optimizer.lr=0.01``)."""
-    swept = [o for o in task_overrides if override_key(o) in _swept]
+    swept = [short_numbers(o) for o in task_overrides if override_key(o) in _swept]
     return ",".join(swept) or None
+
+
+def sweep_size(overrides: list[str], sweeper: DictConfig | None) -> int | None:
+    """Jobs a sweep launches: the grid's size, or the Optuna sweeper's ``n_trials``."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if (sweeper or {}).get("n_trials") is not None:
+        return int(sweeper.n_trials)
+    sizes = [len(list(o.sweep_string_iterator()))
+             for o in OverridesParser.create().parse_overrides(overrides)
+             if o.is_sweep_override() and not o.is_interval_sweep()]
+    return math.prod(sizes)
+
+
+def sweep_title(swept: set[str], size: int | None, optuna: bool) -> str:
+    """The parent run's name: what it sweeps and how many jobs (``loss × optimizer.lr, 4 jobs``)."""
+    keys = " × ".join(sorted(swept)) or "defaults"
+    unit = "trials" if optuna else "jobs"
+    return f"{keys}, {size} {unit}" if size else keys
+
+
+def sweep_command(config: DictConfig) -> str:
+    """The command line that reproduces the sweep, Hydra's own overrides included."""
+    hydra_overrides = [o for o in config.hydra.overrides.hydra
+                       if not o.startswith("hydra.mode=")]
+    return shlex.join(["trainlab", "train", "-m", *hydra_overrides,
+                       *config.hydra.overrides.task])
 
 
 def job_callbacks(hydra_cfg: DictConfig) -> list[Any]:
@@ -55,7 +111,11 @@ def job_callbacks(hydra_cfg: DictConfig) -> list[Any]:
 
 
 class MlflowSweep(Callback):
-    """Opens a sweep's parent run, nests the jobs under it and logs the summary to it."""
+    """Opens (or reopens) a sweep's parent run, nests the jobs under it, summarises into it.
+
+    A sweep is known by its key: the sweep dir for a grid, the study for Optuna. Rerunning
+    the command reopens the same parent, and several processes sweeping one study share it.
+    """
 
     def __init__(self, summary: bool = True) -> None:
         self.summary = summary
@@ -73,23 +133,16 @@ class MlflowSweep(Callback):
         experiment_id = instantiate(config.logger).connect()
         if experiment_id is None:  # logger=none: nothing to nest the jobs under
             return
-        from mlflow.tracking import MlflowClient
-
-        from trainlab.compare import SWEEP_ROLE_TAG
-
         self.swept = swept_keys(overrides, config.hydra.sweeper)
         self.monitor = (config.trainer.monitor, config.trainer.monitor_mode)
         self.register_model = OmegaConf.select(config, "logger.register_model")
-        command = shlex.join(["trainlab", "train", "-m", *overrides])
-        run = MlflowClient().create_run(
-            experiment_id,
-            run_name=f"sweep {sweep_dir.name}",
-            tags={SWEEP_ROLE_TAG: "sweep", "trainlab.sweep_dir": str(sweep_dir),
-                  "trainlab.command": command, "trainlab.overrides": " ".join(overrides)},
-        )
-        self.parent_run_id = run.info.run_id
+        optuna = "n_trials" in config.hydra.sweeper
+        key = sweep_key(config, sweep_dir, optuna)
+        self.parent_run_id = open_parent(experiment_id, key, tags={
+            "trainlab.sweep_dir": str(sweep_dir), "trainlab.command": sweep_command(config),
+            "trainlab.overrides": " ".join(overrides),
+        }, name=sweep_title(self.swept, sweep_size(overrides, config.hydra.sweeper), optuna))
         _open.append(self)
-        log.info("MLflow sweep run %s: %s", self.parent_run_id, command)
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if self.parent_run_id is None:  # a single run, not a sweep
@@ -105,7 +158,12 @@ class MlflowSweep(Callback):
             self.finish("FINISHED")
 
     def finish(self, status: str) -> None:
-        """Summarise the jobs into the parent run and close it with ``status``."""
+        """Summarise the jobs into the parent run and close it with ``status``.
+
+        A parent that got no job at all is deleted (it holds nothing but the error, which
+        the command printed). While another process still runs jobs of the same sweep,
+        the parent stays open: the last one to finish closes it.
+        """
         from mlflow.tracking import MlflowClient
 
         from trainlab import compare
@@ -116,27 +174,37 @@ class MlflowSweep(Callback):
         os.environ.pop(PARENT_RUN_ENV, None)
         client = MlflowClient()
         parent = client.get_run(self.parent_run_id)
-        sweep_dir = Path(parent.data.tags["trainlab.sweep_dir"])
-        metric, mode = self.monitor
-        children = client.search_runs(
+        children = latest_attempts(client.search_runs(
             [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{self.parent_run_id}'"
-        )
+        ))
+        if not children:
+            client.delete_run(self.parent_run_id)
+            log.info("sweep ended before any job; its MLflow parent run was removed")
+            return
+        metric, mode = self.monitor
         rows = compare.rows_for(client, children, metric, mode)
-        rows += compare.seed_groups(rows, mode)
+        seeds = compare.seed_groups(rows, mode)
+        shared, short = compare.without_common_overrides(rows + seeds)
         if self.summary:
-            shared, short = compare.without_common_overrides(rows)
             print(f"\nSweep summary ({len(children)} jobs, MLflow run {self.parent_run_id}),"
                   f" overrides of every job: {shared or '(none)'}")
-            print(compare.format_table(short, metric), flush=True)
-        client.log_text(self.parent_run_id, compare.format_csv(rows, metric), "summary.csv")
-        client.log_text(self.parent_run_id, compare.format_markdown(rows, metric), "summary.md")
+            print(compare.format_table(short, metric, shutil.get_terminal_size().columns),
+                  flush=True)
+        client.log_text(self.parent_run_id, compare.format_csv(rows + seeds, metric),
+                        "summary.csv")
+        client.log_text(self.parent_run_id, compare.format_markdown(short, metric, shared),
+                        "summary.md")
+        log_parent_results(client, self.parent_run_id, rows, seeds, metric)
+        sweep_dir = Path(parent.data.tags["trainlab.sweep_dir"])
         results = sweep_dir / OPTUNA_RESULTS
         if results.is_file():
             best = OmegaConf.load(results)
+            client.set_tag(self.parent_run_id, "trainlab.study", best.study_name)
             for key, value in best.best_params.items():
-                client.log_param(self.parent_run_id, f"best.{key}", value)
-            client.log_metric(self.parent_run_id, f"best/{metric}", float(best.best_value))
+                client.set_tag(self.parent_run_id, f"best.{key}", value)
             client.log_artifact(self.parent_run_id, str(results))
+        if (sweep_dir / OPTUNA_PLOTS).is_dir():
+            client.log_artifacts(self.parent_run_id, str(sweep_dir / OPTUNA_PLOTS), "plots")
         if self.register_model:
             from trainlab.tracking import promote_champion
 
@@ -144,7 +212,103 @@ class MlflowSweep(Callback):
             if version is not None:
                 client.set_tag(self.parent_run_id, "trainlab.champion",
                                f"{self.register_model} version {version}")
+        if any(r.info.status == "RUNNING" for r in children) and status == "FINISHED":
+            return  # another process is still sweeping: it closes the parent
         client.set_terminated(self.parent_run_id, status)
+
+
+def sweep_key(config: DictConfig, sweep_dir: Path, optuna: bool) -> str:
+    """What makes two sweeping commands the same sweep: the study, else the sweep dir."""
+    if optuna and config.hydra.sweeper.get("storage"):
+        where = f"{config.hydra.sweeper.storage}#{config.hydra.sweeper.study_name}"
+    else:
+        where = str(sweep_dir)
+    return hashlib.sha1(where.encode()).hexdigest()[:16]
+
+
+def open_parent(experiment_id: str, key: str, tags: dict[str, str], name: str) -> str:
+    """The parent run with ``key``, reopened, or a new one.
+
+    Processes that start one sweep together may each create a parent; all of them then
+    agree on the oldest and the others delete theirs.
+    """
+    from mlflow.tracking import MlflowClient
+
+
+    client = MlflowClient()
+    query = f"tags.`{SWEEP_KEY_TAG}` = '{key}'"
+    found = client.search_runs([experiment_id], query, order_by=["attributes.start_time ASC"])
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING", name=name)
+        log.info("MLflow sweep run %s reopened: %s", run_id, tags["trainlab.command"])
+        return run_id
+    mine = client.create_run(experiment_id, run_name=name,
+                             tags={**tags, SWEEP_ROLE_TAG: "sweep", SWEEP_KEY_TAG: key})
+    runs = client.search_runs([experiment_id], query)
+    oldest = min(runs, key=lambda r: (r.info.start_time, r.info.run_id))
+    if oldest.info.run_id != mine.info.run_id:
+        client.delete_run(mine.info.run_id)
+    log.info("MLflow sweep run %s: %s", oldest.info.run_id, tags["trainlab.command"])
+    return oldest.info.run_id
+
+
+def latest_attempts(children: list) -> list:
+    """One run per job: a job rerun after a failure replaces its earlier attempt."""
+    latest: dict[str, Any] = {}
+    for run in sorted(children, key=lambda r: r.info.start_time):
+        latest[run.data.tags.get("trainlab.overrides", run.info.run_id)] = run
+    return list(latest.values())
+
+
+def log_parent_results(client, parent_id: str, rows, seeds, metric: str) -> None:
+    """Metrics to sort parents by: ``best/<metric>`` and each seed group's mean and std,
+    plus the best child run's id and name as tags."""
+    from mlflow.entities import Metric
+
+    from trainlab.compare import metric_key
+
+    ranked = [r for r in rows if r.best is not None and r.status == "FINISHED"]
+    metrics = []
+    if ranked:
+        best = ranked[0]
+        metrics.append((f"best/{metric}", best.best))
+        client.set_tag(parent_id, BEST_RUN_TAG, best.run_id)
+        client.set_tag(parent_id, f"{BEST_RUN_TAG}_name", best.run)
+    for group in seeds:
+        name = metric_key(group.run)
+        metrics += [(f"seeds/{name}/{metric}_mean", group.best),
+                    (f"seeds/{name}/{metric}_std", group.std)]
+    stamp = int(time.time() * 1000)
+    client.log_batch(parent_id, metrics=[Metric(k, float(v), stamp, 0) for k, v in metrics])
+
+
+def finished_job(hydra_cfg: DictConfig, monitor: str, mode: str) -> float | None:
+    """In a rerun sweep: the best value of this job's FINISHED earlier attempt, if any.
+
+    The job then skips training; a failed or killed attempt is trained again.
+    """
+    from trainlab.tracking import PARENT_RUN_ENV
+
+    parent = os.environ.get(PARENT_RUN_ENV)
+    if not parent:
+        return None
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    overrides = " ".join(hydra_cfg.overrides.task) or "(none)"
+    experiment = client.get_run(parent).info.experiment_id
+    done = [r for r in client.search_runs(
+        [experiment], f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'FINISHED'")
+        if r.data.tags.get("trainlab.overrides") == overrides and "pruned" not in r.data.tags]
+    values = [m.value for run in done[-1:]
+              for m in client.get_metric_history(run.info.run_id, monitor)
+              if math.isfinite(m.value)]
+    if not values:  # no earlier attempt, or one that never validated
+        return None
+    log.info("job %s finished in an earlier attempt (run %s): skipped", overrides,
+             done[-1].info.run_id)
+    return min(values) if mode == "min" else max(values)
 
 
 def close_open_sweeps(status: str = "FAILED") -> None:
@@ -155,4 +319,5 @@ def close_open_sweeps(status: str = "FAILED") -> None:
             sweep.finish(status)
         except Exception as err:  # the summary must not hide the job's own error
             log.warning("could not summarise sweep %s: %s", sweep.parent_run_id, err)
-            _open.remove(sweep)
+            if sweep in _open:
+                _open.remove(sweep)

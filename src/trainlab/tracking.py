@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -36,6 +37,41 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+# Keys that say how a run is executed or tracked, not what it trains: config.yaml keeps them.
+NOT_COMPARED_GROUPS = {"hydra", "logger", "paths", "debug"}
+NOT_COMPARED = ("logger.", "paths.", "debug.", "task_name", "trainer.progress_bar",
+                "trainer.resume", "trainer.callbacks", "data.check", "data.num_workers",
+                "data.pin_memory", "data.persistent_workers")
+_INTERPOLATION = re.compile(r"^\$\{[^}]*\}$")
+
+
+def comparable_params(cfg, choices: Mapping[str, Any]) -> dict[str, Any]:
+    """The params a run logs for comparing runs in the MLflow UI.
+
+    Every config group's choice (``loss=focal``, ``optimizer=sgd``), so a sweep over groups
+    reads as one column; then the values a user can set (``optimizer.lr``). Left out, and
+    kept in ``config.yaml`` only: ``_target_``-style keys, nested object definitions (an
+    augmentation pipeline's list of steps), unset (null) values, values that
+    only copy another key (``model.num_classes: ${data.num_classes}``) and the keys in
+    ``NOT_COMPARED``.
+    """
+    from omegaconf import OmegaConf
+
+    params: dict[str, Any] = {
+        group: choice for group, choice in choices.items()
+        if choice is not None and not set("/@") & set(group) and group not in NOT_COMPARED_GROUPS
+    }
+    raw = flatten(OmegaConf.to_container(cfg, resolve=False))
+    for key, value in flatten(OmegaConf.to_container(cfg, resolve=True)).items():
+        if (value is None or key.startswith(NOT_COMPARED) or key in params
+                or any(part.startswith("_") for part in key.split("."))
+                or (isinstance(value, list) and any(isinstance(v, dict) for v in value))
+                or _INTERPOLATION.match(str(raw.get(key, "")))):
+            continue
+        params[key] = value
+    return params
 
 
 @contextlib.contextmanager
@@ -163,12 +199,13 @@ class MlflowTracker:
         else:
             run = self._reopen(run_id, self.log_system_metrics)
         self.run_id = run.info.run_id
-        log.info("MLflow run %s (%s) in %s", run_name, self.run_id, mlflow.get_tracking_uri())
-        self._open_outbox(spool_dir)
-        if run_id is not None:
-            self.set_tags(tags)
         status = "FAILED"
-        try:
+        try:  # from here on a Ctrl-C at any point still closes the run KILLED
+            log.info("MLflow run %s (%s) in %s", run_name, self.run_id,
+                     mlflow.get_tracking_uri())
+            self._open_outbox(spool_dir)
+            if run_id is not None:
+                self.set_tags(tags)
             with sigterm_as_interrupt():
                 yield self
             status = "FINISHED"
@@ -176,12 +213,14 @@ class MlflowTracker:
             status = "KILLED"
             raise
         except Exception as err:
-            self.set_tags({"trainlab.error": f"{type(err).__name__}: {err}"[:5000]})
+            if self._outbox is not None:
+                self.set_tags({"trainlab.error": f"{type(err).__name__}: {err}"[:5000]})
             raise
         finally:
             # Ctrl-C does not wait for a server that is down; the spool keeps the rest
-            self._close_outbox({"call": "status", "status": status},
-                               wait_offline=status != "KILLED")
+            if self._outbox is not None:
+                self._close_outbox({"call": "status", "status": status},
+                                   wait_offline=status != "KILLED")
             with contextlib.suppress(Exception):  # the outbox sent (or spooled) the status
                 mlflow.end_run(status=status)
 

@@ -18,6 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from trainlab import sweeps  # noqa: F401  (registers the job-dir resolver of conf/hydra)
 from trainlab.app import CONFIG_DIR, run_hydra_app
 from trainlab.errors import TrainlabError
 
@@ -88,8 +89,7 @@ def prepare(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, cal
 
     data = data or prepare_data(cfg, choices)
     splits, augmentation = data.splits, data.augmentation
-    metrics = TaskMetrics(cfg.data.task, cfg.data.num_classes, cfg.data.get("ignore_index"),
-                          splits.class_names)
+    metrics = TaskMetrics.from_config(cfg, splits.class_names)
     metrics.check_monitor(cfg.trainer.monitor)
     device = device or distributed.job_device(distributed.select_device(cfg.trainer.accelerator))
     set_training_threads(device, int(cfg.data.get("num_workers", 0)), distributed.world_size())
@@ -197,11 +197,14 @@ def run(cfg: DictConfig) -> float:
     from trainlab.provenance import record as record_provenance
     from trainlab.resume import plan_resume, unsent_metrics
     from trainlab.seeding import seed_everything
-    from trainlab.sweeps import job_callbacks
+    from trainlab.sweeps import finished_job, job_callbacks
     from trainlab.tracker import NullTracker
-    from trainlab.tracking import flatten
+    from trainlab.tracking import comparable_params
 
     hydra_cfg = HydraConfig.get()
+    done = finished_job(hydra_cfg, cfg.trainer.monitor, cfg.trainer.monitor_mode)
+    if done is not None:  # a rerun sweep: this job finished in an earlier attempt
+        return done
     output_dir = Path(hydra_cfg.runtime.output_dir)
     choices = OmegaConf.to_container(hydra_cfg.runtime.choices)
     check_config(cfg, choices)
@@ -238,7 +241,7 @@ def run(cfg: DictConfig) -> float:
         record_provenance(tracker, hydra_cfg.runtime.cwd)
         tracker.log_datasets(data.splits, OmegaConf.to_container(cfg.data, resolve=True),
                              choices.get("data") or "data")
-        tracker.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
+        tracker.log_params(comparable_params(cfg, choices))
         tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         tracker.log_artifacts(hydra_dir, ".hydra")
         log_to_run(data.report, tracker)

@@ -80,6 +80,7 @@ class OptunaSweeper(Sweeper):
         n_trials: int = 10,
         n_jobs: int = 1,
         max_failure_rate: float = 0.0,
+        heartbeat_s: int = 30,
         params: Mapping[str, Any] | None = None,
     ) -> None:
         if direction not in DIRECTIONS:
@@ -90,6 +91,7 @@ class OptunaSweeper(Sweeper):
         self.study_name, self.storage = study_name, storage
         self.n_trials, self.n_jobs = int(n_trials), max(1, int(n_jobs))
         self.max_failure_rate = float(max_failure_rate)
+        self.heartbeat_s = int(heartbeat_s)
         self.params = dict(params or {})
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
@@ -102,50 +104,90 @@ class OptunaSweeper(Sweeper):
         )
 
     def sweep(self, arguments: list[str]) -> Any:
-        from hydra.core.utils import JobStatus
-        from optuna.trial import TrialState
+        import warnings
+
+        from optuna.exceptions import ExperimentalWarning
+
+        with warnings.catch_warnings():
+            # Heartbeats and stale-trial retries are "experimental" in Optuna and it warns
+            # that they are meant for Study.optimize; both work with ask/tell as used here.
+            warnings.filterwarnings("ignore", category=ExperimentalWarning)
+            warnings.filterwarnings("ignore", message="Heartbeat of storage")
+            return self._sweep(arguments)
+
+    def _sweep(self, arguments: list[str]) -> Any:
+        """Run trials until the study holds ``n_trials`` (counting every process's trials).
+
+        A resumed study goes on where it stopped: the sampler is reseeded (a restarted
+        generator would propose the first trials again), a proposal equal to a finished
+        trial is answered from that trial instead of trained again, and a trial whose
+        process died (no heartbeat) or was interrupted is queued to run again.
+        """
+        from optuna.storages import fail_stale_trials
 
         space, fixed = search_space(self.params, arguments)
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        study = load_study(self.sampler, self.pruner, self.study_name, self.storage,
-                           self.direction, create=True)
-        for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            study.tell(trial=stale.number, state=TrialState.FAIL)  # left by an interrupted run
-        done = len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)))
-        remaining = self.n_trials - done
-        if done:
-            log.info("Study %s resumed: %d trials done, %d to go", study.study_name, done,
-                     max(remaining, 0))
-        launched, failures = 0, []
-        while remaining > 0:
+        study = load_study(self.sampler, self.pruner, self.study_name,
+                           rdb_storage(self.storage, self.heartbeat_s), self.direction,
+                           create=True)
+        fail_stale_trials(study)
+        budget = self.n_trials - counted(study)
+        if counted(study):
+            log.info("Study %s resumed: %d trials done, %d to go", study.study_name,
+                     counted(study), max(budget, 0))
+            if hasattr(self.sampler, "reseed_rng"):
+                self.sampler.reseed_rng()
+        asked, launched, failures = 0, 0, []
+        # Other processes may work on the same study: what is left is counted each time.
+        while asked < budget and (room := self.n_trials - counted(study)) > 0:
             trials = [study.ask(fixed_distributions=space)
-                      for _ in range(min(self.n_jobs, remaining))]
-            batch = [fixed + [f"{key}={value}" for key, value in t.params.items()]
-                     for t in trials]
-            for trial in trials:
-                _trials[(study.study_name, trial.number)] = trial
-            try:
-                results = self.launcher.launch(batch, initial_job_idx=trials[0].number)
-            finally:
-                for trial in trials:
-                    _trials.pop((study.study_name, trial.number), None)
-            running = {t.number: t for t in study.get_trials(states=(TrialState.RUNNING,))}
-            for trial, result in zip(trials, results, strict=True):
-                if result.status == JobStatus.FAILED:
-                    study.tell(trial=trial, state=TrialState.FAIL)
-                    failures.append(result)
-                elif PRUNED_ATTR in running[trial.number].user_attrs:
-                    study.tell(trial=trial, state=TrialState.PRUNED)
-                else:
-                    study.tell(trial=trial, values=float(result.return_value))
-            remaining -= len(trials)
-            launched += len(trials)
+                      for _ in range(min(self.n_jobs, room, budget - asked))]
+            asked += len(trials)
+            for chunk in consecutive([t for t in trials
+                                      if not answered_from_earlier(study, t)]):
+                failures += self._launch(study, chunk, fixed)
+                launched += len(chunk)
         self._save_best(study, sweep_dir)
         if failures and len(failures) / launched > self.max_failure_rate:
             _ = failures[0].return_value  # re-raises the first failed job's error
         return study
+
+    def _launch(self, study, trials: list, fixed: list[str]) -> list:
+        """Run ``trials`` as Hydra jobs numbered like the trials; tell Optuna how each ended.
+
+        Interrupted (Ctrl-C, SIGTERM, an error in the launcher), the trials are failed and
+        queued again, so the next run of the command retries them first.
+        """
+        from hydra.core.utils import JobStatus
+        from optuna.trial import TrialState
+
+        batch = [fixed + [f"{key}={value}" for key, value in t.params.items()] for t in trials]
+        for trial in trials:
+            _trials[(study.study_name, trial.number)] = trial
+        try:
+            with Heartbeat(study, trials, self.heartbeat_s):
+                results = self.launcher.launch(batch, initial_job_idx=trials[0].number)
+        except BaseException:
+            for trial in trials:
+                study.tell(trial=trial, state=TrialState.FAIL)
+                study.enqueue_trial(params=trial.params, user_attrs={"retry_of": trial.number})
+            raise
+        finally:
+            for trial in trials:
+                _trials.pop((study.study_name, trial.number), None)
+        running = {t.number: t for t in study.get_trials(states=(TrialState.RUNNING,))}
+        failures = []
+        for trial, result in zip(trials, results, strict=True):
+            if result.status == JobStatus.FAILED:
+                study.tell(trial=trial, state=TrialState.FAIL)
+                failures.append(result)
+            elif PRUNED_ATTR in running[trial.number].user_attrs:
+                study.tell(trial=trial, state=TrialState.PRUNED)
+            else:
+                study.tell(trial=trial, values=float(result.return_value))
+        return failures
 
     def _save_best(self, study, sweep_dir: Path) -> None:
         from optuna.trial import TrialState
@@ -159,6 +201,7 @@ class OptunaSweeper(Sweeper):
                    "best_value": best.value}
         OmegaConf.save(OmegaConf.create(results), sweep_dir / "optimization_results.yaml")
         log.info("Best trial %d: %s = %s", best.number, best.params, best.value)
+        save_study_plots(study, sweep_dir / "plots")
 
     @staticmethod
     def job_callbacks(hydra_cfg: DictConfig) -> list[Any]:
@@ -179,6 +222,111 @@ class OptunaSweeper(Sweeper):
                         "jobs in other processes): pruning is off", hydra_cfg.job.num)
             return []
         return [OptunaPruning(trial)]
+
+
+def rdb_storage(url: str | None, heartbeat_s: int):
+    """A database storage whose running trials send heartbeats, so that a trial whose
+    process died is failed and queued again (Optuna's stale-trial retry)."""
+    import optuna
+
+    if not url:
+        return None
+    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+    callback = ({"heartbeat_stale_trial_callback": retry(max_retry=3)} if retry else
+                {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=3)})
+    return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_s,
+                                      grace_period=3 * heartbeat_s, **callback)
+
+
+def counted(study) -> int:
+    """Trials that use up ``n_trials``: complete, pruned, or running somewhere."""
+    from optuna.trial import TrialState
+
+    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+def answered_from_earlier(study, trial) -> bool:
+    """A proposal equal to a finished trial gets that trial's result instead of a rerun."""
+    from optuna.trial import TrialState
+
+    for earlier in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,
+                                                               TrialState.PRUNED)):
+        if earlier.params == trial.params and earlier.number != trial.number:
+            trial.set_user_attr("same_as_trial", earlier.number)
+            if earlier.state == TrialState.PRUNED:
+                study.tell(trial=trial, state=TrialState.PRUNED)
+            else:
+                study.tell(trial=trial, values=earlier.value)
+            log.info("Trial %d repeats trial %d (%s): not run again", trial.number,
+                     earlier.number, trial.params)
+            return True
+    return False
+
+
+def consecutive(trials: list) -> list[list]:
+    """Split trials into runs of consecutive numbers: Hydra numbers a batch's jobs from its
+    first index on, and a job finds its trial by that number."""
+    chunks: list[list] = []
+    for trial in sorted(trials, key=lambda t: t.number):
+        if chunks and chunks[-1][-1].number + 1 == trial.number:
+            chunks[-1].append(trial)
+        else:
+            chunks.append([trial])
+    return chunks
+
+
+class Heartbeat:
+    """Records a heartbeat for running trials every ``interval_s`` while their jobs run."""
+
+    def __init__(self, study, trials: list, interval_s: int) -> None:
+        import threading
+
+        self.storage, self.interval_s = study._storage, interval_s
+        self.trial_ids = [t._trial_id for t in trials]
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        while True:
+            for trial_id in self.trial_ids:
+                self.storage.record_heartbeat(trial_id)
+            if self.stop.wait(self.interval_s):
+                return
+
+    def __enter__(self) -> Heartbeat:
+        if hasattr(self.storage, "record_heartbeat") and self.storage.get_heartbeat_interval():
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join()
+
+
+def save_study_plots(study, folder: Path) -> None:
+    """Optuna's optimisation history, parameter importances and parallel coordinates as
+    PNGs (the sweep's parent run shows them)."""
+    import warnings
+
+    from optuna.visualization import matplotlib as plots
+
+    from trainlab.plots import pyplot, save_figure
+
+    pyplot()
+    for name, draw in (("optuna_history", plots.plot_optimization_history),
+                       ("optuna_importances", plots.plot_param_importances),
+                       ("optuna_parallel_coordinate", plots.plot_parallel_coordinate)):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "experimental" warnings of optuna's plots
+                ax = draw(study)
+        except (ValueError, RuntimeError) as err:  # e.g. importances need two trials
+            log.info("no %s plot: %s", name, err)
+            continue
+        figure = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+        save_figure(figure, folder / f"{name}.png", dpi=110)
 
 
 def load_study(sampler, pruner, name, storage, direction, create: bool = False):

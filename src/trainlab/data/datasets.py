@@ -19,11 +19,18 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DataSplits:
-    """The datasets of one data config, and the class names when the source has them."""
+    """The datasets of one data config, and the class names when the source has them.
+
+    ``test`` is a held-out set for ``trainlab eval split=test``, where the source has one."""
 
     train: Dataset
     val: Dataset
     class_names: list[str] = field(default_factory=list)
+    test: Dataset | None = None
+
+    def available(self) -> list[str]:
+        """The names of the splits this data has."""
+        return [name for name in ("train", "val", "test") if getattr(self, name) is not None]
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,7 +82,8 @@ def load_torchvision(
 ) -> DataSplits:
     """FashionMNIST, MNIST or CIFAR10 through torchvision, held in memory as tensors.
 
-    The source's own train/test split is used as train/val. Without the files and with
+    The source's own train/test split is used as train/val; its test files are also the
+    ``test`` split. Without the files and with
     ``download=false`` the error says exactly which files to put where.
     """
     import torchvision
@@ -99,10 +107,10 @@ def load_torchvision(
             f"data: {cls.__name__} {how} ({err}). Put {', '.join(files)} in {folder}/ "
             f"(torchvision's layout), or set data.download=true where the network allows"
         ) from err
+    test = TensorDataset(_images_tensor(val.data), torch.as_tensor(val.targets))
     return DataSplits(
         train=TensorDataset(_images_tensor(train.data), torch.as_tensor(train.targets)),
-        val=TensorDataset(_images_tensor(val.data), torch.as_tensor(val.targets)),
-        class_names=list(train.classes),
+        val=test, class_names=list(train.classes), test=test,
     )
 
 
@@ -168,6 +176,7 @@ def _read_pixel_csv(path, image_size, label_column):
 def load_image_folder(
     root: str,
     val_root: str | None = None,
+    test_root: str | None = None,
     image_size: Sequence[int] = (64, 64),
     channels: int = 3,
     num_classes: int | None = None,
@@ -177,6 +186,7 @@ def load_image_folder(
     cache_dir: str | None = None,
 ) -> DataSplits:
     """One sub-folder per class (torchvision's ImageFolder layout); no val_root: split by seed.
+    ``test_root``, in the same layout, is the held-out ``test`` split.
 
     The class folders name the classes; a given ``num_classes`` must match their count.
     Files are listed here, read per sample (the data check scans them first).
@@ -199,21 +209,26 @@ def load_image_folder(
             f"({', '.join(train.classes[:8])}{', ...' if len(train.classes) > 8 else ''}); "
             f"set data.num_classes={len(train.classes)} or null (inferred from the folders)"
         )
-    samples = [(Path(p), t) for p, t in train.samples]
-    if val_root:
-        val = scan(val_root)
-        if val.classes != train.classes:
+    def same_classes(folder: str) -> list[tuple[Path, int]]:
+        found = scan(folder)
+        if found.classes != train.classes:
             raise TrainlabError(
-                f"data: {val_root} has class folders {val.classes}, {root} has {train.classes}; "
+                f"data: {folder} has class folders {found.classes}, {root} has {train.classes}; "
                 "both need the same class folders"
             )
-        val_samples = [(Path(p), t) for p, t in val.samples]
+        return [(Path(p), t) for p, t in found.samples]
+
+    samples = [(Path(p), t) for p, t in train.samples]
+    if val_root:
+        val_samples = same_classes(val_root)
     else:
         samples, val_samples = _split_list(samples, val_fraction, seed)
+    test = ImageFiles(same_classes(test_root), image_size, channels, cache, cache_dir) \
+        if test_root else None
     return DataSplits(
         ImageFiles(samples, image_size, channels, cache, cache_dir),
         ImageFiles(val_samples, image_size, channels, cache, cache_dir),
-        list(train.classes),
+        list(train.classes), test,
     )
 
 
@@ -229,8 +244,10 @@ def load_csv_images(
     seed: int = 0,
     cache: str | None = None,
     cache_dir: str | None = None,
+    test_csv: str | None = None,
 ) -> DataSplits:
     """An image folder plus a CSV of file → label (an integer, or a class name).
+    ``test_csv``, in the same form (files in the same folder), is the held-out ``test`` split.
 
     Class names are the sorted names of the CSV, or 0..n-1 for integer labels, n being
     ``num_classes`` or one more than the largest label. Missing files and labels outside
@@ -238,16 +255,19 @@ def load_csv_images(
     """
     import csv as csv_module
 
+    def read(path: str) -> tuple[Path, list[dict], list[str]]:
+        table = _existing(path, "CSV file")
+        with table.open(newline="") as handle:
+            rows = list(csv_module.DictReader(handle))
+        if not rows or file_column not in rows[0] or label_column not in rows[0]:
+            found = list(rows[0]) if rows else "no rows"
+            raise TrainlabError(
+                f"data: {table} needs columns {file_column!r} and {label_column!r}; found {found}"
+            )
+        return table, rows, [row[label_column].strip() for row in rows]
+
     folder = _existing(root, "image folder")
-    table = _existing(csv, "CSV file")
-    with table.open(newline="") as handle:
-        rows = list(csv_module.DictReader(handle))
-    if not rows or file_column not in rows[0] or label_column not in rows[0]:
-        found = list(rows[0]) if rows else "no rows"
-        raise TrainlabError(
-            f"data: {table} needs columns {file_column!r} and {label_column!r}; found {found}"
-        )
-    raw = [row[label_column].strip() for row in rows]
+    table, rows, raw = read(csv)
     if all(value.lstrip("-").isdigit() for value in raw):
         labels = [int(value) for value in raw]
         names = [str(i) for i in range(num_classes or max(labels) + 1)]
@@ -261,10 +281,22 @@ def load_csv_images(
             )
     samples = [(folder / row[file_column], label) for row, label in zip(rows, labels, strict=True)]
     train, val = _split_list(samples, val_fraction, seed)
+    test = None
+    if test_csv:
+        test_table, test_rows, test_raw = read(test_csv)
+        # labels as the training CSV reads them: integers, or the names of its classes
+        by_name = {name: i for i, name in enumerate(names)}
+        unknown = sorted({value for value in test_raw if value not in by_name})
+        if unknown:
+            raise TrainlabError(f"data: {test_table} has labels {unknown[:8]} that {table} "
+                                f"does not; its classes are {names[:8]}")
+        test = ImageFiles([(folder / row[file_column], by_name[value])
+                           for row, value in zip(test_rows, test_raw, strict=True)],
+                          image_size, channels, cache, cache_dir)
     return DataSplits(
         ImageFiles(train, image_size, channels, cache, cache_dir),
         ImageFiles(val, image_size, channels, cache, cache_dir),
-        names,
+        names, test,
     )
 
 

@@ -50,5 +50,6 @@ def relabeled(
     return DataSplits(
         train=_relabel(splits.train, table),
         val=_relabel(splits.val, table),
+        test=None if splits.test is None else _relabel(splits.test, table),
         class_names=list(class_names) or [str(i) for i in sorted(set(mapping))],
     )
