@@ -150,3 +150,19 @@ def test_yaml_callbacks_join_the_ones_the_code_adds(compose, tmp_path):
     seen = EpochsSeen()
     result = fit(cfg, NullTracker(), tmp_path, {}, callbacks=[seen])
     assert seen.epochs == [0, 1] and len(result.history) == 2
+
+
+def test_both_trackers_take_every_call_the_tracker_protocol_names():
+    """A method the run calls on MLflow's tracker must exist on the silent one too, or
+    `logger=none` and DDP ranks > 0 fail where MLflow runs pass."""
+    import inspect
+
+    from trainlab.tracker import NullTracker, Tracker
+    from trainlab.tracking import MlflowTracker
+
+    wanted = {name for name, _ in inspect.getmembers(Tracker, inspect.isfunction)
+              if not name.startswith("_")}
+    assert {"run", "log_metrics", "log_datasets", "log_model"} <= wanted
+    for tracker in (NullTracker, MlflowTracker):
+        missing = {name for name in wanted if not callable(getattr(tracker, name, None))}
+        assert not missing, f"{tracker.__name__} lacks {sorted(missing)}"

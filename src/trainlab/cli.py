@@ -14,7 +14,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "models": ("trainlab.models.zoo", "models_cli", "list timm/torchvision architectures: "
                "trainlab models '*resnet*'"),
     "eval": ("trainlab.inference", "eval_cli", "metrics of a trained model: "
-             "trainlab eval run_id=ID|ckpt=PATH [split=val]"),
+             "trainlab eval run_id=ID|ckpt=PATH [split=val|train|test]"),
     "predict": ("trainlab.inference", "predict_cli", "predict a folder of images: "
                 "trainlab predict run_id=ID input=FOLDER"),
     "init": ("trainlab.starter", "init_cli", "a starter project (own data, model, losses, "

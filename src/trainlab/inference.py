@@ -195,7 +195,7 @@ def evaluate(options: dict[str, str], overrides: list[str]) -> dict[str, float]:
 
 
 def eval_cli(args: list[str]) -> int:
-    """`trainlab eval run_id=ID|ckpt=PATH [split=val] [checkpoint=best|last] [a.b=value ...]`."""
+    """`trainlab eval run_id=ID|ckpt=PATH [split=val|train|test] [checkpoint=best|last] [a.b=v]`."""
     return _guarded(lambda: evaluate(*parse_args(args, EVAL_OPTIONS)), eval_cli.__doc__, args)
 
 

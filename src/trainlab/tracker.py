@@ -53,6 +53,9 @@ class Tracker(Protocol):
 
     def log_artifacts(self, folder: str | Path, artifact_path: str | None = None) -> None: ...
 
+    def log_datasets(self, splits: Any, data_cfg: Mapping[str, Any], name: str) -> None:
+        """Record the data splits the run reads (MLflow's dataset inputs)."""
+
     def log_model(self, model: Any, input_example: Any) -> None:
         """Log the trained model so it can be loaded back from the run."""
 
@@ -105,6 +108,9 @@ class NullTracker:
         pass
 
     def log_artifacts(self, folder: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_datasets(self, splits: Any, data_cfg: Mapping[str, Any], name: str) -> None:
         pass
 
     def log_model(self, model: Any, input_example: Any) -> None:

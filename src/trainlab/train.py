@@ -188,26 +188,28 @@ def run(cfg: DictConfig) -> float:
     More than one device: the job spawns the DDP workers (one output dir, one MLflow run
     that rank 0 logs into); under an outside ``torchrun`` each process joins its group.
     """
-    from trainlab import distributed
-    from trainlab.checkpoint import resolve_resume
-    from trainlab.components import build
     from trainlab.config_check import check_config
-    from trainlab.data.check import log_to_run, prepare_data
-    from trainlab.outbox import SPOOL_DIR
-    from trainlab.provenance import record as record_provenance
-    from trainlab.resume import plan_resume, unsent_metrics
-    from trainlab.seeding import seed_everything
     from trainlab.sweeps import finished_job, job_callbacks
-    from trainlab.tracker import NullTracker
-    from trainlab.tracking import comparable_params
 
     hydra_cfg = HydraConfig.get()
     done = finished_job(hydra_cfg, cfg.trainer.monitor, cfg.trainer.monitor_mode)
     if done is not None:  # a rerun sweep: this job finished in an earlier attempt
         return done
-    output_dir = Path(hydra_cfg.runtime.output_dir)
     choices = OmegaConf.to_container(hydra_cfg.runtime.choices)
-    check_config(cfg, choices)
+    check_config(cfg, choices)  # before torch and mlflow load: a typo answers in a second
+
+    from trainlab import distributed
+    from trainlab.checkpoint import resolve_resume
+    from trainlab.components import build
+    from trainlab.data.check import log_to_run, prepare_data
+    from trainlab.outbox import SPOOL_DIR
+    from trainlab.provenance import record as record_provenance
+    from trainlab.resume import plan_resume, unsent_metrics
+    from trainlab.seeding import seed_everything
+    from trainlab.tracker import NullTracker
+    from trainlab.tracking import comparable_params
+
+    output_dir = Path(hydra_cfg.runtime.output_dir)
     seed_everything(int(cfg.seed), bool(cfg.trainer.deterministic))
     launch = distributed.plan_launch(cfg.trainer.accelerator, cfg.trainer.get("devices", 1))
     data = prepare_data(cfg, choices)  # every file, mask and label checked before MLflow
