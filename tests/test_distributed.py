@@ -125,7 +125,7 @@ def test_trainlab_train_on_two_cpu_processes_makes_one_run_and_one_output_dir(
     assert run.data.params["trainer.devices"] == "2"
     assert len(mlflow_client.get_metric_history(run.info.run_id, "val/acc")) == 2
     ckpts = {a.path for a in mlflow_client.list_artifacts(run.info.run_id, "checkpoints")}
-    assert ckpts == {"checkpoints/best.pt", "checkpoints/last.pt"}
+    assert ckpts == {"checkpoints/best.pt", "checkpoints/last.pt", "checkpoints/class_names.json"}
 
 
 def _start_ddp(tmp_path, tracking_uri, *overrides):

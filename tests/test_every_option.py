@@ -101,7 +101,9 @@ def _prepare(compose, tmp_path, group, option, context):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("group, option", CASES, ids=[f"{g}={o}" for g, o in CASES])
-def test_every_option_builds_and_takes_one_batch(compose, tmp_path, monkeypatch, group, option):
+def test_every_option_builds_and_takes_one_batch(compose_once, tmp_path, monkeypatch, group,
+                                                 option):
+    compose = compose_once
     monkeypatch.chdir(tmp_path)  # relative data roots resolve in an empty folder
     refused = REFUSED.get((group, option))
     if refused:
