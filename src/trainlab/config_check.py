@@ -93,6 +93,8 @@ class TrainerSchema:
                                          optional=True)
     checkpoint_every_n_minutes: float = spec("a number > 0, or null (epoch ends only)",
                                              _number(above=0), optional=True)
+    save_top_k: int = spec("an integer >= 1, or null (last.pt and best.pt only)", _int(1),
+                           optional=True)
     top_k: int = spec("an integer >= 2, or null for no top-k accuracy", _int(2), optional=True)
 
 

@@ -144,6 +144,7 @@ def train_prepared(prepared: Prepared, tracker, output_dir: Path):
     """Fit the prepared parts with ``tracker`` (open by now), then log checkpoints and the
     best epoch's model."""
     from trainlab import distributed
+    from trainlab.checkpoint import tracked_files
     from trainlab.debug import profiled
 
     runner = prepared.runner
@@ -155,7 +156,8 @@ def train_prepared(prepared: Prepared, tracker, output_dir: Path):
             result = runner.fit()
     finally:
         if tracker.log_checkpoints:
-            tracker.log_artifacts(output_dir / "checkpoints", "checkpoints")
+            for path in tracked_files(output_dir / "checkpoints"):
+                tracker.log_artifact(path, "checkpoints")
     if distributed.is_main_process():
         log_best_model(runner, tracker, output_dir / "checkpoints" / "best.pt")
     return result
