@@ -198,7 +198,7 @@ def run(cfg: DictConfig) -> float:
     if done is not None:  # a rerun sweep: this job finished in an earlier attempt
         return done
     choices = OmegaConf.to_container(hydra_cfg.runtime.choices)
-    check_config(cfg, choices)  # before torch and mlflow load: a typo answers in a second
+    check_config(cfg, choices)  # before anything is built, read or tracked
 
     from trainlab import distributed
     from trainlab.checkpoint import resolve_resume
