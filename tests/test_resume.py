@@ -15,7 +15,7 @@ import torch
 
 from conftest import TRAINLAB, runs_of
 
-RUN = ["model=mlp", "model.hidden=[16]", "trainer.progress_bar=false", "logger.log_model=false",
+RUN = ["model=mlp", "model.hidden=[16]", "trainer.progress_bar=false", "logger.log_model=none",
        "logger.log_checkpoints=false", "trainer.deterministic=true"]
 
 
