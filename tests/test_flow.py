@@ -30,6 +30,8 @@ BAD_VALUES = [
      "trainer.checkpoint_every_n_steps=0: must be an integer >= 1, or null (epoch ends only)"),
     ("trainer.checkpoint_every_n_minutes=-5",
      "trainer.checkpoint_every_n_minutes=-5: must be a number > 0, or null (epoch ends only)"),
+    ("trainer.save_top_k=0",
+     "trainer.save_top_k=0: must be an integer >= 1, or null (last.pt and best.pt only)"),
     ("trainer.devices=0", "trainer.devices=0: must be auto, a number >= 1"),
     ("model.image_size=[4,4]", "model=mlp cannot take a batch of data=digits (in_channels=1, "
                                "image_size=[8, 8], num_classes=10), shaped 4×1×8×8:"),

@@ -3,7 +3,7 @@
 ``MlflowSweep`` is a Hydra callback (registered in conf/hydra/default.yaml). It runs in the
 sweeping process, and Hydra hands a copy of it to every job, also to jobs in other
 processes (joblib, submitit): ``on_job_start`` tells the job its parent run and which
-overrides were swept, through ``tracking.PARENT_RUN_ENV`` and this module's ``_swept`` keys.
+overrides were swept, through ``tracker.PARENT_RUN_ENV`` and this module's ``_swept`` keys.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from trainlab.compare import SWEEP_ROLE_TAG, short_numbers
+from trainlab.tracker import PARENT_RUN_ENV
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +150,6 @@ class MlflowSweep(Callback):
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if self.parent_run_id is None:  # a single run, not a sweep
             return
-        from trainlab.tracking import PARENT_RUN_ENV
-
         os.environ[PARENT_RUN_ENV] = self.parent_run_id
         _swept.clear()
         _swept.update(self.swept)
@@ -169,7 +168,6 @@ class MlflowSweep(Callback):
         from mlflow.tracking import MlflowClient
 
         from trainlab import compare
-        from trainlab.tracking import PARENT_RUN_ENV
 
         if self in _open:
             _open.remove(self)
@@ -303,8 +301,6 @@ def finished_job(hydra_cfg: DictConfig, monitor: str, mode: str) -> float | None
 
     The job then skips training; a failed or killed attempt is trained again.
     """
-    from trainlab.tracking import PARENT_RUN_ENV
-
     parent = os.environ.get(PARENT_RUN_ENV)
     if not parent:
         return None

@@ -15,6 +15,8 @@ from typing import Any, Protocol, runtime_checkable
 
 from trainlab.errors import TrainlabError
 
+PARENT_RUN_ENV = "TRAINLAB_PARENT_RUN_ID"  # set in a sweep's jobs: the sweep's parent run
+
 # logger.log_model: which runs log their model. ``best`` (the default): a run its own, a
 # sweep only its best job's, when the sweep ends. true and false, its earlier boolean form,
 # mean all and none.

@@ -19,11 +19,10 @@ from mlflow.tracking import MlflowClient
 from trainlab.errors import TrainlabError
 from trainlab.outbox import Outbox, bounded_http_calls
 from trainlab.signals import sigterm_as_interrupt
-from trainlab.tracker import AT_SWEEP_END, NEVER, NOW, log_model_choice
+from trainlab.tracker import AT_SWEEP_END, NEVER, NOW, PARENT_RUN_ENV, log_model_choice
 
 log = logging.getLogger(__name__)
 
-PARENT_RUN_ENV = "TRAINLAB_PARENT_RUN_ID"  # set in a sweep's jobs: the sweep's parent run
 MODEL_FORMATS = ("pickle", "pt2")
 PARAM_VALUE_LIMIT = 6000  # MLflow rejects longer param values
 

@@ -144,7 +144,7 @@ def train_prepared(prepared: Prepared, tracker, output_dir: Path):
     """Fit the prepared parts with ``tracker`` (open by now), then log checkpoints and the
     best epoch's model."""
     from trainlab import distributed
-    from trainlab.checkpoint import CHECKPOINTS_TAG, CLASS_NAMES
+    from trainlab.checkpoint import CHECKPOINTS_TAG, CLASS_NAMES, tracked_files
     from trainlab.debug import profiled
 
     runner = prepared.runner
@@ -158,7 +158,8 @@ def train_prepared(prepared: Prepared, tracker, output_dir: Path):
             result = runner.fit()
     finally:
         if tracker.log_checkpoints:
-            tracker.log_artifacts(checkpoints, "checkpoints")
+            for path in tracked_files(checkpoints):
+                tracker.log_artifact(path, "checkpoints")
         elif (checkpoints / CLASS_NAMES).is_file():  # what `trainlab predict` names classes
             tracker.log_artifact(checkpoints / CLASS_NAMES, "checkpoints")
     if distributed.is_main_process():
@@ -211,7 +212,7 @@ def run(cfg: DictConfig) -> float:
     if done is not None:  # a rerun sweep: this job finished in an earlier attempt
         return done
     choices = OmegaConf.to_container(hydra_cfg.runtime.choices)
-    check_config(cfg, choices)  # before torch and mlflow load: a typo answers in a second
+    check_config(cfg, choices)  # before anything is built, read or tracked
 
     from trainlab import distributed
     from trainlab.checkpoint import resolve_resume
