@@ -98,3 +98,23 @@ def test_hard_kill_after_a_periodic_checkpoint_then_resume_matches_an_uninterrup
     a = torch.load(tmp_path / "whole/checkpoints/last.pt", weights_only=True)["model"]
     b = torch.load(last, weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_id_resumes_the_last_checkpoint_in_the_folder_its_run_names(
+    trainlab_in_process, mlflow_client, tmp_path
+):
+    trainlab_in_process("train", *RUN, "trainer.max_epochs=1", "hydra.run.dir=first")
+    (run,) = runs_of(mlflow_client)
+    short = run.info.run_id[:8]  # as `trainlab runs` shows it
+    trainlab_in_process("train", *RUN, "trainer.max_epochs=2", f"trainer.resume={short}")
+    (again,) = runs_of(mlflow_client)
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    assert [m.value for m in mlflow_client.get_metric_history(run.info.run_id, "epoch")] == [
+        0, 1]
+    assert torch.load(tmp_path / "first/checkpoints/last.pt", weights_only=True)["epoch"] == 1
+
+    (tmp_path / "first").rename(tmp_path / "moved")  # another machine: no such folder
+    gone = trainlab_in_process("train", *RUN, "trainer.max_epochs=3",
+                               f"trainer.resume={run.info.run_id}", check=False)
+    assert gone.returncode == 1
+    assert f"run {run.info.run_id} has no checkpoints/last.pt on this machine" in gone.stderr

@@ -215,12 +215,11 @@ def run(cfg: DictConfig) -> float:
     check_config(cfg, choices)  # before anything is built, read or tracked
 
     from trainlab import distributed
-    from trainlab.checkpoint import resolve_resume
     from trainlab.components import build
     from trainlab.data.check import log_to_run, prepare_data
     from trainlab.outbox import SPOOL_DIR
     from trainlab.provenance import record as record_provenance
-    from trainlab.resume import plan_resume, unsent_metrics
+    from trainlab.resume import plan_resume, resume_checkpoint, unsent_metrics
     from trainlab.seeding import seed_everything
     from trainlab.tracker import NullTracker
     from trainlab.tracking import comparable_params
@@ -243,7 +242,7 @@ def run(cfg: DictConfig) -> float:
         if plan:
             output_dir = plan.output_dir  # best.pt and the checkpoints go on where they were
     else:
-        resume = resolve_resume(cfg.trainer.get("resume"), output_dir)
+        resume = resume_checkpoint(cfg.trainer.get("resume"), output_dir, tracker)
     if launch.spawns:  # the workers build their own parts; these only check them
         device = distributed.select_device("cpu")
     prepared = prepare(cfg, tracker, output_dir, choices, job_callbacks(hydra_cfg),
