@@ -19,20 +19,22 @@ from trainlab.errors import TrainlabError
 log = logging.getLogger(__name__)
 
 
-def log_best_job_model(client: Any, run_id: str, logger_cfg: dict[str, Any]) -> bool:
+def log_best_job_model(client: Any, run_id: str, logger_cfg: dict[str, Any]) -> None:
     """Log run ``run_id``'s best checkpoint as its model, built from the run's own config
     the way `trainlab eval` builds it. A run that has its model already keeps it (a rerun
-    sweep); a checkpoint not on this machine is a warning. True when the run has its model."""
+    sweep); a checkpoint not on this machine, or a store that refuses the model, is a
+    warning: the sweep's summary and status do not depend on it."""
     import mlflow
     import numpy as np
     from hydra.utils import instantiate
+    from mlflow.exceptions import MlflowException
 
     from trainlab.checkpoint import INPUT_EXAMPLE, MODEL_EPOCH_TAG, load_checkpoint
     from trainlab.inference import find_source, load_model
 
     run = client.get_run(run_id)
     if MODEL_EPOCH_TAG in run.data.tags:
-        return True
+        return
     with tempfile.TemporaryDirectory() as workdir:
         try:
             source = find_source({"run_id": run_id}, [], Path(workdir))
@@ -44,13 +46,17 @@ def log_best_job_model(client: Any, run_id: str, logger_cfg: dict[str, Any]) -> 
         except TrainlabError as err:
             log.warning("the model of the sweep's best job (run %s) is not logged: %s",
                         run_id, err)
-            return False
+            return
         while mlflow.active_run() is not None:
             mlflow.end_run()
-        with mlflow.start_run(run_id=run_id, log_system_metrics=False):
-            instantiate(logger_cfg).log_model(model.cpu(), np.load(example))
-    # reopening it to log the model must not move the job's status or its end
-    client.set_terminated(run_id, run.info.status, end_time=run.info.end_time)
+        try:
+            with mlflow.start_run(run_id=run_id, log_system_metrics=False):
+                instantiate(logger_cfg).log_model(model.cpu(), np.load(example))
+        except (MlflowException, OSError) as err:
+            log.warning("the model of the sweep's best job (run %s) could not be logged: %s",
+                        run_id, str(err).splitlines()[0])
+            return
+        finally:  # reopening the run to log into it must not move its status or its end
+            client.set_terminated(run_id, run.info.status, end_time=run.info.end_time)
     client.set_tag(run_id, MODEL_EPOCH_TAG, best_epoch + 1)
     log.info("logged the model of the sweep's best job %s (run %s)", run.info.run_name, run_id)
-    return True
