@@ -118,3 +118,13 @@ def test_a_run_id_resumes_the_last_checkpoint_in_the_folder_its_run_names(
                                f"trainer.resume={run.info.run_id}", check=False)
     assert gone.returncode == 1
     assert f"run {run.info.run_id} has no checkpoints/last.pt on this machine" in gone.stderr
+
+
+def test_a_run_id_of_digits_that_hydra_reads_as_a_number_is_still_a_run_id(tmp_path):
+    from trainlab.errors import TrainlabError
+    from trainlab.resume import resume_checkpoint
+    from trainlab.tracker import NullTracker
+
+    with pytest.raises(TrainlabError, match="^trainer.resume=12345678 names an MLflow run, "
+                                            "but logger=none has no store"):
+        resume_checkpoint(12345678, tmp_path, NullTracker())

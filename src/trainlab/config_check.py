@@ -89,8 +89,8 @@ class TrainerSchema:
                                     optional=True)
     sync_batchnorm: bool = spec(*BOOL)
     detect_anomaly: bool = spec(*BOOL)
-    resume: str = spec("a checkpoint path, last, an MLflow run id, or null", _text,
-                       optional=True)
+    resume: str = spec("a checkpoint path, last, an MLflow run id, or null",
+                       lambda v: _text(v) or _int(0)(v), optional=True)  # ids of digits: int
     checkpoint_every_n_steps: int = spec("an integer >= 1, or null (epoch ends only)", _int(1),
                                          optional=True)
     checkpoint_every_n_minutes: float = spec("a number > 0, or null (epoch ends only)",

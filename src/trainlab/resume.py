@@ -72,7 +72,8 @@ def resume_checkpoint(value: Any, output_dir: Path, tracker: Any) -> Path | None
     """``trainer.resume`` as a file: null, ``last``, a checkpoint path, or an MLflow run id
     (or its first 8+ characters): the ``last.pt`` in the folder the run's
     ``trainlab.checkpoints`` tag names, where training keeps its checkpoints."""
-    if value is None or not RUN_ID.fullmatch(str(value)) or Path(str(value)).exists():
+    value = None if value is None else str(value)  # Hydra reads an id of digits as a number
+    if value is None or not RUN_ID.fullmatch(value) or Path(value).exists():
         return resolve_resume(value, output_dir)
     from mlflow.tracking import MlflowClient
 
@@ -83,7 +84,7 @@ def resume_checkpoint(value: Any, output_dir: Path, tracker: Any) -> Path | None
         raise TrainlabError(f"trainer.resume={value} names an MLflow run, but logger=none has "
                             "no store to look it up in; give the checkpoint's path")
     try:
-        run = find_run(MlflowClient(), experiment_id, str(value))
+        run = find_run(MlflowClient(), experiment_id, value)
     except TrainlabError as err:
         raise TrainlabError(f"trainer.resume={value}: {err}") from None
     folder = run.data.tags.get(CHECKPOINTS_TAG)
