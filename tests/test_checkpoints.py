@@ -9,7 +9,8 @@ import torch
 
 from conftest import FAST, runs_of
 
-RUN = [*FAST, "model.hidden=[16]", "optimizer.lr=3e-3", "trainer.save_top_k=2"]
+RUN = [*FAST, "model.hidden=[16]", "optimizer.lr=3e-3", "trainer.save_top_k=2",
+       "logger.log_checkpoints=true"]
 
 
 def best_epochs(client, run_id: str, monitor: str, mode: str, k: int) -> list[int]:

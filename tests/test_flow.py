@@ -102,7 +102,7 @@ def test_the_dry_run_leaves_weights_and_every_random_stream_as_they_were(compose
 def test_a_resume_checkpoint_that_does_not_fit_leaves_its_run_untouched(
     trainlab_in_process, mlflow_client, tmp_path
 ):
-    first = trainlab_in_process("train", *QUICK, "trainer.max_epochs=1", "logger.log_model=false",
+    first = trainlab_in_process("train", *QUICK, "trainer.max_epochs=1", "logger.log_model=none",
                                 "hydra.run.dir=outputs/runs/mlp")
     assert first.returncode == 0, first.stderr
     (before,) = runs_of(mlflow_client)

@@ -15,6 +15,9 @@ from trainlab.distributed import is_main_process
 from trainlab.errors import TrainlabError
 
 CLASS_NAMES = "class_names.json"  # beside the checkpoints: what predictions are called
+INPUT_EXAMPLE = "input_example.npy"  # beside best.pt while a sweep decides whether to log it
+CHECKPOINTS_TAG = "trainlab.checkpoints"  # a run's tag: the folder holding its checkpoints
+MODEL_EPOCH_TAG = "trainlab.model_epoch"  # a run's tag: the epoch of its logged model
 
 
 def save_class_names(names: list[str], folder: str | os.PathLike) -> Path:
@@ -24,6 +27,16 @@ def save_class_names(names: list[str], folder: str | os.PathLike) -> Path:
     path = Path(folder) / CLASS_NAMES
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps([str(name) for name in names]))
+    return path
+
+
+def save_input_example(example: Any, folder: str | os.PathLike) -> Path:
+    """A batch of two inputs, kept so the model can be logged later with its signature."""
+    import numpy as np
+
+    path = Path(folder) / INPUT_EXAMPLE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, example)
     return path
 
 

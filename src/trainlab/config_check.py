@@ -21,6 +21,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from trainlab.errors import TrainlabError
+from trainlab.tracker import LOG_MODEL
 
 Check = Callable[[Any], bool]
 
@@ -88,7 +89,8 @@ class TrainerSchema:
                                     optional=True)
     sync_batchnorm: bool = spec(*BOOL)
     detect_anomaly: bool = spec(*BOOL)
-    resume: str = spec("a checkpoint path, last, or null", _text, optional=True)
+    resume: str = spec("a checkpoint path, last, an MLflow run id, or null",
+                       lambda v: _text(v) or _int(0)(v), optional=True)  # ids of digits: int
     checkpoint_every_n_steps: int = spec("an integer >= 1, or null (epoch ends only)", _int(1),
                                          optional=True)
     checkpoint_every_n_minutes: float = spec("a number > 0, or null (epoch ends only)",
@@ -132,6 +134,8 @@ class MlflowLoggerSchema:
                              optional=True)
     experiment_name: str = spec("a non-empty string (quote digits: '\"123\"')", _text)
     log_every_n_steps: int = spec("an integer >= 1", _int(1))
+    log_model: str = spec(f"one of {', '.join(LOG_MODEL)} (true and false mean all and none)",
+                          lambda v: isinstance(v, bool) or v in LOG_MODEL)
     log_checkpoints: bool = spec(*BOOL)
     flush_every_s: float = spec("a number >= 0", _number(at_least=0))
     log_system_metrics: bool = spec(*BOOL)
