@@ -7,6 +7,9 @@
   (:func:`sigterm_as_interrupt`).
 - A job that spawned DDP workers passes both signals on to them, so they stop the same way
   (:func:`forwarded_to`).
+- Under a cluster scheduler (hydra_plugins/trainlab_submitit), the signal it sends before
+  it preempts a job or its time limit ends stops a run the same way, and is noted so the
+  job requeues itself (:func:`preemption`).
 Handlers can only be set in the main thread; elsewhere these leave signals as they are.
 """
 
@@ -21,12 +24,36 @@ from collections.abc import Callable, Iterator, Sequence
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+class Preemption:
+    """The scheduler's warning signal while a job expects one, and whether it came."""
+
+    def __init__(self, signum: int | None = None) -> None:
+        self.signum = signum
+        self.received = False
+
+
+_preemption = Preemption()  # no scheduler signal expected
+
+
+def _stop_signals() -> tuple[int, ...]:
+    return STOP_SIGNALS + ((_preemption.signum,) if _preemption.signum else ())
+
+
 @contextlib.contextmanager
-def _handled(handler: Callable, signals: Sequence[int] = STOP_SIGNALS) -> Iterator[None]:
+def _handled(handler: Callable, signals: Sequence[int] | None = None) -> Iterator[None]:
+    """``handler`` for ``signals`` (the stop signals) while entered; a preemption signal
+    among them is noted first."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.signal(sig, handler) for sig in signals}
+
+    def noting(signum: int, frame) -> None:
+        if signum == _preemption.signum:
+            _preemption.received = True
+        handler(signum, frame)
+
+    signals = _stop_signals() if signals is None else signals
+    previous = {sig: signal.signal(sig, noting) for sig in signals}
     try:
         yield
     finally:
@@ -64,8 +91,23 @@ def _interrupt(_signum: int, _frame) -> None:
 
 
 def sigterm_as_interrupt() -> contextlib.AbstractContextManager:
-    """SIGTERM raises KeyboardInterrupt, as Ctrl-C does."""
-    return _handled(_interrupt, (signal.SIGTERM,))
+    """SIGTERM (and a scheduler's preemption signal) raises KeyboardInterrupt, as Ctrl-C
+    does."""
+    return _handled(_interrupt, tuple(s for s in _stop_signals() if s != signal.SIGINT))
+
+
+@contextlib.contextmanager
+def preemption(signum: int) -> Iterator[Preemption]:
+    """While entered, ``signum`` (what Slurm sends before it preempts a job or its time limit
+    ends) stops a run as SIGTERM does: in the loop at the next step with ``last.pt``,
+    elsewhere at once; all by KeyboardInterrupt. The yielded record says whether it came."""
+    global _preemption
+    outer, _preemption = _preemption, Preemption(signum)
+    try:
+        with _handled(_interrupt, (signum,)):
+            yield _preemption
+    finally:
+        _preemption = outer
 
 
 @contextlib.contextmanager
@@ -75,9 +117,9 @@ def forwarded_to(processes: Sequence) -> Iterator[list[int]]:
 
     def forward(signum: int, _frame) -> None:
         received.append(signum)
-        for process in processes:
+        for process in processes:  # workers know SIGINT and SIGTERM only
             if process.is_alive():
-                os.kill(process.pid, signum)
+                os.kill(process.pid, signum if signum in STOP_SIGNALS else signal.SIGTERM)
 
     with _handled(forward):
         yield received
