@@ -21,7 +21,7 @@ TRAINLAB = Path(sys.executable).with_name("trainlab")
 # Tiny, fast settings for end-to-end runs where the learning itself is not under test.
 QUICK = ["model=mlp", "trainer.max_epochs=2", "trainer.progress_bar=false"]
 # The same without a fixed length and without logging the MLflow model (seconds per run).
-FAST = ["model=mlp", "trainer.progress_bar=false", "logger.log_model=false"]
+FAST = ["model=mlp", "trainer.progress_bar=false", "logger.log_model=none"]
 
 
 def free_port() -> int:

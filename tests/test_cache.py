@@ -108,7 +108,7 @@ def test_a_run_with_a_disk_cache_trains_and_fills_the_cache(folder, tmp_path, ru
     run_trainlab("train", "data=image_folder", f"data.dataset.root={folder}",
                  "data.num_classes=2", "data.image_size=[8,8]", "data.cache=disk",
                  f"data.cache_dir={cache_dir}", "augment=light", "model=mlp",
-                 "trainer.max_epochs=2", "trainer.progress_bar=false", "logger.log_model=false")
+                 "trainer.max_epochs=2", "trainer.progress_bar=false", "logger.log_model=none")
     assert len(list(cache_dir.rglob("*.npy"))) == 8  # train and val samples, once each
     (run,) = mlflow_client.search_runs([mlflow_client.get_experiment_by_name("trainlab")
                                         .experiment_id])

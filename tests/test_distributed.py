@@ -116,8 +116,8 @@ def test_cpu_devices_count_processes(monkeypatch):
 def test_trainlab_train_on_two_cpu_processes_makes_one_run_and_one_output_dir(
     run_trainlab, mlflow_client, tmp_path
 ):
-    proc = run_trainlab("train", *QUICK, "logger.log_model=false", "trainer.accelerator=cpu",
-                        "trainer.devices=2")
+    proc = run_trainlab("train", *QUICK, "logger.log_model=none", "trainer.accelerator=cpu",
+                        "trainer.devices=2", "logger.log_checkpoints=true")
     assert proc.stdout.count("epoch   2/2") == 1, "only rank 0 prints"
     assert len(list((tmp_path / "outputs" / "runs").iterdir())) == 1
     (run,) = runs_of(mlflow_client)

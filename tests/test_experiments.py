@@ -30,7 +30,7 @@ def test_carvana_recipe_runs_on_files_in_its_layout(run_trainlab, mlflow_client,
         "train", "experiment=carvana_unet", f"data.dataset.root={tmp_path / 'carvana'}",
         "data.image_size=[32,32]", "data.batch_size=4", "data.num_workers=0",
         "model.base_channels=4", "model.depth=2", "trainer.max_epochs=2",
-        "trainer.progress_bar=false", "logger.log_model=false",
+        "trainer.progress_bar=false", "logger.log_model=none",
     )
     (run,) = runs_of(mlflow_client, "carvana_unet")
     assert run.info.status == "FINISHED"
@@ -47,7 +47,7 @@ def test_carvana_recipe_runs_on_files_in_its_layout(run_trainlab, mlflow_client,
 @pytest.mark.slow
 def test_shapes_unet_dice_reaches_the_promised_dice(run_trainlab, mlflow_client):
     run_trainlab("train", "experiment=shapes_unet_dice", "trainer.progress_bar=false",
-                 "logger.log_model=false", timeout=1800)
+                 "logger.log_model=none", timeout=1800)
     (run,) = runs_of(mlflow_client, "shapes_unet_dice")
     assert run.info.status == "FINISHED"
     best = max(m.value for m in mlflow_client.get_metric_history(run.info.run_id, "val/dice"))

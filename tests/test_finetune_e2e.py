@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from conftest import free_port, runs_of
 
-FAST = ["trainer.progress_bar=false", "logger.log_model=false"]
+FAST = ["trainer.progress_bar=false", "logger.log_model=none"]
 
 
 def train_in_process(compose, tracking_uri: str, output_dir: Path, *overrides: str) -> str:

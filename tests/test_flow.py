@@ -30,6 +30,8 @@ BAD_VALUES = [
      "trainer.checkpoint_every_n_steps=0: must be an integer >= 1, or null (epoch ends only)"),
     ("trainer.checkpoint_every_n_minutes=-5",
      "trainer.checkpoint_every_n_minutes=-5: must be a number > 0, or null (epoch ends only)"),
+    ("trainer.save_top_k=0",
+     "trainer.save_top_k=0: must be an integer >= 1, or null (last.pt and best.pt only)"),
     ("trainer.devices=0", "trainer.devices=0: must be auto, a number >= 1"),
     ("model.image_size=[4,4]", "model=mlp cannot take a batch of data=digits (in_channels=1, "
                                "image_size=[8, 8], num_classes=10), shaped 4×1×8×8:"),
@@ -100,7 +102,7 @@ def test_the_dry_run_leaves_weights_and_every_random_stream_as_they_were(compose
 def test_a_resume_checkpoint_that_does_not_fit_leaves_its_run_untouched(
     trainlab_in_process, mlflow_client, tmp_path
 ):
-    first = trainlab_in_process("train", *QUICK, "trainer.max_epochs=1", "logger.log_model=false",
+    first = trainlab_in_process("train", *QUICK, "trainer.max_epochs=1", "logger.log_model=none",
                                 "hydra.run.dir=outputs/runs/mlp")
     assert first.returncode == 0, first.stderr
     (before,) = runs_of(mlflow_client)

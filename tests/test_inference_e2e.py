@@ -142,7 +142,7 @@ def test_eval_split_test_logs_test_metrics_on_a_linked_run(trainlab_in_process, 
                                                            tmp_path, source):
     data = TEST_SPLITS[source](tmp_path / "data")
     trainlab_in_process("train", "model=mlp", "trainer.max_epochs=1", "trainer.progress_bar=false",
-                        "logger.log_model=false", "trainer.top_k=2", *data)
+                        "logger.log_model=none", "trainer.top_k=2", *data)
     (trained,) = runs_of(mlflow_client)
     run_id = trained.info.run_id
     out = trainlab_in_process("eval", f"run_id={run_id}", "split=test").stdout
@@ -162,7 +162,7 @@ def test_eval_split_test_logs_test_metrics_on_a_linked_run(trainlab_in_process, 
 def test_eval_of_a_split_the_data_lacks_names_the_splits_it_has(trainlab_in_process,
                                                                mlflow_client):
     trainlab_in_process("train", "model=mlp", "trainer.max_epochs=1", "trainer.progress_bar=false",
-                        "logger.log_model=false")
+                        "logger.log_model=none")
     (trained,) = runs_of(mlflow_client)
     proc = trainlab_in_process("eval", f"run_id={trained.info.run_id}", "split=test", check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr

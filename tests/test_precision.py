@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -106,3 +109,18 @@ def test_precision_options_build_and_run_on_cpu(compose, option, mode, tf32):
     with precision.autocast():
         out = torch.nn.Linear(4, 2)(torch.ones(1, 4))
     assert out.dtype == (torch.bfloat16 if mode == "bf16" else torch.float32)
+
+
+def test_trainlab_train_refuses_fp16_on_cpu_before_torch_or_mlflow_loads(tmp_path):
+    """The refusal is the first thing a user sees, within a second: it needs neither torch
+    nor MLflow, and no store or run is created."""
+    probe = ("import runpy, sys\n"
+             "sys.argv = ['trainlab', 'train', 'precision=fp16']\n"
+             "try:\n    runpy.run_module('trainlab.cli', run_name='__main__')\n"
+             "except SystemExit as end:\n"
+             "    print('exit', end.code, 'torch' in sys.modules, 'mlflow' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert "precision=fp16" in proc.stderr and "precision=bf16" in proc.stderr
+    assert proc.stdout.split() == ["exit", "1", "False", "False"]
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()

@@ -15,7 +15,7 @@ import torch
 
 from conftest import TRAINLAB, runs_of
 
-RUN = ["model=mlp", "model.hidden=[16]", "trainer.progress_bar=false", "logger.log_model=false",
+RUN = ["model=mlp", "model.hidden=[16]", "trainer.progress_bar=false", "logger.log_model=none",
        "logger.log_checkpoints=false", "trainer.deterministic=true"]
 
 
@@ -98,3 +98,33 @@ def test_hard_kill_after_a_periodic_checkpoint_then_resume_matches_an_uninterrup
     a = torch.load(tmp_path / "whole/checkpoints/last.pt", weights_only=True)["model"]
     b = torch.load(last, weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_id_resumes_the_last_checkpoint_in_the_folder_its_run_names(
+    trainlab_in_process, mlflow_client, tmp_path
+):
+    trainlab_in_process("train", *RUN, "trainer.max_epochs=1", "hydra.run.dir=first")
+    (run,) = runs_of(mlflow_client)
+    short = run.info.run_id[:8]  # as `trainlab runs` shows it
+    trainlab_in_process("train", *RUN, "trainer.max_epochs=2", f"trainer.resume={short}")
+    (again,) = runs_of(mlflow_client)
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    assert [m.value for m in mlflow_client.get_metric_history(run.info.run_id, "epoch")] == [
+        0, 1]
+    assert torch.load(tmp_path / "first/checkpoints/last.pt", weights_only=True)["epoch"] == 1
+
+    (tmp_path / "first").rename(tmp_path / "moved")  # another machine: no such folder
+    gone = trainlab_in_process("train", *RUN, "trainer.max_epochs=3",
+                               f"trainer.resume={run.info.run_id}", check=False)
+    assert gone.returncode == 1
+    assert f"run {run.info.run_id} has no checkpoints/last.pt on this machine" in gone.stderr
+
+
+def test_a_run_id_of_digits_that_hydra_reads_as_a_number_is_still_a_run_id(tmp_path):
+    from trainlab.errors import TrainlabError
+    from trainlab.resume import resume_checkpoint
+    from trainlab.tracker import NullTracker
+
+    with pytest.raises(TrainlabError, match="^trainer.resume=12345678 names an MLflow run, "
+                                            "but logger=none has no store"):
+        resume_checkpoint(12345678, tmp_path, NullTracker())

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import QUICK, TRAINLAB, free_port, runs_of
 
-FAST = [*QUICK, "logger.log_model=false", "logger.log_checkpoints=false"]
+FAST = [*QUICK, "logger.log_model=none"]
 
 
 def split_sweep(runs):
@@ -111,7 +111,7 @@ OPTUNA = [
     # a trial below 50 % accuracy after its first epoch is pruned
     "hydra.sweeper.pruner._target_=optuna.pruners.ThresholdPruner",
     "~hydra.sweeper.pruner.n_startup_trials", "hydra.sweeper.pruner.n_warmup_steps=0",
-    "+hydra.sweeper.pruner.lower=0.5", *FAST,
+    "+hydra.sweeper.pruner.lower=0.5", *QUICK, "logger.log_model=all",
 ]
 
 
@@ -159,6 +159,11 @@ def test_optuna_search_prunes_resumes_and_never_repeats_a_trial(mlflow_client, t
     assert [r.info.run_name for r in pruned] == ["optimizer.lr=1e-05"]
     assert pruned[0].data.tags["pruned"] == "epoch 1"
     assert len(mlflow_client.get_metric_history(pruned[0].info.run_id, "val/acc")) == 1
+    # logger.log_model=all: every trial that ran to its end logged its model, a pruned one not
+    with_model = {m.source_run_id for m in mlflow_client.search_logged_models(
+        [parent.info.experiment_id])}
+    assert with_model == {r.info.run_id for r in children
+                          if r.info.status == "FINISHED" and "pruned" not in r.data.tags}
     summary = proc.stdout[proc.stdout.index("Sweep summary"):].splitlines()
     assert "PRUNED" in summary[-1] or "pruned at epoch 1" in proc.stdout
 

@@ -102,7 +102,7 @@ def test_processes_share_one_study_one_server_and_one_parent(postgres, mlflow_se
                "optimizer.lr=choice(0.001,0.003,0.01,0.03,0.1)", "hydra.sweeper.pruner=null",
                f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=shared",
                "hydra.sweeper.n_trials=4", f"logger.tracking_uri={mlflow_server}",
-               *QUICK, "logger.log_model=false", "logger.log_checkpoints=false"]
+               *QUICK, "logger.log_model=none"]
     procs = [subprocess.Popen([str(TRAINLAB), *command, f"hydra.sweep.dir=machine{i}",
                                f"seed={i}"], cwd=tmp_path, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

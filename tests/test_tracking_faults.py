@@ -79,7 +79,7 @@ def start_training(tmp_path: Path, server: Server, *overrides: str) -> subproces
     env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.Popen(
         [str(TRAINLAB), "train", "model=mlp", "trainer.progress_bar=false",
-         "logger.log_model=false", f"logger.tracking_uri={server.uri}",
+         "logger.log_model=none", f"logger.tracking_uri={server.uri}",
          "logger.flush_every_s=0", "logger.retry_every_s=0.5", "hydra.run.dir=out", *overrides],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
@@ -131,7 +131,7 @@ def test_server_killed_mid_run_and_restarted_gets_every_epoch_once(server, tmp_p
 def test_sigint_while_the_server_is_down_stops_at_once_and_sync_delivers_later(
     server, tmp_path
 ):
-    proc = start_training(tmp_path, server, "trainer.max_epochs=200")
+    proc = start_training(tmp_path, server, "trainer.max_epochs=200", "logger.log_checkpoints=true")
     seen: list[str] = []
     read_until(proc, "epoch   1/200", seen)
     server.kill()
@@ -172,7 +172,7 @@ def test_three_runs_started_at_once_on_a_new_sqlite_store_all_finish(tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     procs = [
         subprocess.Popen(
-            [str(TRAINLAB), "train", "model=mlp", "trainer.max_epochs=1", "logger.log_model=false",
+            [str(TRAINLAB), "train", "model=mlp", "trainer.max_epochs=1", "logger.log_model=none",
              "logger.log_checkpoints=false", "trainer.progress_bar=false", f"seed={seed}"],
             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )

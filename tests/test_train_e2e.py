@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -40,8 +41,12 @@ def test_default_run_learns_digits_and_logs_everything(run_trainlab, mlflow_clie
 
     top = {a.path for a in mlflow_client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", ".hydra", "checkpoints"} <= top
+    # Checkpoints have one home, the run's output folder, which the run names.
     ckpts = {a.path for a in mlflow_client.list_artifacts(run.info.run_id, "checkpoints")}
-    assert ckpts == {"checkpoints/best.pt", "checkpoints/last.pt", f"checkpoints/{CLASS_NAMES}"}
+    assert ckpts == {f"checkpoints/{CLASS_NAMES}"}
+    folder = Path(run.data.tags["trainlab.checkpoints"])
+    assert folder.parent == Path(run.data.tags["trainlab.output_dir"])
+    assert {"best.pt", "last.pt", CLASS_NAMES} <= {f.name for f in folder.iterdir()}
     hydra_files = {a.path for a in mlflow_client.list_artifacts(run.info.run_id, ".hydra")}
     assert ".hydra/overrides.yaml" in hydra_files
 
@@ -59,7 +64,7 @@ def test_default_run_learns_digits_and_logs_everything(run_trainlab, mlflow_clie
 
 def test_multirun_makes_one_mlflow_run_per_job(trainlab_in_process, mlflow_client):
     proc = trainlab_in_process("train", "-m", "optimizer.lr=1e-3,1e-2", *QUICK,
-                               "logger.log_model=false")
+                               "logger.log_model=none")
     assert "Launching 2 jobs" in proc.stdout
     runs = [r for r in runs_of(mlflow_client) if "mlflow.parentRunId" in r.data.tags]
     names = [r.info.run_name for r in runs]
@@ -94,8 +99,7 @@ def test_ctrl_c_marks_the_run_killed(tmp_path, tracking_uri, mlflow_client):
     assert proc.returncode == 130, out
     (run,) = runs_of(mlflow_client)
     assert run.info.status == "KILLED"
-    ckpts = {a.path for a in mlflow_client.list_artifacts(run.info.run_id, "checkpoints")}
-    assert "checkpoints/last.pt" in ckpts
+    assert (Path(run.data.tags["trainlab.checkpoints"]) / "last.pt").is_file()
 
 
 def test_unreachable_tracking_server_fails_fast_before_training(trainlab_in_process):
@@ -146,7 +150,7 @@ def test_logs_to_a_remote_mlflow_server(run_trainlab, mlflow_server):
     from mlflow.tracking import MlflowClient
 
     run_trainlab("train", *QUICK, f"logger.tracking_uri={mlflow_server}",
-                 "logger.experiment_name=remote")
+                 "logger.experiment_name=remote", "logger.log_checkpoints=true")
     client = MlflowClient(tracking_uri=mlflow_server)
     (run,) = runs_of(client, "remote")
     assert run.info.status == "FINISHED"

@@ -11,7 +11,7 @@ from trainlab.errors import TrainlabError
 
 def test_run_logs_lr_changes_task_metrics_and_plots(trainlab_in_process, mlflow_client):
     trainlab_in_process("train", *QUICK, "scheduler=onecycle", "optimizer=sgd", "loss=focal",
-                 "trainer.monitor=val/f1_macro", "logger.log_model=false")
+                 "trainer.monitor=val/f1_macro", "logger.log_model=none")
     (run,) = runs_of(mlflow_client)
     metrics = run.data.metrics
     for name in ("train/acc", "val/acc", "val/acc_top5", "val/f1_macro", "val/loss"):

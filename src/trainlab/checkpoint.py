@@ -15,6 +15,9 @@ from trainlab.distributed import is_main_process
 from trainlab.errors import TrainlabError
 
 CLASS_NAMES = "class_names.json"  # beside the checkpoints: what predictions are called
+INPUT_EXAMPLE = "input_example.npy"  # beside best.pt while a sweep decides whether to log it
+CHECKPOINTS_TAG = "trainlab.checkpoints"  # a run's tag: the folder holding its checkpoints
+MODEL_EPOCH_TAG = "trainlab.model_epoch"  # a run's tag: the epoch of its logged model
 
 
 def save_class_names(names: list[str], folder: str | os.PathLike) -> Path:
@@ -24,6 +27,16 @@ def save_class_names(names: list[str], folder: str | os.PathLike) -> Path:
     path = Path(folder) / CLASS_NAMES
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps([str(name) for name in names]))
+    return path
+
+
+def save_input_example(example: Any, folder: str | os.PathLike) -> Path:
+    """A batch of two inputs, kept so the model can be logged later with its signature."""
+    import numpy as np
+
+    path = Path(folder) / INPUT_EXAMPLE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, example)
     return path
 
 
@@ -62,14 +75,20 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 class Checkpoints:
     """``last.pt`` and ``best.pt`` of one run: which epoch is best by the monitored metric,
-    when a mid-epoch ``last.pt`` is due (every ``every_n_steps`` steps and/or
-    ``every_n_minutes``, so a hard kill loses at most that much), and their atomic writes (by
-    rank 0 only, in a DDP group)."""
+    the ``top_k`` best epochs' own files (``epoch_003-val_acc_0.9722.pt``, epochs counted
+    from 1; no ``=`` in the name, so the path works as a Hydra override's value), when a
+    mid-epoch ``last.pt`` is due (every ``every_n_steps`` steps and/or ``every_n_minutes``,
+    so a hard kill loses at most that much), and their atomic writes (by rank 0 only, in a
+    DDP group)."""
 
     def __init__(self, folder: str | os.PathLike, monitor: str, mode: str,
-                 every_n_steps: int | None = None, every_n_minutes: float | None = None) -> None:
+                 every_n_steps: int | None = None, every_n_minutes: float | None = None,
+                 top_k: int | None = None) -> None:
         if mode not in ("min", "max"):
             raise TrainlabError(f"trainer.monitor_mode={mode!r}; choose 'min' or 'max'")
+        if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
+            raise TrainlabError(f"trainer.save_top_k={top_k}; must be an integer >= 1, or null "
+                                "(last.pt and best.pt only)")
         for key, value in (("checkpoint_every_n_steps", every_n_steps),
                            ("checkpoint_every_n_minutes", every_n_minutes)):
             if value is not None and not float(value) > 0:
@@ -78,6 +97,9 @@ class Checkpoints:
         self.folder, self.monitor, self.mode = Path(folder), monitor, mode
         self.best = math.inf if mode == "min" else -math.inf
         self.best_epoch = -1
+        self.top_k = int(top_k or 0)
+        self.ranked: list[tuple[float, int, str]] = []  # (value, epoch, file name), best first
+        self._strays: list[str] = []  # epoch files no checkpoint lists: a cut-short attempt's
         self.every_n_steps = int(every_n_steps or 0)
         self.every_s = float(every_n_minutes or 0) * 60
         self._saved_at = time.monotonic()
@@ -103,18 +125,69 @@ class Checkpoints:
         return improved
 
     def save(self, state: dict[str, Any], improved: bool = False) -> None:
-        """Write ``last.pt`` (and ``best.pt`` when ``improved``) with the best so far."""
+        """Write ``last.pt`` (and ``best.pt`` when ``improved``) with the best so far; at an
+        epoch end also the epoch's own file when it ranks among the ``top_k``. The file it
+        pushes out is deleted only once ``last.pt`` lists the new ranking, so a kill at any
+        point leaves every file the resumed run will rank."""
         self._saved_at = time.monotonic()
+        epoch_end = state.get("batches_done") is None
+        own, dropped = self._rank(state) if epoch_end else (None, [])
         if not is_main_process():
             return
         state = {**state, "monitor": self.monitor, "best": self.best,
-                 "best_epoch": self.best_epoch}
+                 "best_epoch": self.best_epoch, "ranked": [list(e) for e in self.ranked]}
+        if own is not None:
+            save_checkpoint(state, self.folder / own)
         save_checkpoint(state, self.last)
         if improved:
             save_checkpoint(state, self.folder / "best.pt")
+        kept = {name for _, _, name in self.ranked}
+        for name in {*dropped, *self._strays} - kept:
+            (self.folder / name).unlink(missing_ok=True)
+        self._strays = []
+
+    def _rank(self, state: dict[str, Any]) -> tuple[str | None, list[str]]:
+        """Put an epoch-end ``state`` into the top-k ranking: its file name if it made it,
+        and the names that fell out."""
+        value = (state.get("metrics") or {}).get(self.monitor)
+        if not self.top_k or value is None or math.isnan(value):
+            return None, []
+        epoch = int(state["epoch"])
+        own = f"epoch_{epoch + 1:03d}-{self.monitor.replace('/', '_')}_{value:.4f}.pt"
+        ranked = sorted([*self.ranked, (float(value), epoch, own)],  # stable: ties keep the
+                        key=lambda entry: entry[0], reverse=self.mode == "max")  # older one
+        self.ranked = ranked[: self.top_k]
+        dropped = [name for _, _, name in ranked[self.top_k:]]
+        return (None if own in dropped else own), [n for n in dropped if n != own]
 
     def restore(self, state: dict[str, Any]) -> None:
+        """Continue the best and the top-k ranking of a checkpoint's run (those of its files
+        this folder holds: a branched run elsewhere starts a ranking of its own). Epoch files
+        the checkpoint does not list (written after it by an attempt a kill cut short) go at
+        the next save."""
         self.best, self.best_epoch = float(state["best"]), int(state.get("best_epoch", -1))
+        self.ranked = [(float(value), int(epoch), str(name))
+                       for value, epoch, name in state.get("ranked") or []
+                       if (self.folder / str(name)).is_file()]
+        if self.top_k:  # without save_top_k now, the files a run kept earlier stay
+            self._strays = [path.name for path in ranked_files(self.folder)]
+
+
+def ranked_files(folder: str | os.PathLike) -> list[Path]:
+    """The top-k epoch files in a checkpoint folder."""
+    return sorted(Path(folder).glob("epoch_[0-9][0-9][0-9]*-*.pt"))
+
+
+def tracked_files(folder: str | os.PathLike) -> list[Path]:
+    """What of a checkpoint folder a run logs to MLflow: ``best.pt``, ``last.pt`` and the
+    class names. The top-k epoch files stay on disk only: k copies of the weights per run
+    would multiply the store's size, and ``best.pt`` is the best of them."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    ranked = set(ranked_files(folder))
+    return [path for path in sorted(folder.iterdir())
+            if path.is_file() and not path.name.startswith(".") and path not in ranked]
 
 
 class KeptRows:

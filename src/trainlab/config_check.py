@@ -21,6 +21,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from trainlab.errors import TrainlabError
+from trainlab.tracker import LOG_MODEL
 
 Check = Callable[[Any], bool]
 
@@ -88,11 +89,14 @@ class TrainerSchema:
                                     optional=True)
     sync_batchnorm: bool = spec(*BOOL)
     detect_anomaly: bool = spec(*BOOL)
-    resume: str = spec("a checkpoint path, last, or null", _text, optional=True)
+    resume: str = spec("a checkpoint path, last, an MLflow run id, or null",
+                       lambda v: _text(v) or _int(0)(v), optional=True)  # ids of digits: int
     checkpoint_every_n_steps: int = spec("an integer >= 1, or null (epoch ends only)", _int(1),
                                          optional=True)
     checkpoint_every_n_minutes: float = spec("a number > 0, or null (epoch ends only)",
                                              _number(above=0), optional=True)
+    save_top_k: int = spec("an integer >= 1, or null (last.pt and best.pt only)", _int(1),
+                           optional=True)
     top_k: int = spec("an integer >= 2, or null for no top-k accuracy", _int(2), optional=True)
 
 
@@ -130,6 +134,8 @@ class MlflowLoggerSchema:
                              optional=True)
     experiment_name: str = spec("a non-empty string (quote digits: '\"123\"')", _text)
     log_every_n_steps: int = spec("an integer >= 1", _int(1))
+    log_model: str = spec(f"one of {', '.join(LOG_MODEL)} (true and false mean all and none)",
+                          lambda v: isinstance(v, bool) or v in LOG_MODEL)
     log_checkpoints: bool = spec(*BOOL)
     flush_every_s: float = spec("a number >= 0", _number(at_least=0))
     log_system_metrics: bool = spec(*BOOL)
@@ -256,6 +262,21 @@ def unknown_key_problems(cfg: DictConfig, choices: dict) -> list[str]:
     return problems
 
 
+def _fp16_on_cpu(cfg: DictConfig) -> str:
+    return (
+        f"precision.mode=fp16 (precision=fp16) needs a GPU (float16 autocast with loss "
+        f"scaling) but trainer.accelerator={cfg.trainer.accelerator} runs on the CPU; use "
+        "precision=bf16, which autocasts on the CPU too"
+    )
+
+
+def stated_hardware_problems(cfg: DictConfig) -> list[str]:
+    """Hardware misfits the config states outright (``fp16`` with ``trainer.accelerator=cpu``):
+    decided without importing torch, so they answer within a second."""
+    fp16 = OmegaConf.select(cfg, "precision.mode") == "fp16"
+    return [_fp16_on_cpu(cfg)] if fp16 and cfg.trainer.accelerator == "cpu" else []
+
+
 def hardware_problems(cfg: DictConfig) -> list[str]:
     """Hardware the config asks for and this machine lacks (fp16 without a GPU, CUDA
     indices that are not visible). Imports torch; run once the values are well typed."""
@@ -266,11 +287,7 @@ def hardware_problems(cfg: DictConfig) -> list[str]:
     except TrainlabError as err:
         return [str(err)]
     if OmegaConf.select(cfg, "precision.mode") == "fp16" and launch.device_type == "cpu":
-        return [
-            f"precision.mode=fp16 (precision=fp16) needs a GPU (float16 autocast with loss "
-            f"scaling) but trainer.accelerator={cfg.trainer.accelerator} runs on the CPU; use "
-            "precision=bf16, which autocasts on the CPU too"
-        ]
+        return [_fp16_on_cpu(cfg)]
     return []
 
 
@@ -286,8 +303,14 @@ def unset_problems(cfg: DictConfig, reported: Sequence[str]) -> list[str]:
 def check_config(cfg: DictConfig, choices: dict) -> None:
     """Raise a :class:`ConfigError` listing every problem of ``cfg``; return when none."""
     problems = schema_problems(cfg)
-    problems += unset_problems(cfg, problems) + unknown_key_problems(cfg, choices)
-    if not any(p.startswith(("trainer.", "precision.")) for p in problems):
+    problems += unset_problems(cfg, problems)
+    typed = not any(p.startswith(("trainer.", "precision.")) for p in problems)
+    if typed and (stated := stated_hardware_problems(cfg)):
+        # answered before the component imports (torch, mlflow: seconds); the keys of the
+        # components are checked on the next try, once the hardware fits
+        raise ConfigError(problems + stated)
+    problems += unknown_key_problems(cfg, choices)
+    if typed:
         problems += hardware_problems(cfg)
     if problems:
         raise ConfigError(problems)

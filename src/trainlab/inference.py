@@ -101,14 +101,51 @@ def _from_run(run_id: str, which: str, workdir: Path) -> Source:
         run = mlflow.MlflowClient().get_run(run_id)
         config = mlflow.artifacts.download_artifacts(
             run_id=run_id, artifact_path="config.yaml", dst_path=str(workdir))
-        checkpoint = mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path=f"checkpoints/{which}.pt", dst_path=str(workdir))
     except (MlflowException, OSError) as err:
         raise TrainlabError(
-            f"run_id={run_id}: cannot get its config.yaml and checkpoints/{which}.pt from "
+            f"run_id={run_id}: cannot get its config.yaml from "
             f"{mlflow.get_tracking_uri()} ({str(err).splitlines()[0]})"
         ) from err
-    return Source(OmegaConf.load(config), Path(checkpoint), run_id, run.info.experiment_id)
+    checkpoint = run_checkpoint(run, which, workdir)
+    return Source(OmegaConf.load(config), checkpoint, run_id, run.info.experiment_id)
+
+
+def run_checkpoint(run, which: str, workdir: Path) -> Path:
+    """A run's ``<which>.pt``: in its checkpoint folder (tag ``trainlab.checkpoints``), where
+    training keeps them; else the copy the run logged (``logger.log_checkpoints=true``);
+    else, for ``best``, the weights of the run's logged model."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from trainlab.checkpoint import CHECKPOINTS_TAG
+
+    folder = run.data.tags.get(CHECKPOINTS_TAG)
+    if folder and (Path(folder) / f"{which}.pt").is_file():
+        return Path(folder) / f"{which}.pt"
+    run_id = run.info.run_id
+    try:
+        return Path(mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=f"checkpoints/{which}.pt", dst_path=str(workdir)))
+    except (MlflowException, OSError):
+        pass
+    if which == "best" and run.outputs and run.outputs.model_outputs:
+        return _logged_model_weights(run_id, workdir)
+    raise TrainlabError(
+        f"run_id={run_id}: no checkpoints/{which}.pt in {folder or 'its output folder'} on "
+        "this machine, and the run logged no copy; pass ckpt=PATH, or train with "
+        "logger.log_checkpoints=true to keep a copy in MLflow"
+    )
+
+
+def _logged_model_weights(run_id: str, workdir: Path) -> Path:
+    """The weights of the run's logged model (its best epoch) as a checkpoint file."""
+    import mlflow.pytorch
+    import torch
+
+    model = mlflow.pytorch.load_model(f"runs:/{run_id}/model", map_location="cpu")
+    path = Path(workdir) / "best.pt"
+    torch.save({"model": model.state_dict()}, path)
+    return path
 
 
 def load_model(cfg: DictConfig, checkpoint: Path):

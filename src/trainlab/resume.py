@@ -3,15 +3,17 @@ continues, all decided and checked before the old run is touched."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainlab.checkpoint import load_checkpoint, resolve_resume
+from trainlab.checkpoint import CHECKPOINTS_TAG, load_checkpoint, resolve_resume
 from trainlab.errors import TrainlabError
 
 RESUME_AS = ("same_run", "new_run")
+RUN_ID = re.compile(r"[0-9a-f]{8,32}")  # an MLflow run id, or the prefix `trainlab runs` shows
 
 
 @dataclass
@@ -32,7 +34,7 @@ def plan_resume(trainer: Any, output_dir: Path, tracker: Any) -> ResumePlan | No
     resume_as = trainer.get("resume_as") or "same_run"
     if resume_as not in RESUME_AS:
         raise TrainlabError(f"trainer.resume_as={resume_as!r}; choose one of {RESUME_AS}")
-    path = resolve_resume(trainer.get("resume"), output_dir)
+    path = resume_checkpoint(trainer.get("resume"), output_dir, tracker)
     if path is None:
         return None
     state = load_checkpoint(path)
@@ -64,6 +66,34 @@ def plan_resume(trainer: Any, output_dir: Path, tracker: Any) -> ResumePlan | No
         )
     tags["trainlab.output_dir"] = str(run_dir)
     return ResumePlan(path, origin, run_dir, tags)
+
+
+def resume_checkpoint(value: Any, output_dir: Path, tracker: Any) -> Path | None:
+    """``trainer.resume`` as a file: null, ``last``, a checkpoint path, or an MLflow run id
+    (or its first 8+ characters): the ``last.pt`` in the folder the run's
+    ``trainlab.checkpoints`` tag names, where training keeps its checkpoints."""
+    value = None if value is None else str(value)  # Hydra reads an id of digits as a number
+    if value is None or not RUN_ID.fullmatch(value) or Path(value).exists():
+        return resolve_resume(value, output_dir)
+    from mlflow.tracking import MlflowClient
+
+    from trainlab.compare import find_run
+
+    experiment_id = tracker.connect()
+    if experiment_id is None:
+        raise TrainlabError(f"trainer.resume={value} names an MLflow run, but logger=none has "
+                            "no store to look it up in; give the checkpoint's path")
+    try:
+        run = find_run(MlflowClient(), experiment_id, value)
+    except TrainlabError as err:
+        raise TrainlabError(f"trainer.resume={value}: {err}") from None
+    folder = run.data.tags.get(CHECKPOINTS_TAG)
+    last = Path(folder) / "last.pt" if folder else None
+    if last is None or not last.is_file():
+        raise TrainlabError(f"trainer.resume={value}: run {run.info.run_id} has no "
+                            f"checkpoints/last.pt on this machine ({folder or 'no folder tagged'}"
+                            "); give the path of a copy")
+    return last
 
 
 def unsent_metrics(checkpoint: Path) -> list[tuple[int, dict[str, float]]]:

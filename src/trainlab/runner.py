@@ -88,6 +88,7 @@ class Runner:
         ema: float | None = None,
         checkpoint_every_n_steps: int | None = None,
         checkpoint_every_n_minutes: float | None = None,
+        save_top_k: int | None = None,
     ) -> None:
         if int(accumulate_grad_batches) < 1:
             raise TrainlabError(
@@ -118,7 +119,8 @@ class Runner:
         self.metrics.check_monitor(monitor)
         self.monitor = monitor
         self.checkpoints = Checkpoints(checkpoint_dir, monitor, monitor_mode,
-                                       checkpoint_every_n_steps, checkpoint_every_n_minutes)
+                                       checkpoint_every_n_steps, checkpoint_every_n_minutes,
+                                       save_top_k)
         self.lr = LrLog(optimizer)
         self.stop = StopRequest()
         self.max_epochs = int(max_epochs)

@@ -3,7 +3,7 @@
 ``MlflowSweep`` is a Hydra callback (registered in conf/hydra/default.yaml). It runs in the
 sweeping process, and Hydra hands a copy of it to every job, also to jobs in other
 processes (joblib, submitit): ``on_job_start`` tells the job its parent run and which
-overrides were swept, through ``tracking.PARENT_RUN_ENV`` and this module's ``_swept`` keys.
+overrides were swept, through ``tracker.PARENT_RUN_ENV`` and this module's ``_swept`` keys.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from trainlab.compare import SWEEP_ROLE_TAG, short_numbers
+from trainlab.tracker import PARENT_RUN_ENV
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,7 @@ class MlflowSweep(Callback):
         self.swept: set[str] = set()
         self.monitor = ("val/acc", "max")
         self.register_model: str | None = None  # its best job's version becomes the champion
+        self.logger_cfg: dict[str, Any] = {}  # how the jobs log: log_model=best is logged here
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from hydra.utils import instantiate
@@ -136,6 +138,7 @@ class MlflowSweep(Callback):
         self.swept = swept_keys(overrides, config.hydra.sweeper)
         self.monitor = (config.trainer.monitor, config.trainer.monitor_mode)
         self.register_model = OmegaConf.select(config, "logger.register_model")
+        self.logger_cfg = OmegaConf.to_container(config.logger, resolve=True)
         optuna = "n_trials" in config.hydra.sweeper
         key = sweep_key(config, sweep_dir, optuna)
         self.parent_run_id = open_parent(experiment_id, key, tags={
@@ -147,8 +150,6 @@ class MlflowSweep(Callback):
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if self.parent_run_id is None:  # a single run, not a sweep
             return
-        from trainlab.tracking import PARENT_RUN_ENV
-
         os.environ[PARENT_RUN_ENV] = self.parent_run_id
         _swept.clear()
         _swept.update(self.swept)
@@ -167,7 +168,6 @@ class MlflowSweep(Callback):
         from mlflow.tracking import MlflowClient
 
         from trainlab import compare
-        from trainlab.tracking import PARENT_RUN_ENV
 
         if self in _open:
             _open.remove(self)
@@ -194,7 +194,12 @@ class MlflowSweep(Callback):
                         "summary.csv")
         client.log_text(self.parent_run_id, compare.format_markdown(short, metric, shared),
                         "summary.md")
-        log_parent_results(client, self.parent_run_id, rows, seeds, metric)
+        best_run = log_parent_results(client, self.parent_run_id, rows, seeds, metric)
+        running = any(r.info.status == "RUNNING" for r in children)  # in another process
+        if best_run and not running and status != "KILLED" and self.logs_best_model_only():
+            from trainlab.sweep_model import log_best_job_model
+
+            log_best_job_model(client, best_run, self.logger_cfg)
         sweep_dir = Path(parent.data.tags["trainlab.sweep_dir"])
         results = sweep_dir / OPTUNA_RESULTS
         if results.is_file():
@@ -212,9 +217,16 @@ class MlflowSweep(Callback):
             if version is not None:
                 client.set_tag(self.parent_run_id, "trainlab.champion",
                                f"{self.register_model} version {version}")
-        if any(r.info.status == "RUNNING" for r in children) and status == "FINISHED":
+        if running and status == "FINISHED":
             return  # another process is still sweeping: it closes the parent
         client.set_terminated(self.parent_run_id, status)
+
+
+    def logs_best_model_only(self) -> bool:
+        """``logger.log_model=best``: the jobs log no model; the sweep logs its best job's."""
+        from trainlab.tracker import log_model_choice
+
+        return log_model_choice(self.logger_cfg.get("log_model", False)) == "best"
 
 
 def sweep_key(config: DictConfig, sweep_dir: Path, optuna: bool) -> str:
@@ -261,9 +273,9 @@ def latest_attempts(children: list) -> list:
     return list(latest.values())
 
 
-def log_parent_results(client, parent_id: str, rows, seeds, metric: str) -> None:
+def log_parent_results(client, parent_id: str, rows, seeds, metric: str) -> str | None:
     """Metrics to sort parents by: ``best/<metric>`` and each seed group's mean and std,
-    plus the best child run's id and name as tags."""
+    plus the best child run's id and name as tags; returns that id (None: no job finished)."""
     from mlflow.entities import Metric
 
     from trainlab.compare import metric_key
@@ -281,6 +293,7 @@ def log_parent_results(client, parent_id: str, rows, seeds, metric: str) -> None
                     (f"seeds/{name}/{metric}_std", group.std)]
     stamp = int(time.time() * 1000)
     client.log_batch(parent_id, metrics=[Metric(k, float(v), stamp, 0) for k, v in metrics])
+    return ranked[0].run_id if ranked else None
 
 
 def finished_job(hydra_cfg: DictConfig, monitor: str, mode: str) -> float | None:
@@ -288,8 +301,6 @@ def finished_job(hydra_cfg: DictConfig, monitor: str, mode: str) -> float | None
 
     The job then skips training; a failed or killed attempt is trained again.
     """
-    from trainlab.tracking import PARENT_RUN_ENV
-
     parent = os.environ.get(PARENT_RUN_ENV)
     if not parent:
         return None

@@ -13,6 +13,27 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from trainlab.errors import TrainlabError
+
+PARENT_RUN_ENV = "TRAINLAB_PARENT_RUN_ID"  # set in a sweep's jobs: the sweep's parent run
+
+# logger.log_model: which runs log their model. ``best`` (the default): a run its own, a
+# sweep only its best job's, when the sweep ends. true and false, its earlier boolean form,
+# mean all and none.
+LOG_MODEL = ("all", "best", "none")
+# When a run's model is logged (``Tracker.model_logging``):
+NOW, AT_SWEEP_END, NEVER = "now", "at_sweep_end", "never"
+
+
+def log_model_choice(value: Any) -> str:
+    """``logger.log_model`` as one of ``LOG_MODEL``; true/false read as all/none."""
+    if isinstance(value, bool):
+        return "all" if value else "none"
+    if value not in LOG_MODEL:
+        raise TrainlabError(f"logger.log_model={value}: must be one of {', '.join(LOG_MODEL)}"
+                            " (true and false mean all and none)")
+    return value
+
 
 @runtime_checkable
 class Tracker(Protocol):
@@ -55,6 +76,10 @@ class Tracker(Protocol):
 
     def log_datasets(self, splits: Any, data_cfg: Mapping[str, Any], name: str) -> None:
         """Record the data splits the run reads (MLflow's dataset inputs)."""
+
+    def model_logging(self, pruned: bool = False) -> str:
+        """When this run logs its model: ``NOW``, ``AT_SWEEP_END`` (only if it is its
+        sweep's best job) or ``NEVER``; a ``pruned`` trial never does."""
 
     def log_model(self, model: Any, input_example: Any) -> None:
         """Log the trained model so it can be loaded back from the run."""
@@ -112,6 +137,9 @@ class NullTracker:
 
     def log_datasets(self, splits: Any, data_cfg: Mapping[str, Any], name: str) -> None:
         pass
+
+    def model_logging(self, pruned: bool = False) -> str:
+        return NEVER
 
     def log_model(self, model: Any, input_example: Any) -> None:
         pass

@@ -19,10 +19,10 @@ from mlflow.tracking import MlflowClient
 from trainlab.errors import TrainlabError
 from trainlab.outbox import Outbox, bounded_http_calls
 from trainlab.signals import sigterm_as_interrupt
+from trainlab.tracker import AT_SWEEP_END, NEVER, NOW, PARENT_RUN_ENV, log_model_choice
 
 log = logging.getLogger(__name__)
 
-PARENT_RUN_ENV = "TRAINLAB_PARENT_RUN_ID"  # set in a sweep's jobs: the sweep's parent run
 MODEL_FORMATS = ("pickle", "pt2")
 PARAM_VALUE_LIMIT = 6000  # MLflow rejects longer param values
 
@@ -99,8 +99,8 @@ class MlflowTracker:
         tracking_uri: str | None = None,
         experiment_name: str = "trainlab",
         log_every_n_steps: int = 10,
-        log_model: bool = True,
-        log_checkpoints: bool = True,
+        log_model: str | bool = "best",
+        log_checkpoints: bool = False,
         flush_every_s: float = 5.0,
         retry_every_s: float = 5.0,
         close_timeout_s: float = 10.0,
@@ -119,7 +119,7 @@ class MlflowTracker:
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment_name
         self.log_every_n_steps = int(log_every_n_steps)
-        self.log_model_enabled = log_model
+        self.log_model_mode = log_model_choice(log_model)  # all, best or none
         self.log_checkpoints = log_checkpoints
         self.flush_every_s = float(flush_every_s)
         self.retry_every_s = float(retry_every_s)
@@ -340,17 +340,24 @@ class MlflowTracker:
 
         self._outbox.put({"call": "inputs", "inputs": dataset_inputs(splits, data_cfg, name)})
 
+    def model_logging(self, pruned: bool = False) -> str:
+        """When this run logs its model. ``logger.log_model=best`` in a sweep's job: at the
+        sweep's end, and only if the job is the sweep's best (``trainlab.sweep_model``)."""
+        if self.log_model_mode == "none" or pruned:
+            return NEVER
+        if self.log_model_mode == "best" and os.environ.get(PARENT_RUN_ENV):
+            return AT_SWEEP_END
+        return NOW
+
     def log_model(self, model: Any, input_example: Any) -> None:
         """Log the model so ``mlflow.pytorch.load_model("runs:/<id>/model")`` brings it back,
-        registered as ``register_model`` when that is set.
+        registered as ``register_model`` when that is set; into the active run.
 
         ``pickle`` (the default) gives back the module itself (``.eval()``, ``.train()``,
         fine-tunable) and saves fast; trainlab's own code travels with it (``code_paths``).
         ``pt2`` is torch.export's graph, for inference only.
         Requirements are given explicitly: inferring them costs several seconds per run.
         """
-        if not self.log_model_enabled:
-            return
         if self._outbox is not None and self._outbox.offline:
             print("warning: the model is not logged: MLflow does not answer; its weights are "
                   "in the run's checkpoints/best.pt", file=sys.stderr, flush=True)

@@ -144,20 +144,26 @@ def train_prepared(prepared: Prepared, tracker, output_dir: Path):
     """Fit the prepared parts with ``tracker`` (open by now), then log checkpoints and the
     best epoch's model."""
     from trainlab import distributed
+    from trainlab.checkpoint import CHECKPOINTS_TAG, CLASS_NAMES, tracked_files
     from trainlab.debug import profiled
 
     runner = prepared.runner
     runner.tracker = tracker
     if prepared.preview is not None:
         tracker.log_artifact(prepared.preview, "preview")
+    checkpoints = output_dir / "checkpoints"
+    tracker.set_tags({CHECKPOINTS_TAG: str(checkpoints.resolve())})
     try:
         with profiled(prepared.profile, output_dir, tracker):
             result = runner.fit()
     finally:
         if tracker.log_checkpoints:
-            tracker.log_artifacts(output_dir / "checkpoints", "checkpoints")
+            for path in tracked_files(checkpoints):
+                tracker.log_artifact(path, "checkpoints")
+        elif (checkpoints / CLASS_NAMES).is_file():  # what `trainlab predict` names classes
+            tracker.log_artifact(checkpoints / CLASS_NAMES, "checkpoints")
     if distributed.is_main_process():
-        log_best_model(runner, tracker, output_dir / "checkpoints" / "best.pt")
+        log_best_model(runner, tracker, checkpoints / "best.pt")
     return result
 
 
@@ -169,15 +175,25 @@ def fit(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, callbac
 
 
 def log_best_model(runner, tracker, best_path: Path) -> None:
-    """Log the weights of the best epoch as the run's MLflow model."""
-    from trainlab.checkpoint import load_checkpoint
+    """Log the weights of the best epoch as the run's MLflow model, as ``logger.log_model``
+    asks: now, never, or (a sweep's job with ``best``) by the sweep when it ends, if this
+    job is its best: ``best_path`` then waits with an input example beside it."""
+    from trainlab.checkpoint import MODEL_EPOCH_TAG, load_checkpoint, save_input_example
+    from trainlab.tracker import AT_SWEEP_END, NEVER
 
+    pruned = any(getattr(callback, "pruned_at", None) for callback in runner.callbacks)
+    when = tracker.model_logging(pruned=pruned)
+    if when == NEVER:
+        return
+    example = next(iter(runner.val_loader))[0][:2].cpu().numpy()
+    if when == AT_SWEEP_END:
+        save_input_example(example, best_path.parent)
+        return
     model = runner.eval_model  # the average of the weights with trainer.ema
     if best_path.is_file():
         model.load_state_dict(load_checkpoint(best_path)["model"])
-    example = next(iter(runner.val_loader))[0][:2].cpu()
-    tracker.log_model(model.cpu().eval(), example.numpy())
-    tracker.set_tags({"trainlab.model_epoch": runner.best_epoch + 1})
+    tracker.log_model(model.cpu().eval(), example)
+    tracker.set_tags({MODEL_EPOCH_TAG: runner.best_epoch + 1})
 
 
 def run(cfg: DictConfig) -> float:
@@ -196,15 +212,14 @@ def run(cfg: DictConfig) -> float:
     if done is not None:  # a rerun sweep: this job finished in an earlier attempt
         return done
     choices = OmegaConf.to_container(hydra_cfg.runtime.choices)
-    check_config(cfg, choices)  # before torch and mlflow load: a typo answers in a second
+    check_config(cfg, choices)  # before anything is built, read or tracked
 
     from trainlab import distributed
-    from trainlab.checkpoint import resolve_resume
     from trainlab.components import build
     from trainlab.data.check import log_to_run, prepare_data
     from trainlab.outbox import SPOOL_DIR
     from trainlab.provenance import record as record_provenance
-    from trainlab.resume import plan_resume, unsent_metrics
+    from trainlab.resume import plan_resume, resume_checkpoint, unsent_metrics
     from trainlab.seeding import seed_everything
     from trainlab.tracker import NullTracker
     from trainlab.tracking import comparable_params
@@ -227,7 +242,7 @@ def run(cfg: DictConfig) -> float:
         if plan:
             output_dir = plan.output_dir  # best.pt and the checkpoints go on where they were
     else:
-        resume = resolve_resume(cfg.trainer.get("resume"), output_dir)
+        resume = resume_checkpoint(cfg.trainer.get("resume"), output_dir, tracker)
     if launch.spawns:  # the workers build their own parts; these only check them
         device = distributed.select_device("cpu")
     prepared = prepare(cfg, tracker, output_dir, choices, job_callbacks(hydra_cfg),

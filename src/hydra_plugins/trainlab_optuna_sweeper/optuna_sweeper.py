@@ -345,10 +345,12 @@ class OptunaPruning:
 
     def __init__(self, trial) -> None:
         self.trial = trial
+        self.pruned_at: int | None = None  # the epoch it stopped at: no model is logged
 
     def on_epoch_end(self, runner, epoch: int, metrics: Mapping[str, float]) -> None:
         self.trial.report(value=float(metrics[runner.monitor]), step=epoch)
         if self.trial.should_prune():
+            self.pruned_at = epoch + 1
             self.trial.set_user_attr(key=PRUNED_ATTR, value=epoch + 1)
             runner.tracker.set_tags({"pruned": f"epoch {epoch + 1}"})
             runner.should_stop = True
