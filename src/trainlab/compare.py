@@ -274,6 +274,19 @@ def plot_curves(client, runs: Sequence, metric: str, path: str) -> None:
 
 
 # ------------------------------------------------------------------ commands
+def _cleanup(client, experiment: str | None, stale_after_min: float) -> int:
+    """`trainlab runs --cleanup`: one line per RUNNING run, dead ones marked KILLED."""
+    from trainlab.liveness import cleanup
+
+    if not stale_after_min > 0:
+        raise TrainlabError(f"--stale-after {stale_after_min:g}: must be a number of minutes > 0")
+    ids = ([_experiment(client, experiment).experiment_id] if experiment
+           else [e.experiment_id for e in client.search_experiments()])
+    lines = cleanup(client, ids, stale_after_min * 60)
+    print("\n".join(lines) if lines else "no RUNNING runs")
+    return 0
+
+
 def _client(tracking_uri: str | None):
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -372,7 +385,8 @@ def format_diff(client, run_a, run_b) -> str:
 def runs_cli(args: list[str]) -> int:
     """`trainlab runs`: print a comparison table of tracked runs."""
     parser = argparse.ArgumentParser(prog="trainlab runs", description=runs_cli.__doc__)
-    parser.add_argument("--experiment", default="trainlab", help="MLflow experiment name")
+    parser.add_argument("--experiment", help="MLflow experiment name (trainlab; with "
+                        "--cleanup: every experiment)")
     parser.add_argument("--sweep", metavar="ID", help="a sweep's parent run (an id prefix "
                         "is enough): only its jobs")
     parser.add_argument("--filter", default="", metavar="QUERY", help="MLflow search filter, "
@@ -385,10 +399,17 @@ def runs_cli(args: list[str]) -> int:
                         help="the params and config that differ between two runs")
     parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI "
                         "or sqlite:///mlflow.db)")
+    parser.add_argument("--cleanup", action="store_true", help="mark RUNNING runs whose "
+                        "process is gone KILLED (every experiment, unless --experiment is given)")
+    parser.add_argument("--stale-after", type=float, default=10, metavar="MINUTES",
+                        help="with --cleanup: a run on another host is dead when its heartbeat "
+                        "is this old (10)")
     opts = parser.parse_args(args)
     try:
         client = _client(opts.tracking_uri)
-        experiment = _experiment(client, opts.experiment)
+        if opts.cleanup:
+            return _cleanup(client, opts.experiment, opts.stale_after)
+        experiment = _experiment(client, opts.experiment or "trainlab")
         if opts.diff:
             runs = [find_run(client, experiment.experiment_id, p) for p in opts.diff]
             print(format_diff(client, *runs))

@@ -96,7 +96,7 @@ class Outbox:
     """
 
     def __init__(self, tracking_uri: str, run_id: str, spool_dir: Path | None,
-                 retry_every_s: float = 5.0) -> None:
+                 retry_every_s: float = 5.0, heartbeat_every_s: float | None = None) -> None:
         from mlflow.tracking import MlflowClient
 
         self.tracking_uri = tracking_uri
@@ -111,6 +111,9 @@ class Outbox:
         self._closing = False  # no more calls will come
         self._stopped = False  # close gave up: the thread sends nothing more
         self.offline = False
+        # the run's heartbeat tag (trainlab.liveness): refreshed while this process lives
+        self.heartbeat_every_s = heartbeat_every_s
+        self._beat_at = time.monotonic() + (heartbeat_every_s or 0)
         self._thread = threading.Thread(target=self._send_loop, name="mlflow-sender", daemon=True)
         self._thread.start()
 
@@ -125,11 +128,15 @@ class Outbox:
     def _send_loop(self) -> None:
         while True:
             with self._lock:
-                while not self._calls and not self._closing:
-                    self._lock.wait()
-                if not self._calls or self._stopped:
+                while not self._calls and not self._closing and not self._beat_due():
+                    self._lock.wait(self._beat_wait())
+                if self._stopped or (self._closing and not self._calls):
                     return
-                call = self._calls[0]
+                call = self._calls[0] if self._calls else None
+            if self._beat_due():
+                self._beat()
+            if call is None:
+                continue
             try:
                 send(self.client, self.run_id, call)
             except ServerUnreachable as err:
@@ -149,6 +156,28 @@ class Outbox:
                 if not self._calls:
                     self._drop_spool()  # everything in it went through
                 self._lock.notify_all()
+
+    def _beat_wait(self) -> float | None:
+        """Seconds until the next heartbeat is due (None: no heartbeats, wait for calls)."""
+        if not self.heartbeat_every_s:
+            return None
+        return max(0.0, self._beat_at - time.monotonic())
+
+    def _beat_due(self) -> bool:
+        return bool(self.heartbeat_every_s) and time.monotonic() >= self._beat_at
+
+    def _beat(self) -> None:
+        """Refresh the heartbeat tag; while the store is down the queued calls' retries say
+        enough, and a beat is never spooled (a late one would tell a lie)."""
+        from trainlab.liveness import heartbeat_tag
+
+        self._beat_at = time.monotonic() + self.heartbeat_every_s
+        if self.offline:
+            return
+        try:
+            send(self.client, self.run_id, {"call": "tags", "tags": heartbeat_tag()})
+        except Exception as err:  # the next queued call finds out what is wrong
+            log.debug("heartbeat of run %s not sent: %s", self.run_id, err)
 
     def _went_offline(self, err: Exception) -> None:
         with self._lock:

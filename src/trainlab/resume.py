@@ -3,6 +3,7 @@ continues, all decided and checked before the old run is touched."""
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -11,6 +12,9 @@ from typing import Any
 
 from trainlab.checkpoint import CHECKPOINTS_TAG, load_checkpoint, resolve_resume
 from trainlab.errors import TrainlabError
+from trainlab.liveness import judge
+
+log = logging.getLogger(__name__)
 
 RESUME_AS = ("same_run", "new_run")
 RUN_ID = re.compile(r"[0-9a-f]{8,32}")  # an MLflow run id, or the prefix `trainlab runs` shows
@@ -53,7 +57,7 @@ def plan_resume(trainer: Any, output_dir: Path, tracker: Any) -> ResumePlan | No
             tags["trainlab.origin_run_id"] = origin
         _carry_best(path, Path(output_dir) / "checkpoints")
         return ResumePlan(path, None, Path(output_dir), tags)
-    logged, run_dir = _run_record(tracker, origin)
+    logged, run_dir = _run_record(tracker, origin, path)
     if path.parent.name == "checkpoints":
         run_dir = path.resolve().parent.parent
     run_dir = run_dir or Path(output_dir)
@@ -109,8 +113,9 @@ def unsent_metrics(checkpoint: Path) -> list[tuple[int, dict[str, float]]]:
     return rows
 
 
-def _run_record(tracker: Any, run_id: str) -> tuple[int | None, Path | None]:
-    """The step of the last epoch the run logged (None before its first) and its output dir."""
+def _run_record(tracker: Any, run_id: str, path: Path) -> tuple[int | None, Path | None]:
+    """The step of the last epoch the run logged (None before its first) and its output dir;
+    a run still RUNNING in a live process is refused (two processes would write one run)."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -118,13 +123,24 @@ def _run_record(tracker: Any, run_id: str) -> tuple[int | None, Path | None]:
     client = MlflowClient()
     try:
         history = client.get_metric_history(run_id, "epoch")
-        folder = client.get_run(run_id).data.tags.get("trainlab.output_dir")
+        run = client.get_run(run_id)
     except MlflowException as err:
         raise TrainlabError(
             f"the checkpoint's MLflow run {run_id} is not in {client.tracking_uri}; resume "
             "against the store the run was tracked in (logger.tracking_uri), or add "
             "trainer.resume_as=new_run"
         ) from err
+    if run.info.status == "RUNNING":
+        verdict = judge(run)
+        if verdict.alive:
+            raise TrainlabError(
+                f"trainer.resume={path}: its MLflow run {run_id} is still running "
+                f"({verdict.reason}); stop that process first, or add "
+                "trainer.resume_as=new_run to branch off into a new run"
+            )
+        log.warning("MLflow run %s was left RUNNING, %s; continuing it", run_id,
+                    verdict.reason)
+    folder = run.data.tags.get("trainlab.output_dir")
     return max((m.step for m in history), default=None), Path(folder) if folder else None
 
 

@@ -17,6 +17,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from trainlab.errors import TrainlabError
+from trainlab.liveness import HEARTBEAT_EVERY_S, process_tags
 from trainlab.outbox import Outbox, bounded_http_calls
 from trainlab.signals import sigterm_as_interrupt
 from trainlab.tracker import AT_SWEEP_END, NEVER, NOW, PARENT_RUN_ENV, log_model_choice
@@ -186,7 +187,7 @@ class MlflowTracker:
         # A run left active by an earlier job in this process must not swallow this one.
         while mlflow.active_run() is not None:
             mlflow.end_run()
-        tags = dict(tags)
+        tags = {**tags, **process_tags()}  # where it runs: `trainlab runs --cleanup` asks
         parent = os.environ.get(PARENT_RUN_ENV)  # set by sweeps.MlflowSweep
         if parent:
             tags["mlflow.parentRunId"] = parent
@@ -203,7 +204,7 @@ class MlflowTracker:
         try:  # from here on a Ctrl-C at any point still closes the run KILLED
             log.info("MLflow run %s (%s) in %s", run_name, self.run_id,
                      mlflow.get_tracking_uri())
-            self._open_outbox(spool_dir)
+            self._open_outbox(spool_dir, heartbeat_every_s=HEARTBEAT_EVERY_S)
             if run_id is not None:
                 self.set_tags(tags)
             with sigterm_as_interrupt():
@@ -224,10 +225,12 @@ class MlflowTracker:
             with contextlib.suppress(Exception):  # the outbox sent (or spooled) the status
                 mlflow.end_run(status=status)
 
-    def _open_outbox(self, spool_dir: Path | None) -> None:
+    def _open_outbox(self, spool_dir: Path | None,
+                     heartbeat_every_s: float | None = None) -> None:
         self._outbox = Outbox(mlflow.get_tracking_uri(), self.run_id,
                               Path(spool_dir).resolve() if spool_dir else None,
-                              retry_every_s=self.retry_every_s)
+                              retry_every_s=self.retry_every_s,
+                              heartbeat_every_s=heartbeat_every_s)
 
     def _close_outbox(self, last_call: dict[str, Any] | None = None,
                       wait_offline: bool = True) -> None:
