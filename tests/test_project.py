@@ -105,6 +105,14 @@ def test_debug_fast_runs_two_batches_and_logs_no_model(run_trainlab, mlflow_clie
     assert not [a for a in mlflow_client.list_artifacts(run.info.run_id) if a.path == "model"]
 
 
+@pytest.mark.parametrize("preset", ["fast", "overfit", "profile"])
+def test_debug_presets_pass_the_check_without_tracking(compose, preset):
+    """``logger=none`` takes the store settings a preset makes (experiment name, models)."""
+    from trainlab.config_check import check_config
+
+    check_config(compose(f"debug={preset}", "logger=none", "model=mlp"), {"logger": "none"})
+
+
 def test_debug_profile_logs_a_trace_and_the_slowest_ops(run_trainlab, mlflow_client):
     run_trainlab("train", "debug=profile", "model=mlp", "trainer.progress_bar=false")
     (run,) = runs_of(mlflow_client, "debug")
