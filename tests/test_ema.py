@@ -49,7 +49,7 @@ def test_a_decay_outside_zero_one_is_refused_in_one_line(compose, tmp_path):
         fit(cfg, NullTracker.like(cfg.logger), tmp_path, {})
 
 
-@pytest.mark.parametrize("scheduler", ["steplr", "onecycle"])
+@pytest.mark.parametrize("scheduler", ["onecycle", pytest.param("steplr", marks=pytest.mark.slow)])
 def test_the_average_of_a_gradually_unfrozen_net_is_what_validates_and_ships(
         trainlab_in_process, mlflow_client, tracking_uri, tmp_path, scheduler):
     """Frozen backbone with frozen BatchNorm for one epoch, then every layer, under a

@@ -209,6 +209,7 @@ def test_init_names_the_package_after_the_folder_and_refuses_to_overwrite(run_tr
     assert again.returncode == 1 and "--force" in again.stderr
 
 
+@pytest.mark.slow  # trains, evaluates and loads in four processes: about a minute
 def test_a_starter_projects_model_loads_back_after_training(run_trainlab, mlflow_client,
                                                             tracking_uri, tmp_path):
     """Trained in an init'd folder, the model comes back through `trainlab eval` and through
