@@ -62,12 +62,14 @@ def tracking_uri(tmp_path: Path) -> str:
 
 @pytest.fixture
 def run_trainlab(tmp_path: Path, tracking_uri: str):
-    """Run the installed `trainlab` command in ``tmp_path`` against the test's own store."""
+    """Run the installed `trainlab` command in ``tmp_path`` (or ``cwd``) against the test's
+    own store."""
 
-    def run(*args: str, timeout: float = 300, env: dict | None = None, check: bool = True):
+    def run(*args: str, timeout: float = 300, env: dict | None = None, check: bool = True,
+            cwd: Path | None = None):
         full_env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, **(env or {})}
         proc = subprocess.run(
-            [str(TRAINLAB), *args], cwd=tmp_path, env=full_env,
+            [str(TRAINLAB), *args], cwd=cwd or tmp_path, env=full_env,
             capture_output=True, text=True, timeout=timeout,
         )
         if check and proc.returncode != 0:
@@ -122,6 +124,36 @@ def trainlab_in_process(tmp_path: Path, tracking_uri: str, monkeypatch, capsys):
 
     yield run
     mlflow.set_tracking_uri(None)
+
+
+# Loads a logged model with mlflow.pytorch in a fresh interpreter where the packages named
+# in argv[4:] cannot be imported, and checks its weights are the run's best.pt.
+LOAD_ELSEWHERE = """
+import importlib.util, sys
+from pathlib import Path
+hidden = sys.argv[4:]
+sys.path[:] = [p for p in sys.path if not any((Path(p or ".") / name).exists() for name in hidden)]
+assert all(importlib.util.find_spec(name) is None for name in hidden), hidden
+import mlflow, mlflow.pytorch, torch
+mlflow.set_tracking_uri(sys.argv[1])
+model = mlflow.pytorch.load_model(f"runs:/{sys.argv[2]}/model")
+best = torch.load(sys.argv[3], weights_only=True)["model"]
+same = all(torch.equal(value, best[key]) for key, value in model.state_dict().items())
+print(type(model).__module__, type(model).__name__, same, model.eval().training)
+"""
+
+
+def load_model_elsewhere(tracking_uri: str, run_id: str, best: Path, cwd: Path,
+                         hidden: tuple[str, ...] = ("trainlab",)) -> list[str]:
+    """``mlflow.pytorch.load_model`` of a run's model in a new Python started in ``cwd``,
+    with ``hidden`` packages off its path: (class module, class name, whether the weights
+    equal ``best``'s, whether ``.eval()`` left it training)."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", LOAD_ELSEWHERE, tracking_uri, run_id,
+                           str(best), *hidden], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.split()[-4:]
 
 
 @pytest.fixture

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from conftest import runs_of
 from trainlab.errors import TrainlabError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -44,3 +47,40 @@ def test_a_decay_outside_zero_one_is_refused_in_one_line(compose, tmp_path):
     cfg = compose("model=mlp", "trainer.ema=1.5", "trainer.progress_bar=false")
     with pytest.raises(TrainlabError, match=r"^trainer.ema=1.5; choose a decay in \(0, 1\)"):
         fit(cfg, NullTracker.like(cfg.logger), tmp_path, {})
+
+
+@pytest.mark.parametrize("scheduler", ["onecycle", pytest.param("steplr", marks=pytest.mark.slow)])
+def test_the_average_of_a_gradually_unfrozen_net_is_what_validates_and_ships(
+        trainlab_in_process, mlflow_client, tracking_uri, tmp_path, scheduler):
+    """Frozen backbone with frozen BatchNorm for one epoch, then every layer, under a
+    scheduler: the logged model is the average, and it scores what the run logged."""
+    import mlflow.pytorch
+
+    from trainlab.checkpoint import load_checkpoint
+    from trainlab.data.datasets import load_digits
+
+    trainlab_in_process(
+        "train", "model=timm", "model.name=test_resnet", "model.freeze=backbone",
+        "model.freeze_bn=true", "model.unfreeze_at_epoch=1", "trainer.ema=0.8",
+        f"scheduler={scheduler}", "trainer.max_epochs=3", "trainer.progress_bar=false",
+        "logger.log_system_metrics=false")
+    (run,) = runs_of(mlflow_client)
+    assert run.info.status == "FINISHED"
+    unfrozen = mlflow_client.get_metric_history(run.info.run_id, "lr/unfrozen")
+    assert unfrozen and min(m.step for m in unfrozen) > 0  # joined after the first epoch
+
+    best = load_checkpoint(Path(run.data.tags["trainlab.checkpoints"]) / "best.pt")
+    model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    logged = model.state_dict()
+    assert all(torch.equal(logged[key], value) for key, value in best["model"].items())
+    assert any(not torch.equal(logged[key], value) for key, value in best["raw_model"].items()
+               if value.is_floating_point())  # the average, not the weights that trained
+    assert not any("Frozen" in type(layer).__name__ for layer in model.modules())
+
+    images, labels = load_digits(seed=42).val.tensors
+    with torch.no_grad():
+        accuracy = (model.eval()(images).argmax(1) == labels).float().mean().item()
+    history = sorted(mlflow_client.get_metric_history(run.info.run_id, "val/acc"),
+                     key=lambda m: m.step)
+    epoch = int(run.data.tags["trainlab.model_epoch"])
+    assert accuracy == pytest.approx(history[epoch - 1].value, abs=1e-6)

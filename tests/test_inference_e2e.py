@@ -168,3 +168,30 @@ def test_eval_of_a_split_the_data_lacks_names_the_splits_it_has(trainlab_in_proc
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "split='test'; this data has train, val" in proc.stderr, proc.stderr
     assert len(runs_of(mlflow_client)) == 1  # no eval run left behind
+
+
+def test_eval_refuses_a_bad_file_in_one_line_or_skips_it_as_training_does(
+        trainlab_in_process, mlflow_client, tmp_path):
+    data = folder_with_test_root(tmp_path / "data")
+    trainlab_in_process("train", "model=mlp", "trainer.max_epochs=1", "trainer.progress_bar=false",
+                        "logger.log_model=none", *data)
+    (trained,) = runs_of(mlflow_client)
+    broken = tmp_path / "data" / "test" / "left" / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+
+    refused = trainlab_in_process("eval", f"run_id={trained.info.run_id}", "split=test",
+                                  check=False)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    line = refused.stderr.strip().splitlines()[-1]  # after MLflow's download progress
+    assert line.startswith(f"error: data: test split: {broken}: ") and \
+        "data.skip_bad_files=true" in line
+    assert len(runs_of(mlflow_client)) == 1  # nothing logged
+
+    out = trainlab_in_process("eval", f"run_id={trained.info.run_id}", "split=test",
+                              "data.skip_bad_files=true").stdout
+    (skipped,) = [line for line in out.splitlines() if line.startswith("skipped ")]
+    assert skipped.startswith("skipped 1 unreadable files of the test split") and \
+        str(broken) in skipped
+    evaluated = next(r for r in runs_of(mlflow_client) if r.info.run_id != trained.info.run_id)
+    assert evaluated.data.params["eval.skipped_files"] == "1"
+    assert "test/acc" in evaluated.data.metrics

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import runs_of
+from conftest import load_model_elsewhere, runs_of
 from trainlab.errors import TrainlabError
 
 QUICK = ["model=mlp", "trainer.max_epochs=1", "trainer.progress_bar=false"]
@@ -50,6 +50,10 @@ def test_loaded_model_is_the_trained_module_and_is_registered(run_trainlab, mlfl
 
     (version,) = mlflow_client.search_model_versions("name='digits'")
     assert version.run_id == run.info.run_id
+
+    # where trainlab is not installed, the trainlab code logged beside the model restores it
+    assert load_model_elsewhere(tracking_uri, run.info.run_id, best, tmp_path) == [
+        "trainlab.models.mlp", "MLP", "True", "False"]
 
     # Without the run's output folder (another machine), the model's weights stand in for
     # its checkpoint in `trainlab eval run_id=...`.

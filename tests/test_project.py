@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import runs_of
+from conftest import load_model_elsewhere, runs_of
 
 GIT = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
 
@@ -103,6 +103,14 @@ def test_debug_fast_runs_two_batches_and_logs_no_model(run_trainlab, mlflow_clie
     steps = [m.step for m in mlflow_client.get_metric_history(run.info.run_id, "val/acc")]
     assert steps == [2]  # one epoch of two training batches
     assert not [a for a in mlflow_client.list_artifacts(run.info.run_id) if a.path == "model"]
+
+
+@pytest.mark.parametrize("preset", ["fast", "overfit", "profile"])
+def test_debug_presets_pass_the_check_without_tracking(compose, preset):
+    """``logger=none`` takes the store settings a preset makes (experiment name, models)."""
+    from trainlab.config_check import check_config
+
+    check_config(compose(f"debug={preset}", "logger=none", "model=mlp"), {"logger": "none"})
 
 
 def test_debug_profile_logs_a_trace_and_the_slowest_ops(run_trainlab, mlflow_client):
@@ -199,3 +207,27 @@ def test_init_names_the_package_after_the_folder_and_refuses_to_overwrite(run_tr
     assert (project / "conf" / "model" / "tiny_cnn.yaml").read_text().count("my_cats.models") == 1
     again = run_trainlab("init", "My-Cats", check=False)
     assert again.returncode == 1 and "--force" in again.stderr
+
+
+@pytest.mark.slow  # trains, evaluates and loads in four processes: about a minute
+def test_a_starter_projects_model_loads_back_after_training(run_trainlab, mlflow_client,
+                                                            tracking_uri, tmp_path):
+    """Trained in an init'd folder, the model comes back through `trainlab eval` and through
+    `mlflow.pytorch.load_model` there, and elsewhere: its code travels with it."""
+    run_trainlab("init", "proj")
+    project = tmp_path / "proj"
+    run_trainlab("train", "experiment=stripes", "trainer.max_epochs=1",
+                 "trainer.progress_bar=false", "logger.log_system_metrics=false", cwd=project)
+    (run,) = runs_of(mlflow_client, "proj")
+    assert run.info.status == "FINISHED"
+
+    evaluated = run_trainlab("eval", f"run_id={run.info.run_id}", cwd=project).stdout
+    assert f"val/acc = {run.data.metrics['val/acc']:.4f}" in evaluated
+
+    best = Path(run.data.tags["trainlab.checkpoints"]) / "best.pt"
+    loaded = ["proj.models", "TinyCNN", "True", "False"]
+    assert load_model_elsewhere(tracking_uri, run.info.run_id, best, project) == loaded
+    away = tmp_path / "away"
+    away.mkdir()
+    assert load_model_elsewhere(tracking_uri, run.info.run_id, best, away,
+                                hidden=("trainlab", "proj")) == loaded

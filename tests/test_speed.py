@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -28,9 +30,14 @@ def test_queued_metrics_arrive_in_one_batch_when_the_run_ends(tracking_uri, mlfl
 def test_metrics_are_sent_while_training_once_the_flush_interval_passed(
     tracking_uri, mlflow_client
 ):
+    """A background sender delivers them while the run is still open (within seconds)."""
     tracker = MlflowTracker(tracking_uri, flush_every_s=0)
     with tracker.run("live", {}):
         tracker.log_metrics({"train/loss": 0.5}, step=10)
+        deadline = time.monotonic() + 30
+        while not history(mlflow_client, tracker.run_id, "train/loss"):
+            assert time.monotonic() < deadline, "nothing sent while the run was open"
+            time.sleep(0.05)
         assert history(mlflow_client, tracker.run_id, "train/loss") == [(10, 0.5)]
 
 

@@ -119,7 +119,8 @@ def test_optuna_search_prunes_resumes_and_never_repeats_a_trial(mlflow_client, t
                                                                 run_trainlab, tracking_uri):
     import optuna
 
-    # Interrupted (Ctrl-C) during its second trial ...
+    # Interrupted (Ctrl-C) during its second trial, as it reads its data (a trial of two
+    # short epochs could end before a signal sent once its run opened arrives) ...
     proc = subprocess.Popen(
         [str(TRAINLAB), "train", *OPTUNA, "hydra.sweeper.n_trials=2"],
         cwd=tmp_path, text=True,
@@ -129,7 +130,7 @@ def test_optuna_search_prunes_resumes_and_never_repeats_a_trial(mlflow_client, t
     seen = []
     for line in proc.stdout:
         seen.append(line)
-        if sum("trainlab.tracking" in x and "MLflow run" in x for x in seen) == 2:
+        if sum("data check of" in x for x in seen) == 2:
             proc.send_signal(signal.SIGINT)
             break
     out = "".join(seen) + proc.communicate(timeout=120)[0]

@@ -172,6 +172,7 @@ def evaluate(options: dict[str, str], overrides: list[str]) -> dict[str, float]:
     import mlflow
 
     from trainlab.components import build
+    from trainlab.data.check import check_split
     from trainlab.data.loaders import build_loaders
     from trainlab.distributed import select_device
     from trainlab.losses import build_loss
@@ -192,6 +193,11 @@ def evaluate(options: dict[str, str], overrides: list[str]) -> dict[str, float]:
             raise TrainlabError(f"split={split!r}; this data has {', '.join(splits.available())}"
                                 " (image_folder: data.dataset.test_root, csv_images: "
                                 "data.dataset.test_csv add a test split)")
+        skipped = check_split(cfg, splits, split).skipped
+        if skipped:
+            print(f"skipped {len(skipped)} unreadable files of the {split} split "
+                  f"(data.skip_bad_files=true): {'; '.join(skipped[:3])}"
+                  + (" ..." if len(skipped) > 3 else ""))
         dataset = getattr(splits, split)
         # The validation loader's settings (no shuffle, no dropped batch) for any split.
         loader = build_loaders(replace(splits, val=dataset), cfg.data, int(cfg.seed), device)[1]
@@ -220,7 +226,7 @@ def evaluate(options: dict[str, str], overrides: list[str]) -> dict[str, float]:
             )
         with tracker.run(f"eval {split} {origin}", tags):
             tracker.log_params({**flatten(OmegaConf.to_container(cfg, resolve=True)),
-                                "eval.split": split})
+                                "eval.split": split, "eval.skipped_files": len(skipped)})
             tracker.log_metrics(metrics, step=0)
             if source.run_id:
                 mlflow.MlflowClient().set_tag(source.run_id, "trainlab.eval_run_id",

@@ -95,7 +95,6 @@ def plan_for(run_id: str, workdir: Path) -> Plan:
     from mlflow.tracking import MlflowClient
     from omegaconf import OmegaConf
 
-    from trainlab.app import compose
     from trainlab.tracking import flatten
 
     try:
@@ -119,9 +118,32 @@ def plan_for(run_id: str, workdir: Path) -> Plan:
     config = _download(run_id, "config.yaml", workdir)
     if config is not None:
         logged = flatten(OmegaConf.to_container(OmegaConf.load(config)))
-        composed = OmegaConf.to_container(compose("train", overrides), resolve=True)
-        plan.pinned = config_pins(logged, flatten(composed))
+        plan.pinned = pins_for(logged, overrides)
     return plan
+
+
+def pins_for(logged: dict[str, Any], overrides: list[str]) -> list[str]:
+    """:func:`config_pins` of today's config, pinning set values before values that only
+    follow them (``data.dataset.seed: ${seed}`` is right again once ``seed`` is)."""
+    from omegaconf import OmegaConf
+
+    from trainlab.app import compose
+    from trainlab.tracking import flatten
+
+    def differences(extra: list[str]) -> tuple[list[str], dict[str, Any]]:
+        cfg = compose("train", [*overrides, *extra])
+        resolved = flatten(OmegaConf.to_container(cfg, resolve=True))
+        return config_pins(logged, resolved), flatten(OmegaConf.to_container(cfg))
+
+    pins, raw = differences([])
+    direct = [pin for pin in pins if "${" not in str(raw.get(_pinned_key(pin), ""))]
+    if direct == pins:
+        return pins
+    return direct + differences(direct)[0]
+
+
+def _pinned_key(pin: str) -> str:
+    return pin.lstrip("+~").partition("=")[0]
 
 
 def report(plan: Plan, here_commit: str | None, here_dirty: bool) -> str:

@@ -20,6 +20,7 @@ from trainlab import distributed
 from trainlab.checkpoint import Checkpoints, KeptRows, load_checkpoint, rng_state, set_rng_state
 from trainlab.errors import TrainlabError
 from trainlab.metrics import TaskMetrics, confusion_report
+from trainlab.models.batchnorm import EpochStatistics
 from trainlab.precision import Precision
 from trainlab.schedulers import LrLog, ScheduledLR
 from trainlab.signals import StopRequest
@@ -105,6 +106,7 @@ class Runner:
         self.ema = _ema(self.model, ema)
         # what validation, checkpoints and the logged model use: the average when on
         self.eval_model = self.ema.module if self.ema is not None else self.model
+        self.norm_stats = EpochStatistics(self.model)  # BatchNorm statistics of each epoch
         self.loss = loss.to(self.device) if isinstance(loss, nn.Module) else loss
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -227,6 +229,7 @@ class Runner:
         )
         n_batches, skip, self._skip_batches = len(self.train_loader), self._skip_batches, 0
         self.optimizer.zero_grad(set_to_none=True)
+        self.norm_stats.start_epoch()
         for index, (inputs, targets) in enumerate(bar):
             if index < skip:  # done before the checkpoint this run resumed from
                 continue
@@ -241,6 +244,7 @@ class Runner:
                     logits = self.train_model(inputs)
                     loss = self.loss(logits, targets)
                 self.precision.backward(loss / self.accumulate if self.accumulate > 1 else loss)
+            self.norm_stats.after_batch(index)
             if boundary:
                 stepped = self._optimizer_step()
                 if stepped and self.ema is not None:

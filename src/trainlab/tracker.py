@@ -91,7 +91,9 @@ class NullTracker:
     run_id = None
     log_checkpoints = False
 
-    def __init__(self, log_every_n_steps: int = 10) -> None:
+    def __init__(self, log_every_n_steps: int = 10, **backend_settings: Any) -> None:
+        """``backend_settings``: what presets set for a tracking store (``debug=fast``'s
+        ``logger.experiment_name``, ``logger.log_model``): nothing to record them in."""
         self.log_every_n_steps = int(log_every_n_steps)
 
     @classmethod

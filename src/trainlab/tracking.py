@@ -357,7 +357,8 @@ class MlflowTracker:
         registered as ``register_model`` when that is set; into the active run.
 
         ``pickle`` (the default) gives back the module itself (``.eval()``, ``.train()``,
-        fine-tunable) and saves fast; trainlab's own code travels with it (``code_paths``).
+        fine-tunable) and saves fast; the code its classes need travels with it
+        (:func:`model_code_paths`).
         ``pt2`` is torch.export's graph, for inference only.
         Requirements are given explicitly: inferring them costs several seconds per run.
         """
@@ -367,18 +368,39 @@ class MlflowTracker:
             return
         import mlflow.pytorch
 
-        import trainlab
-
         mlflow.pytorch.log_model(
             model,
             name="model",
             input_example=input_example,
             serialization_format=self.model_format,
             pip_requirements=model_requirements(model),
-            code_paths=[str(Path(trainlab.__file__).parent)] if self.model_format == "pickle"
-            else None,
+            code_paths=model_code_paths(model) if self.model_format == "pickle" else None,
             registered_model_name=self.register_model,
         )
+
+
+def model_code_paths(model: Any) -> list[str]:
+    """The code a pickled ``model`` needs that no pip requirement brings: trainlab's package
+    and the top-level package (or module file) of each of the model's classes defined
+    outside the installed libraries (a project's ``myproject.models``). MLflow puts them on
+    ``sys.path`` when it loads the model, so it loads where neither is installed."""
+    import importlib.util
+    import sysconfig
+
+    import trainlab
+
+    installed = {Path(sysconfig.get_paths()[key]).resolve() for key in ("purelib", "platlib",
+                                                                      "stdlib")}
+    paths = {Path(trainlab.__file__).parent}
+    for top in {type(module).__module__.split(".")[0] for module in model.modules()}:
+        spec = importlib.util.find_spec(top) if top != "__main__" else None
+        if spec is None or spec.origin in (None, "built-in", "frozen"):
+            continue
+        origin = Path(spec.origin).resolve()
+        code = origin.parent if spec.submodule_search_locations else origin
+        if not any(folder in code.parents for folder in installed):
+            paths.add(code)
+    return sorted(str(path) for path in paths)
 
 
 def model_requirements(model: Any) -> list[str]:

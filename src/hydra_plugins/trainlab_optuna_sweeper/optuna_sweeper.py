@@ -16,6 +16,7 @@ Optuna is imported inside the functions: Hydra imports every plugin module at st
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -234,8 +235,20 @@ def rdb_storage(url: str | None, heartbeat_s: int):
     retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
     callback = ({"heartbeat_stale_trial_callback": retry(max_retry=3)} if retry else
                 {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=3)})
-    return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_s,
-                                      grace_period=3 * heartbeat_s, **callback)
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    def open_storage():
+        return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_s,
+                                          grace_period=3 * heartbeat_s, **callback)
+
+    for attempt in range(1, 5):
+        try:
+            return open_storage()
+        except (IntegrityError, ProgrammingError):
+            # a process started beside this one is creating the same tables in a new
+            # database (PostgreSQL's CREATE TYPE is not idempotent): theirs will do
+            time.sleep(0.5 * attempt)
+    return open_storage()  # the last try reports what it meets
 
 
 def counted(study) -> int:

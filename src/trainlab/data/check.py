@@ -126,8 +126,25 @@ def prepare_data(cfg: DictConfig, choices: dict) -> PreparedData:
     return PreparedData(splits, augmentation, report)
 
 
-def scan(splits, num_classes, task: str, mode: str, source: str, skip: bool) -> DataReport:
-    """Scan both splits of ``splits`` (see the module docstring)."""
+def check_split(cfg: DictConfig, splits, split: str) -> DataReport:
+    """Scan the one split that ``trainlab eval`` reads as training scans its splits: a bad
+    file is refused in one line naming it, or left out with ``data.skip_bad_files=true``
+    (``report.skipped`` lists it)."""
+    mode = str(cfg.data.get("check", "fast"))
+    skip = bool(cfg.data.get("skip_bad_files", False))
+    report = scan(splits, cfg.data.get("num_classes"), str(cfg.data.task), mode, "data", skip,
+                  names=(split,))
+    if report.problems:
+        more = f" (and {len(report.problems) - 1} more)" if len(report.problems) > 1 else ""
+        hint = ("; fix or remove it, or set data.skip_bad_files=true to leave such files out"
+                if report.bad_files else "")
+        raise TrainlabError(f"data: {split} split: {report.problems[0]}{more}{hint}")
+    return report
+
+
+def scan(splits, num_classes, task: str, mode: str, source: str, skip: bool,
+         names: tuple[str, ...] = ("train", "val")) -> DataReport:
+    """Scan the splits ``names`` of ``splits`` (see the module docstring)."""
     segmentation = task == "segmentation"
     classes = getattr(splits.train, "classes", None)  # MaskClasses of file-based masks
     given = None if num_classes is None else int(num_classes)
@@ -139,12 +156,12 @@ def scan(splits, num_classes, task: str, mode: str, source: str, skip: bool) -> 
                 "data.num_classes=null reads the classes from the masks, which data.check=off "
                 "skips; set data.num_classes, or data.check=fast"
             )
-        report.sizes = {"train": len(splits.train), "val": len(splits.val)}
+        report.sizes = {split: len(getattr(splits, split)) for split in names}
         report.num_classes = given or len(splits.class_names)
         return report
     if classes is not None and classes.num_classes is None:
         _infer_mask_classes(splits, classes)
-    for split in ("train", "val"):
+    for split in names:
         dataset = getattr(splits, split)
         counts: Counter = Counter()
         if hasattr(dataset, "pairs"):
