@@ -35,6 +35,7 @@ class EpochStatistics:
         self.model = model
         self.layers: list[_BatchNorm] = []
         self.before: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.batches = 0.0
 
     def start_epoch(self) -> None:
         # found again every epoch: unfreezing turns frozen layers into BatchNorm mid-run
@@ -44,9 +45,13 @@ class EpochStatistics:
         ]
         self.before = [(layer.running_mean.clone(), layer.running_var.clone())
                        for layer in self.layers]
+        # from this many batches on every layer is left to torch: a step costs nothing more
+        self.batches = max((1.0 / float(layer.momentum) for layer in self.layers), default=0.0)
 
     @torch.no_grad()
     def after_batch(self, index: int) -> None:
+        if index + 1 >= self.batches:
+            return
         weight = 1.0 / (index + 1)
         for layer, (mean, var) in zip(self.layers, self.before, strict=True):
             momentum = float(layer.momentum)
