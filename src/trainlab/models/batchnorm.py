@@ -11,8 +11,9 @@ constant and ``val/dice`` stays 0.0 for epochs while ``train/dice`` climbs.
 epoch's batches (weight ``1/k`` for its ``k``-th batch) until that weight falls to the
 layer's ``momentum``, from where torch's own update goes on unchanged. Validation then
 normalises with the statistics of the epoch just trained, close to what recomputing them
-over the training data would give, at no extra forward pass. Epochs of more than
-``1/momentum`` batches end with exactly torch's statistics.
+over the training data would give, at no extra forward pass. In epochs many times longer
+than ``1/momentum`` batches the restart has faded by the end: they validate with what
+torch's own update gives.
 """
 
 from __future__ import annotations
