@@ -11,8 +11,9 @@ constant and ``val/dice`` stays 0.0 for epochs while ``train/dice`` climbs.
 epoch's batches (weight ``1/k`` for its ``k``-th batch) until that weight falls to the
 layer's ``momentum``, from where torch's own update goes on unchanged. Validation then
 normalises with the statistics of the epoch just trained, close to what recomputing them
-over the training data would give, at no extra forward pass. Epochs of more than
-``1/momentum`` batches end with exactly torch's statistics.
+over the training data would give, at no extra forward pass. In epochs many times longer
+than ``1/momentum`` batches the restart has faded by the end: they validate with what
+torch's own update gives.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class EpochStatistics:
         self.model = model
         self.layers: list[_BatchNorm] = []
         self.before: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.batches = 0.0
 
     def start_epoch(self) -> None:
         # found again every epoch: unfreezing turns frozen layers into BatchNorm mid-run
@@ -44,9 +46,13 @@ class EpochStatistics:
         ]
         self.before = [(layer.running_mean.clone(), layer.running_var.clone())
                        for layer in self.layers]
+        # from this many batches on every layer is left to torch: a step costs nothing more
+        self.batches = max((1.0 / float(layer.momentum) for layer in self.layers), default=0.0)
 
     @torch.no_grad()
     def after_batch(self, index: int) -> None:
+        if index + 1 >= self.batches:
+            return
         weight = 1.0 / (index + 1)
         for layer, (mean, var) in zip(self.layers, self.before, strict=True):
             momentum = float(layer.momentum)
