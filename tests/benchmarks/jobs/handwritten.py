@@ -2,7 +2,7 @@
 
 Digits from scikit-learn, MLP 64-256-10, Adam, batch 64, EPOCHS epochs, validation every
 epoch; MLflow gets the params, per-epoch metrics and the best epoch's model (MLflow's
-default format).
+default format, or the one named by the second argument, e.g. ``pickle``).
 """
 
 import copy
@@ -15,6 +15,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 EPOCHS = int(sys.argv[1]) if len(sys.argv) > 1 else 20
+MODEL_FORMAT = {"serialization_format": sys.argv[2]} if len(sys.argv) > 2 else {}
 
 digits = load_digits()
 x = torch.tensor(digits.images, dtype=torch.float32).reshape(-1, 64) / 16.0
@@ -50,4 +51,5 @@ with mlflow.start_run():
         if val_acc > best:
             best, best_state = val_acc, copy.deepcopy(model.state_dict())
     model.load_state_dict(best_state)
-    mlflow.pytorch.log_model(model, name="model", input_example=x[val][:2].numpy())
+    mlflow.pytorch.log_model(model, name="model", input_example=x[val][:2].numpy(),
+                             **MODEL_FORMAT)
