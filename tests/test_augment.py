@@ -131,13 +131,20 @@ def test_preview_command_writes_a_grid(run_trainlab, tmp_path):
 
 
 @pytest.mark.slow
-def test_augmented_training_run_logs_its_preview(run_trainlab, mlflow_client):
-    run_trainlab("train", *QUICK, "augment=light")
-    (run,) = runs_of(mlflow_client)
-    assert run.info.status == "FINISHED"
-    logged = [Path(f.path).name for f in mlflow_client.list_artifacts(run.info.run_id, "preview")]
-    assert logged == ["augment_preview.png"]
-    assert run.data.params["augment"] == "light"
+def test_every_job_of_a_sweep_logs_the_preview_of_its_data(run_trainlab, mlflow_client):
+    """Jobs sharing data, augmentation and seed share one picture (drawn once per process)."""
+    run_trainlab("train", "-m", *QUICK, "augment=light", "optimizer.lr=0.001,0.002")
+    jobs = [run for run in runs_of(mlflow_client) if "mlflow.parentRunId" in run.data.tags]
+    assert len(jobs) == 2 and all(run.info.status == "FINISHED" for run in jobs)
+    pictures = []
+    for run in jobs:
+        logged = [Path(f.path).name for f in mlflow_client.list_artifacts(run.info.run_id,
+                                                                          "preview")]
+        assert logged == ["augment_preview.png"]
+        assert run.data.params["augment"] == "light"
+        path = mlflow_client.download_artifacts(run.info.run_id, "preview/augment_preview.png")
+        pictures.append(Path(path).read_bytes())
+    assert pictures[0][:4] == b"\x89PNG" and pictures[0] == pictures[1]
 
 
 ALIGNMENT = {

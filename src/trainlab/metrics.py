@@ -345,5 +345,4 @@ def plot_confusion(
                     ax.text(col, row, form.format(value), ha="center", va="center", fontsize=7,
                             color="white" if value > half else "black")
     fig.suptitle(title)
-    fig.tight_layout()
     return save_figure(fig, path)

@@ -111,8 +111,10 @@ def prepare(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, cal
     precision = build(cfg.precision, "precision", choices.get("precision"))
     preview = None
     if distributed.is_main_process():
+        drawn_from = OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, ["data", "augment", "seed"]),
+                                       resolve=True)
         preview = write_preview(splits, augmentation, output_dir / "augment_preview.png",
-                                seed=cfg.seed)
+                                seed=cfg.seed, key=drawn_from)
     runner = build(loop_settings(cfg.trainer), "trainer", choices.get("trainer"))(
         model=model,
         loss=loss,

@@ -52,11 +52,27 @@ def mask_overlay(mask, ignore_index=None):
     return overlay
 
 
-def write_preview(splits, augmentation, path: str | Path, n: int = 8, seed: int = 0) -> Path:
+_drawn: dict[str, bytes] = {}  # the PNG of each preview drawn in this process, by its key
+
+
+def write_preview(splits, augmentation, path: str | Path, n: int = 8, seed: int = 0,
+                  key: str | None = None) -> Path:
     """Draw originals (top row) over augmented versions (bottom row) into the PNG ``path``;
     segmentation masks are overlaid in colour (see :func:`mask_overlay`), classification
-    labels are the titles."""
+    labels are the titles. A ``key`` already drawn in this process (the sweep's jobs that
+    share data, augmentation and seed) copies that picture instead of drawing it again."""
+    path = Path(path)
+    if key is not None and key in _drawn:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(_drawn[key])
+        return path
+    drawn = _draw(splits, augmentation, path, n, seed)
+    if key is not None:
+        _drawn[key] = drawn.read_bytes()
+    return drawn
 
+
+def _draw(splits, augmentation, path: Path, n: int, seed: int) -> Path:
     from trainlab.plots import pyplot, save_figure
 
     plt = pyplot()
@@ -82,7 +98,8 @@ def write_preview(splits, augmentation, path: str | Path, n: int = 8, seed: int 
             ax.set_axis_off()
         axes[row][0].text(-0.1, 0.5, title, transform=axes[row][0].transAxes, rotation=90,
                           ha="right", va="center", fontsize=9)
-    return save_figure(fig, path)
+    fig.subplots_adjust(left=0.04, right=0.99, bottom=0.01, top=0.9, wspace=0.1, hspace=0.3)
+    return save_figure(fig, path, tight=False)  # a fixed grid: no layout to measure
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="preview")
