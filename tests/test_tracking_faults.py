@@ -73,13 +73,14 @@ def server(tmp_path):
     server.kill()
 
 
-def start_training(tmp_path: Path, server: Server, *overrides: str) -> subprocess.Popen:
+def start_training(tmp_path: Path, server: Server, *overrides: str,
+                   log_model: str = "none") -> subprocess.Popen:
     """`trainlab train` as a user starts it, its output read line by line."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.Popen(
         [str(TRAINLAB), "train", "model=mlp", "trainer.progress_bar=false",
-         "logger.log_model=none", f"logger.tracking_uri={server.uri}",
+         f"logger.log_model={log_model}", f"logger.tracking_uri={server.uri}",
          "logger.flush_every_s=0", "logger.retry_every_s=0.5", "hydra.run.dir=out", *overrides],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
@@ -91,6 +92,12 @@ def read_until(proc: subprocess.Popen, text: str, seen: list[str]) -> None:
         if text in line:
             return
     raise AssertionError(f"trainlab ended before printing {text!r}:\n{''.join(seen)[-3000:]}")
+
+
+def sync(tmp_path: Path) -> subprocess.CompletedProcess:
+    """`trainlab sync out`, as a user types it."""
+    return subprocess.run([str(TRAINLAB), "sync", "out"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
 
 
 def assert_every_epoch_once(client, run_id: str, epochs: int) -> None:
@@ -147,17 +154,14 @@ def test_sigint_while_the_server_is_down_stops_at_once_and_sync_delivers_later(
     spool = tmp_path / "out" / "mlflow-spool"
     assert list(spool.glob("*.jsonl"))
 
-    down = subprocess.run([str(TRAINLAB), "sync", "out"], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=120)
+    down = sync(tmp_path)
     assert down.returncode == 1 and "does not answer" in down.stderr
     assert list(spool.glob("*.jsonl")), "a failed sync keeps the spool"
 
     server.start()
-    synced = subprocess.run([str(TRAINLAB), "sync", "out"], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=120)
+    synced = sync(tmp_path)
     assert synced.returncode == 0, synced.stderr
-    again = subprocess.run([str(TRAINLAB), "sync", "out"], cwd=tmp_path, capture_output=True,
-                           text=True, timeout=120)
+    again = sync(tmp_path)
     assert again.returncode == 1 and "nothing waits" in again.stderr
     (run,) = runs_of(server.client())
     assert run.info.status == "KILLED"
@@ -165,6 +169,57 @@ def test_sigint_while_the_server_is_down_stops_at_once_and_sync_delivers_later(
     artifacts = {a.path for a in server.client().list_artifacts(run.info.run_id, "checkpoints")}
     assert "checkpoints/last.pt" in artifacts
     assert not spool.exists()
+
+
+def test_a_model_owed_while_the_server_was_down_is_logged_and_registered_by_sync(
+    server, tmp_path
+):
+    proc = start_training(tmp_path, server, "trainer.max_epochs=3", "logger.close_timeout_s=1",
+                          "logger.register_model=digits_mlp", log_model="best")
+    seen: list[str] = []
+    read_until(proc, "epoch   1/3", seen)
+    server.kill()  # down until the run has ended
+    rest, _ = proc.communicate(timeout=300)
+    output = "".join(seen) + rest
+    assert proc.returncode == 0, output[-3000:]
+    assert "the model is not logged yet" in output and "trainlab sync" in output
+    spool = tmp_path / "out" / "mlflow-spool"
+    assert (spool / "model.json").is_file()
+
+    server.start()
+    before_sync_ms = time.time() * 1000
+    synced = sync(tmp_path)
+    assert synced.returncode == 0, synced.stderr
+    assert "logged the run's model" in synced.stdout
+    assert not spool.exists()
+    client = server.client()
+    (run,) = runs_of(client)
+    assert run.info.status == "FINISHED"
+    assert run.info.end_time < before_sync_ms, "the end time is the run's, not the sync's"
+    assert_every_epoch_once(client, run.info.run_id, 3)
+
+    import mlflow.pytorch
+    import torch
+    from omegaconf import OmegaConf
+
+    from trainlab.checkpoint import load_checkpoint
+    from trainlab.inference import load_model
+
+    best = tmp_path / "out" / "checkpoints" / "best.pt"
+    assert run.data.tags["trainlab.model_epoch"] == str(load_checkpoint(best)["best_epoch"] + 1)
+    (version,) = client.search_model_versions("name='digits_mlp'")
+    assert version.run_id == run.info.run_id
+    mlflow.set_tracking_uri(server.uri)
+    logged = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model", map_location="cpu")
+    trained = load_model(OmegaConf.load(tmp_path / "out" / ".hydra" / "config.yaml"), best)
+    batch = torch.randn(16, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(logged.eval()(batch), trained(batch))
+
+    again = sync(tmp_path)
+    assert again.returncode == 1 and "nothing waits" in again.stderr
+    assert len(client.search_model_versions("name='digits_mlp'")) == 1, "registered twice"
+    assert len(client.get_run(run.info.run_id).outputs.model_outputs) == 1, "logged twice"
 
 
 def test_three_runs_started_at_once_on_a_new_sqlite_store_all_finish(tmp_path):

@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                   "that repeat a run: trainlab reproduce RUN_ID [--run]"),
     "runs": ("trainlab.compare", "runs_cli", "compare runs: trainlab runs [--sweep ID] [--plot F]"),
     "ui": ("trainlab.ui", "ui_cli", "serve the MLflow UI and print the run table's URL"),
-    "sync": ("trainlab.outbox", "sync_cli", "send what a run spooled while MLflow was down: "
+    "sync": ("trainlab.sync", "sync_cli", "send what a run spooled while MLflow was down: "
              "trainlab sync OUTPUT_DIR"),
 }
 

@@ -1,5 +1,6 @@
-"""MLflow calls of one run, sent in order by a background thread; a spool on disk while the
-tracking server does not answer, and `trainlab sync OUTPUT_DIR` to deliver what a run left.
+"""MLflow calls of one run, sent in order by a background thread, and a spool on disk while
+the tracking server does not answer (`trainlab sync OUTPUT_DIR`, in ``trainlab.sync``,
+delivers what a run left there).
 
 Training never waits on the server: the loop hands calls to an :class:`Outbox` and goes on.
 HTTP calls get short timeouts and no retries of MLflow's own (``bounded_http_calls``); the
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 
 SPOOL_DIR = "mlflow-spool"
 RUN_FILE = "run.json"
+OWED_MODEL = "model.json"  # the run's model is still to be logged, in this format
+OWED_EXAMPLE = "model_input_example.npy"  # ... with this input example
 METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch call
 PARAMS_PER_BATCH = 100
 # MLflow retries an HTTP call for minutes by default; trainlab retries on its own terms.
@@ -75,8 +78,8 @@ def send(client: Any, run_id: str, call: dict[str, Any]) -> None:
                              [InputTag("mlflow.data.context", item["context"])])
                 for item in call["inputs"]
             ])
-        elif kind == "status":
-            client.set_terminated(run_id, call["status"])
+        elif kind == "status":  # the end time is when the run ended, not when this is sent
+            client.set_terminated(run_id, call["status"], end_time=call.get("end_time"))
         else:
             raise ValueError(f"unknown MLflow call {kind!r}")
     except (requests.RequestException, ConnectionError, TimeoutError) as err:
@@ -246,9 +249,23 @@ def write_run_file(spool_dir: Path, tracking_uri: str, run_id: str) -> None:
         path.write_text(json.dumps({"tracking_uri": tracking_uri, "run_id": run_id}) + "\n")
 
 
+def owe_model(spool_dir: Path, tracking_uri: str, run_id: str, input_example: Any,
+              settings: dict[str, Any]) -> None:
+    """Record in the spool that the run's model is still to be logged (with ``settings``:
+    its format and registry name), and its input example; `trainlab sync` logs it from the
+    run's best checkpoint."""
+    import numpy as np
+
+    spool_dir.mkdir(parents=True, exist_ok=True)
+    np.save(spool_dir / OWED_EXAMPLE, input_example)
+    (spool_dir / OWED_MODEL).write_text(json.dumps(settings) + "\n")
+    write_run_file(spool_dir, tracking_uri, run_id)
+
+
 def remove_if_empty(spool_dir: Path | None) -> None:
-    """Remove the spool folder once no process's spool file is left in it."""
-    if spool_dir is None or any(spool_dir.glob("*.jsonl")):
+    """Remove the spool folder once nothing waits in it: no process's spool file, no model."""
+    if (spool_dir is None or any(spool_dir.glob("*.jsonl"))
+            or (spool_dir / OWED_MODEL).exists()):
         return
     (spool_dir / RUN_FILE).unlink(missing_ok=True)
     with_contents = spool_dir.exists() and any(spool_dir.iterdir())
@@ -264,49 +281,3 @@ def spooled_calls(spool_dir: Path) -> tuple[dict[str, str], list[Path], list[dic
              if line.strip()]
     calls.sort(key=lambda call: call["call"] == "status")  # stable: order kept otherwise
     return run, files, calls
-
-
-def sync(output_dir: str | os.PathLike) -> int:
-    """Send the spool a run left in ``output_dir``; returns how many calls were sent."""
-    from mlflow.tracking import MlflowClient
-
-    from trainlab.errors import TrainlabError
-
-    spool_dir = Path(output_dir) / SPOOL_DIR
-    if not (spool_dir / RUN_FILE).is_file():
-        raise TrainlabError(f"{output_dir} has no {SPOOL_DIR}/ to send: nothing waits there")
-    run, files, calls = spooled_calls(spool_dir)
-    bounded_http_calls()
-    client = MlflowClient(run["tracking_uri"])
-    try:
-        for call in calls:
-            send(client, run["run_id"], call)
-    except ServerUnreachable as err:
-        raise TrainlabError(
-            f"MLflow at {run['tracking_uri']} does not answer ({err}); the spool is kept, "
-            "try again later"
-        ) from None
-    for path in files:
-        path.unlink()
-    remove_if_empty(spool_dir)
-    return len(calls)
-
-
-def sync_cli(args: list[str]) -> int:
-    """`trainlab sync OUTPUT_DIR...`."""
-    from trainlab.errors import TrainlabError
-
-    if not args or any(arg.startswith("-") for arg in args):
-        print("usage: trainlab sync OUTPUT_DIR [OUTPUT_DIR ...]  (sends the MLflow calls a run "
-              "spooled while its tracking server was down)", file=sys.stderr)
-        return 2
-    failed = 0
-    for folder in args:
-        try:
-            sent = sync(folder)
-        except TrainlabError as err:
-            print(f"error: {err}", file=sys.stderr)
-            failed += 1
-            continue
-        print(f"{folder}: sent {sent} spooled MLflow calls")
-    return 1 if failed else 0

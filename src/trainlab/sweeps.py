@@ -197,8 +197,6 @@ class MlflowSweep(Callback):
         best_run = log_parent_results(client, self.parent_run_id, rows, seeds, metric)
         running = any(r.info.status == "RUNNING" for r in children)  # in another process
         if best_run and not running and status != "KILLED" and self.logs_best_model_only():
-            from trainlab.sweep_model import log_best_job_model
-
             log_best_job_model(client, best_run, self.logger_cfg)
         sweep_dir = Path(parent.data.tags["trainlab.sweep_dir"])
         results = sweep_dir / OPTUNA_RESULTS
@@ -227,6 +225,21 @@ class MlflowSweep(Callback):
         from trainlab.tracker import log_model_choice
 
         return log_model_choice(self.logger_cfg.get("log_model", False)) == "best"
+
+
+def log_best_job_model(client, run_id: str, logger_cfg: dict[str, Any]) -> None:
+    """``logger.log_model=best``: the sweep's best job's model, logged into the job's run
+    (registered as ``logger.register_model`` when set). A model that cannot be logged is a
+    warning: the sweep's summary and status do not depend on it."""
+    from hydra.utils import instantiate
+
+    from trainlab.errors import TrainlabError
+    from trainlab.late_model import log_model_later
+
+    try:
+        log_model_later(client, run_id, instantiate(logger_cfg))
+    except TrainlabError as err:
+        log.warning("the model of the sweep's best job (run %s) is not logged: %s", run_id, err)
 
 
 def sweep_key(config: DictConfig, sweep_dir: Path, optuna: bool) -> str:

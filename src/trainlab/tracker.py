@@ -81,8 +81,9 @@ class Tracker(Protocol):
         """When this run logs its model: ``NOW``, ``AT_SWEEP_END`` (only if it is its
         sweep's best job) or ``NEVER``; a ``pruned`` trial never does."""
 
-    def log_model(self, model: Any, input_example: Any) -> None:
-        """Log the trained model so it can be loaded back from the run."""
+    def log_model(self, model: Any, input_example: Any) -> bool:
+        """Log the trained model so it can be loaded back from the run; False: not logged
+        now (owed to the run, logged later from its best checkpoint)."""
 
 
 class NullTracker:
@@ -143,5 +144,5 @@ class NullTracker:
     def model_logging(self, pruned: bool = False) -> str:
         return NEVER
 
-    def log_model(self, model: Any, input_example: Any) -> None:
-        pass
+    def log_model(self, model: Any, input_example: Any) -> bool:
+        return False

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from trainlab.errors import TrainlabError
 from trainlab.liveness import HEARTBEAT_EVERY_S, process_tags
-from trainlab.outbox import Outbox, bounded_http_calls
+from trainlab.outbox import Outbox, bounded_http_calls, owe_model
 from trainlab.signals import sigterm_as_interrupt
 from trainlab.tracker import AT_SWEEP_END, NEVER, NOW, PARENT_RUN_ENV, log_model_choice
 
@@ -220,7 +220,8 @@ class MlflowTracker:
         finally:
             # Ctrl-C does not wait for a server that is down; the spool keeps the rest
             if self._outbox is not None:
-                self._close_outbox({"call": "status", "status": status},
+                self._close_outbox({"call": "status", "status": status,
+                                    "end_time": int(time.time() * 1000)},
                                    wait_offline=status != "KILLED")
             with contextlib.suppress(Exception):  # the outbox sent (or spooled) the status
                 mlflow.end_run(status=status)
@@ -352,9 +353,11 @@ class MlflowTracker:
             return AT_SWEEP_END
         return NOW
 
-    def log_model(self, model: Any, input_example: Any) -> None:
+    def log_model(self, model: Any, input_example: Any) -> bool:
         """Log the model so ``mlflow.pytorch.load_model("runs:/<id>/model")`` brings it back,
-        registered as ``register_model`` when that is set; into the active run.
+        registered as ``register_model`` when that is set; into the active run. Returns
+        False when the store does not answer: the spool then records the model as owed,
+        and `trainlab sync` logs it from the run's ``checkpoints/best.pt``.
 
         ``pickle`` (the default) gives back the module itself (``.eval()``, ``.train()``,
         fine-tunable) and saves fast; the code its classes need travels with it
@@ -363,9 +366,18 @@ class MlflowTracker:
         Requirements are given explicitly: inferring them costs several seconds per run.
         """
         if self._outbox is not None and self._outbox.offline:
-            print("warning: the model is not logged: MLflow does not answer; its weights are "
-                  "in the run's checkpoints/best.pt", file=sys.stderr, flush=True)
-            return
+            spool_dir = self._outbox.spool_dir
+            if spool_dir is None:
+                print("warning: the model is not logged: MLflow does not answer; its weights "
+                      "are in the run's checkpoints/best.pt", file=sys.stderr, flush=True)
+                return False
+            owe_model(spool_dir, self._outbox.tracking_uri, self.run_id, input_example,
+                      {"model_format": self.model_format,
+                       "register_model": self.register_model})
+            print(f"warning: the model is not logged yet: MLflow does not answer; `trainlab "
+                  f"sync {spool_dir.parent}` logs it from the run's checkpoints/best.pt",
+                  file=sys.stderr, flush=True)
+            return False
         import mlflow.pytorch
 
         mlflow.pytorch.log_model(
@@ -377,6 +389,7 @@ class MlflowTracker:
             code_paths=model_code_paths(model) if self.model_format == "pickle" else None,
             registered_model_name=self.register_model,
         )
+        return True
 
 
 def model_code_paths(model: Any) -> list[str]:

@@ -194,8 +194,8 @@ def log_best_model(runner, tracker, best_path: Path) -> None:
     model = runner.eval_model  # the average of the weights with trainer.ema
     if best_path.is_file():
         model.load_state_dict(load_checkpoint(best_path)["model"])
-    tracker.log_model(model.cpu().eval(), example)
-    tracker.set_tags({MODEL_EPOCH_TAG: runner.best_epoch + 1})
+    if tracker.log_model(model.cpu().eval(), example):  # else owed: `trainlab sync` tags it
+        tracker.set_tags({MODEL_EPOCH_TAG: runner.best_epoch + 1})
 
 
 def run(cfg: DictConfig) -> float:

@@ -1,0 +1,64 @@
+"""A run's model logged after the run ended, rebuilt from the run's config and best checkpoint.
+
+Two runs get their model this way: a sweep's best job (``logger.log_model=best``: while the
+sweep runs, each job keeps its best epoch in ``checkpoints/best.pt`` with an input example
+beside it and logs no model; the sweep logs its best job's when it ends), and a run whose
+tracking server did not answer at its end (the spool records the model as owed, and
+`trainlab sync` logs it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from trainlab.errors import TrainlabError
+
+log = logging.getLogger(__name__)
+
+
+def log_model_later(client: Any, run_id: str, tracker: Any, example: Path | None = None) -> bool:
+    """Log run ``run_id``'s best checkpoint as its model with ``tracker.log_model`` (its
+    format and registry name), built from the run's own config the way `trainlab eval`
+    builds it; ``example`` is the input example (default: the one beside the checkpoint).
+
+    Returns False when the run has its model already (nothing is logged twice). The run's
+    status and end time stay as they were. A checkpoint not on this machine, or a store that
+    refuses the model, is a ``TrainlabError``.
+    """
+    import mlflow
+    import numpy as np
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    from trainlab.checkpoint import INPUT_EXAMPLE, MODEL_EPOCH_TAG, load_checkpoint
+    from trainlab.inference import find_source, load_model
+
+    run = client.get_run(run_id)
+    if MODEL_EPOCH_TAG in run.data.tags:
+        return False
+    with tempfile.TemporaryDirectory() as workdir:
+        source = find_source({"run_id": run_id}, [], Path(workdir))
+        example = example or source.checkpoint.parent / INPUT_EXAMPLE
+        if not example.is_file():
+            raise TrainlabError(f"no input example {example} for the model of run {run_id}")
+        model = load_model(source.cfg, source.checkpoint)
+        best_epoch = int(load_checkpoint(source.checkpoint)["best_epoch"])
+        while mlflow.active_run() is not None:
+            mlflow.end_run()
+        try:
+            with mlflow.start_run(run_id=run_id, log_system_metrics=False):
+                tracker.log_model(model.cpu(), np.load(example))
+            client.set_tag(run_id, MODEL_EPOCH_TAG, best_epoch + 1)
+        except (MlflowException, OSError, requests.RequestException) as err:
+            raise TrainlabError(f"the model of run {run_id} could not be logged: "
+                                f"{str(err).splitlines()[0]}") from err
+        finally:  # reopening the run to log into it must not move its status or its end
+            with contextlib.suppress(Exception):  # a store gone mid-way: raised above
+                client.set_terminated(run_id, run.info.status, end_time=run.info.end_time)
+    log.info("logged the model of run %s (%s), epoch %d", run.info.run_name, run_id,
+             best_epoch + 1)
+    return True

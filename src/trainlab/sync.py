@@ -1,0 +1,93 @@
+"""`trainlab sync OUTPUT_DIR`: deliver what a run spooled while its tracking server was down.
+
+The spooled calls are sent in order, the final status (with the time the run ended) last;
+then the model, when the run owed one (``logger.log_model`` asked for it and the server
+did not answer at the run's end), is rebuilt from the run's config and best checkpoint and
+logged into the run, registered when ``logger.register_model`` was set. Each part leaves
+the spool only once the store has it, so a sync cut off half-way can simply be repeated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from trainlab.errors import TrainlabError
+from trainlab.outbox import (
+    OWED_EXAMPLE,
+    OWED_MODEL,
+    RUN_FILE,
+    SPOOL_DIR,
+    ServerUnreachable,
+    bounded_http_calls,
+    remove_if_empty,
+    send,
+    spooled_calls,
+)
+
+
+def sync(output_dir: str | os.PathLike) -> tuple[int, bool]:
+    """Send the spool a run left in ``output_dir``; returns how many calls were sent and
+    whether the run's owed model was logged."""
+    from mlflow.tracking import MlflowClient
+
+    spool_dir = Path(output_dir) / SPOOL_DIR
+    if not (spool_dir / RUN_FILE).is_file():
+        raise TrainlabError(f"{output_dir} has no {SPOOL_DIR}/ to send: nothing waits there")
+    run, files, calls = spooled_calls(spool_dir)
+    bounded_http_calls()
+    client = MlflowClient(run["tracking_uri"])
+    try:
+        for call in calls:
+            send(client, run["run_id"], call)
+    except ServerUnreachable as err:
+        raise TrainlabError(
+            f"MLflow at {run['tracking_uri']} does not answer ({err}); the spool is kept, "
+            "try again later"
+        ) from None
+    for path in files:
+        path.unlink()
+    logged = (spool_dir / OWED_MODEL).is_file() and log_owed_model(spool_dir, client, run)
+    remove_if_empty(spool_dir)
+    return len(calls), logged
+
+
+def log_owed_model(spool_dir: Path, client, run: dict[str, str]) -> bool:
+    """Log the model the spool says the run still owes; the record goes once the store has
+    it (or had it already: False)."""
+    import mlflow
+
+    from trainlab.late_model import log_model_later
+    from trainlab.tracking import MlflowTracker
+
+    settings = json.loads((spool_dir / OWED_MODEL).read_text())
+    mlflow.set_tracking_uri(run["tracking_uri"])
+    tracker = MlflowTracker(tracking_uri=run["tracking_uri"], **settings)
+    try:
+        logged = log_model_later(client, run["run_id"], tracker, spool_dir / OWED_EXAMPLE)
+    except TrainlabError as err:
+        raise TrainlabError(f"{err}; the spool keeps it, try again later") from None
+    (spool_dir / OWED_MODEL).unlink()
+    (spool_dir / OWED_EXAMPLE).unlink(missing_ok=True)
+    return logged
+
+
+def sync_cli(args: list[str]) -> int:
+    """`trainlab sync OUTPUT_DIR...`."""
+    if not args or any(arg.startswith("-") for arg in args):
+        print("usage: trainlab sync OUTPUT_DIR [OUTPUT_DIR ...]  (sends the MLflow calls and "
+              "the model a run spooled while its tracking server was down)", file=sys.stderr)
+        return 2
+    failed = 0
+    for folder in args:
+        try:
+            sent, logged = sync(folder)
+        except TrainlabError as err:
+            print(f"error: {err}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"{folder}: sent {sent} spooled MLflow calls"
+              + (" and logged the run's model" if logged else ""))
+    return 1 if failed else 0
