@@ -346,7 +346,7 @@ class MlflowTracker:
 
     def model_logging(self, pruned: bool = False) -> str:
         """When this run logs its model. ``logger.log_model=best`` in a sweep's job: at the
-        sweep's end, and only if the job is the sweep's best (``trainlab.sweep_model``)."""
+        sweep's end, and only if the job is the sweep's best (``trainlab.late_model``)."""
         if self.log_model_mode == "none" or pruned:
             return NEVER
         if self.log_model_mode == "best" and os.environ.get(PARENT_RUN_ENV):
