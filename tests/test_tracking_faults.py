@@ -110,7 +110,7 @@ def assert_every_epoch_once(client, run_id: str, epochs: int) -> None:
 
 def test_server_killed_mid_run_and_restarted_gets_every_epoch_once(server, tmp_path):
     proc = start_training(tmp_path, server, "trainer.max_epochs=4",
-                          "logger.close_timeout_s=300")
+                          "logger.close_timeout_s=300", "logger.log_checkpoints=true")
     seen: list[str] = []
     read_until(proc, "epoch   1/4", seen)
     server.kill()
