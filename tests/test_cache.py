@@ -66,7 +66,7 @@ def test_disk_cache_is_shared_by_later_runs_and_keyed_by_image_size(folder, tmp_
     first = load_image_folder(str(folder), image_size=(8, 8), cache="disk",
                               cache_dir=str(cache_dir))
     before = epoch_pixels(first.train, 0)
-    assert len(list(cache_dir.rglob("*.npy"))) == len(first.train)
+    assert len(list(cache_dir.rglob("*.raw"))) == len(first.train)
 
     rewrite_keeping_stamp(first.train.samples[0][0], 250)
     again = load_image_folder(str(folder), image_size=(8, 8), cache="disk",
@@ -77,6 +77,10 @@ def test_disk_cache_is_shared_by_later_runs_and_keyed_by_image_size(folder, tmp_
                                    cache_dir=str(cache_dir))
     assert other_size.train[0][0].shape == (3, 4, 4)
     assert epoch_pixels(other_size.train, 0)[0] == 250  # another size is another entry
+
+    for entry in cache_dir.rglob("*.raw"):  # a run killed mid-write, a full disk
+        entry.write_bytes(entry.read_bytes()[:10])
+    assert epoch_pixels(again.train, 0)[0] == 250  # a cut entry is decoded again
 
 
 def test_segmentation_cache_keeps_image_and_mask_together(tmp_path):
@@ -109,7 +113,7 @@ def test_a_run_with_a_disk_cache_trains_and_fills_the_cache(folder, tmp_path, ru
                  "data.num_classes=2", "data.image_size=[8,8]", "data.cache=disk",
                  f"data.cache_dir={cache_dir}", "augment=light", "model=mlp",
                  "trainer.max_epochs=2", "trainer.progress_bar=false", "logger.log_model=none")
-    assert len(list(cache_dir.rglob("*.npy"))) == 8  # train and val samples, once each
+    assert len(list(cache_dir.rglob("*.raw"))) == 8  # train and val samples, once each
     (run,) = mlflow_client.search_runs([mlflow_client.get_experiment_by_name("trainlab")
                                         .experiment_id])
     assert run.info.status == "FINISHED"

@@ -82,9 +82,15 @@ class MemoryCache:
 class DiskCache:
     """One file per sample under ``folder``, named by a hash of its files' paths and stamps
     and of ``variant()`` (what decoding produces: size, channels, how mask values map;
-    read at each fetch, as the data check may infer the classes after the dataset is made)."""
+    read at each fetch, as the data check may infer the classes after the dataset is made).
 
-    def __init__(self, folder: str | Path, variant: Callable[[], str]) -> None:
+    A file holds the raw bytes of the sample's arrays (``shapes`` says how to read them
+    back), read straight into new arrays: a fraction of ``np.load``'s cost per sample."""
+
+    FORMAT = "raw-1"  # part of every key: files of another layout are never read
+
+    def __init__(self, folder: str | Path, variant: Callable[[], str],
+                 shapes: Sequence[tuple[tuple[int, ...], np.dtype]]) -> None:
         self.folder = Path(folder).expanduser()
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -94,30 +100,43 @@ class DiskCache:
                 "writable folder"
             ) from err
         self.variant = variant
+        self.shapes = [(tuple(shape), np.dtype(dtype)) for shape, dtype in shapes]
+        self._resolved: dict[tuple[Path, ...], list[str]] = {}  # a run's paths do not move
 
     def path_of(self, paths: Sequence[Path]) -> Path:
-        stamps = file_stamps(paths)
-        files = [str(Path(path).resolve()) for path in paths]
-        key = "|".join([self.variant(), *files, *map(str, stamps)])
+        files = self._resolved.get(tuple(paths))
+        if files is None:
+            files = self._resolved[tuple(paths)] = [str(Path(p).resolve()) for p in paths]
+        key = "|".join([self.FORMAT, self.variant(), *files, *map(str, file_stamps(paths))])
         digest = hashlib.sha1(key.encode()).hexdigest()
-        return self.folder / digest[:2] / f"{digest}.npy"
+        return self.folder / digest[:2] / f"{digest}.raw"
 
     def fetch(self, index: int, paths: Sequence[Path], decode: Decode) -> tuple[np.ndarray, ...]:
         path = self.path_of(paths)
-        try:
-            with path.open("rb") as handle:
-                count = int(np.load(handle))
-                return tuple(np.load(handle) for _ in range(count))
-        except (OSError, ValueError, EOFError):
-            pass  # not cached yet (or a partial file of a killed run): decode again
+        cached = self._read(path)
+        if cached is not None:
+            return cached
         arrays = decode()
         path.parent.mkdir(exist_ok=True)
         partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         with partial.open("wb") as handle:
-            np.save(handle, np.int64(len(arrays)))
-            for array in arrays:
-                np.save(handle, array)
+            for array, (shape, dtype) in zip(arrays, self.shapes, strict=True):
+                handle.write(np.ascontiguousarray(array, dtype=dtype).reshape(shape).data)
         os.replace(partial, path)  # atomic: parallel workers and jobs see whole files only
+        return arrays
+
+    def _read(self, path: Path) -> tuple[np.ndarray, ...] | None:
+        """The cached arrays, or None when the file is missing or not whole."""
+        arrays = tuple(np.empty(shape, dtype) for shape, dtype in self.shapes)
+        try:
+            with path.open("rb") as handle:
+                for array in arrays:
+                    if handle.readinto(memoryview(array).cast("B")) != array.nbytes:
+                        return None
+                if handle.read(1):
+                    return None
+        except OSError:
+            return None
         return arrays
 
 
@@ -130,7 +149,7 @@ def build_cache(mode: str | None, count: int, shapes, variant: Callable[[], str]
     if mode == "memory":
         return MemoryCache(count, shapes, files_per_sample)
     if mode == "disk":
-        return DiskCache(cache_dir or default_cache_dir(), variant)
+        return DiskCache(cache_dir or default_cache_dir(), variant, shapes)
     raise TrainlabError(f"data.cache={mode!r} is not a cache; choose null, memory or disk")
 
 
