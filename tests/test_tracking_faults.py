@@ -110,7 +110,8 @@ def assert_every_epoch_once(client, run_id: str, epochs: int) -> None:
 
 def test_server_killed_mid_run_and_restarted_gets_every_epoch_once(server, tmp_path):
     proc = start_training(tmp_path, server, "trainer.max_epochs=4",
-                          "logger.close_timeout_s=300", "logger.log_checkpoints=true")
+                          "logger.close_timeout_s=300", "logger.log_checkpoints=true",
+                          log_model="best")
     seen: list[str] = []
     read_until(proc, "epoch   1/4", seen)
     server.kill()
@@ -126,6 +127,9 @@ def test_server_killed_mid_run_and_restarted_gets_every_epoch_once(server, tmp_p
     assert run.info.status == "FINISHED"
     assert_every_epoch_once(server.client(), run.info.run_id, 4)
     assert not (tmp_path / "out" / "mlflow-spool").exists(), "a delivered spool is removed"
+    assert "MLflow took the run's model" in output  # owed while down, logged once back
+    assert run.data.tags["trainlab.model_epoch"]
+    assert len(run.outputs.model_outputs) == 1
     # checkpoints and their MLflow copies follow the umask, not mkstemp's 0600
     umask = os.umask(0)
     os.umask(umask)
@@ -182,7 +186,7 @@ def test_a_model_owed_while_the_server_was_down_is_logged_and_registered_by_sync
     rest, _ = proc.communicate(timeout=300)
     output = "".join(seen) + rest
     assert proc.returncode == 0, output[-3000:]
-    assert "the model is not logged yet" in output and "trainlab sync" in output
+    assert "the run's model waits for MLflow" in output and "trainlab sync" in output
     spool = tmp_path / "out" / "mlflow-spool"
     assert (spool / "model.json").is_file()
 

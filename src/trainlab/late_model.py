@@ -3,8 +3,8 @@
 Two runs get their model this way: a sweep's best job (``logger.log_model=best``: while the
 sweep runs, each job keeps its best epoch in ``checkpoints/best.pt`` with an input example
 beside it and logs no model; the sweep logs its best job's when it ends), and a run whose
-tracking server did not answer at its end (the spool records the model as owed, and
-`trainlab sync` logs it).
+tracking server did not answer when the model was due (the spool records the model as owed;
+the run logs it if the server answers again before the run closes, else `trainlab sync`).
 """
 
 from __future__ import annotations
@@ -62,3 +62,17 @@ def log_model_later(client: Any, run_id: str, tracker: Any, example: Path | None
     log.info("logged the model of run %s (%s), epoch %d", run.info.run_name, run_id,
              best_epoch + 1)
     return True
+
+
+
+def log_owed_model(spool_dir: Path, client: Any, run_id: str, tracker: Any) -> bool:
+    """Log the model the spool in ``spool_dir`` says run ``run_id`` still owes, with
+    ``tracker`` (made with the settings recorded there, ``outbox.owed_model``); the record
+    goes once the store has the model (False: it had it already). A ``TrainlabError``
+    leaves the record for another try."""
+    from trainlab.outbox import OWED_EXAMPLE, OWED_MODEL
+
+    logged = log_model_later(client, run_id, tracker, spool_dir / OWED_EXAMPLE)
+    (spool_dir / OWED_MODEL).unlink()
+    (spool_dir / OWED_EXAMPLE).unlink(missing_ok=True)
+    return logged

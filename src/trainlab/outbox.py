@@ -262,6 +262,12 @@ def owe_model(spool_dir: Path, tracking_uri: str, run_id: str, input_example: An
     write_run_file(spool_dir, tracking_uri, run_id)
 
 
+def owed_model(spool_dir: Path) -> dict[str, Any] | None:
+    """The settings (format, registry name) of the model the spool says the run owes."""
+    path = spool_dir / OWED_MODEL
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def remove_if_empty(spool_dir: Path | None) -> None:
     """Remove the spool folder once nothing waits in it: no process's spool file, no model."""
     if (spool_dir is None or any(spool_dir.glob("*.jsonl"))

@@ -9,19 +9,17 @@ the spool only once the store has it, so a sync cut off half-way can simply be r
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
 
 from trainlab.errors import TrainlabError
 from trainlab.outbox import (
-    OWED_EXAMPLE,
-    OWED_MODEL,
     RUN_FILE,
     SPOOL_DIR,
     ServerUnreachable,
     bounded_http_calls,
+    owed_model,
     remove_if_empty,
     send,
     spooled_calls,
@@ -49,29 +47,24 @@ def sync(output_dir: str | os.PathLike) -> tuple[int, bool]:
         ) from None
     for path in files:
         path.unlink()
-    logged = (spool_dir / OWED_MODEL).is_file() and log_owed_model(spool_dir, client, run)
+    logged = owed_model(spool_dir) is not None and log_owed_model(spool_dir, client, run)
     remove_if_empty(spool_dir)
     return len(calls), logged
 
 
 def log_owed_model(spool_dir: Path, client, run: dict[str, str]) -> bool:
-    """Log the model the spool says the run still owes; the record goes once the store has
-    it (or had it already: False)."""
+    """The model the spool says the run owes, logged as the run would have logged it."""
     import mlflow
 
-    from trainlab.late_model import log_model_later
+    from trainlab import late_model
     from trainlab.tracking import MlflowTracker
 
-    settings = json.loads((spool_dir / OWED_MODEL).read_text())
     mlflow.set_tracking_uri(run["tracking_uri"])
-    tracker = MlflowTracker(tracking_uri=run["tracking_uri"], **settings)
+    tracker = MlflowTracker(tracking_uri=run["tracking_uri"], **owed_model(spool_dir))
     try:
-        logged = log_model_later(client, run["run_id"], tracker, spool_dir / OWED_EXAMPLE)
+        return late_model.log_owed_model(spool_dir, client, run["run_id"], tracker)
     except TrainlabError as err:
         raise TrainlabError(f"{err}; the spool keeps it, try again later") from None
-    (spool_dir / OWED_MODEL).unlink()
-    (spool_dir / OWED_EXAMPLE).unlink(missing_ok=True)
-    return logged
 
 
 def sync_cli(args: list[str]) -> int:
