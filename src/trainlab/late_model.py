@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -76,3 +77,22 @@ def log_owed_model(spool_dir: Path, client: Any, run_id: str, tracker: Any) -> b
     (spool_dir / OWED_MODEL).unlink()
     (spool_dir / OWED_EXAMPLE).unlink(missing_ok=True)
     return logged
+
+
+def log_model_if_owed(spool_dir: Path, tracker: Any) -> None:
+    """Once a run has closed: a model it owes (the server was down when it was due) is
+    logged now if the server took every other call; otherwise `trainlab sync` logs it."""
+    from trainlab.outbox import owed_model, remove_if_empty
+
+    if owed_model(spool_dir) is None or any(spool_dir.glob("*.jsonl")):
+        return
+    from mlflow.tracking import MlflowClient
+
+    try:
+        log_owed_model(spool_dir, MlflowClient(), tracker.run_id, tracker)
+    except TrainlabError as err:
+        print(f"warning: {err}; `trainlab sync {spool_dir.parent}` logs it later",
+              file=sys.stderr, flush=True)
+        return
+    remove_if_empty(spool_dir)
+    print(f"MLflow took the run's model (run {tracker.run_id})", file=sys.stderr, flush=True)

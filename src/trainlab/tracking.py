@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from trainlab.errors import TrainlabError
 from trainlab.liveness import HEARTBEAT_EVERY_S, process_tags
-from trainlab.outbox import Outbox, bounded_http_calls, owe_model, owed_model, remove_if_empty
+from trainlab.outbox import Outbox, bounded_http_calls, owe_model
 from trainlab.signals import sigterm_as_interrupt
 from trainlab.tracker import AT_SWEEP_END, NEVER, NOW, PARENT_RUN_ENV, log_model_choice
 
@@ -220,12 +220,9 @@ class MlflowTracker:
         finally:
             # Ctrl-C does not wait for a server that is down; the spool keeps the rest
             if self._outbox is not None:
-                spool_dir = self._outbox.spool_dir
-                left = self._close_outbox({"call": "status", "status": status,
-                                           "end_time": int(time.time() * 1000)},
-                                          wait_offline=status != "KILLED")
-                if not left and spool_dir is not None and owed_model(spool_dir) is not None:
-                    self._log_owed_model(spool_dir)
+                self._close_outbox({"call": "status", "status": status,
+                                    "end_time": int(time.time() * 1000)},
+                                   wait_offline=status != "KILLED")
             with contextlib.suppress(Exception):  # the outbox sent (or spooled) the status
                 mlflow.end_run(status=status)
 
@@ -237,9 +234,9 @@ class MlflowTracker:
                               heartbeat_every_s=heartbeat_every_s)
 
     def _close_outbox(self, last_call: dict[str, Any] | None = None,
-                      wait_offline: bool = True) -> int:
+                      wait_offline: bool = True) -> None:
         """Hand over the queued metrics (and ``last_call``), wait a bounded time for them
-        to be sent, and say where the rest waits; returns how many calls wait."""
+        to be sent, and say where the rest waits."""
         self.flush()
         if last_call is not None:
             self._outbox.put(last_call)
@@ -252,21 +249,6 @@ class MlflowTracker:
         elif left:
             log.warning("MLflow did not take %d calls of run %s; they are lost", left,
                         self.run_id)
-        return left
-
-    def _log_owed_model(self, spool_dir: Path) -> None:
-        """The server answered again before the run closed: the model it could not take is
-        logged now rather than left for `trainlab sync`."""
-        from trainlab.late_model import log_owed_model
-
-        try:
-            log_owed_model(spool_dir, MlflowClient(), self.run_id, self)
-        except TrainlabError as err:
-            print(f"warning: {err}; `trainlab sync {spool_dir.parent}` logs it later",
-                  file=sys.stderr, flush=True)
-            return
-        remove_if_empty(spool_dir)
-        print(f"MLflow took the run's model (run {self.run_id})", file=sys.stderr, flush=True)
 
     def _reopen(self, run_id: str, log_system_metrics: bool = False):
         """Reopen ``run_id``, noting each metric's last logged step: a resumed fit re-trains

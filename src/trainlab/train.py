@@ -219,6 +219,7 @@ def run(cfg: DictConfig) -> float:
     from trainlab import distributed
     from trainlab.components import build
     from trainlab.data.check import log_to_run, prepare_data
+    from trainlab.late_model import log_model_if_owed
     from trainlab.outbox import SPOOL_DIR
     from trainlab.provenance import record as record_provenance
     from trainlab.resume import plan_resume, resume_checkpoint, unsent_metrics
@@ -275,6 +276,7 @@ def run(cfg: DictConfig) -> float:
         else:
             result = train_prepared(prepared, tracker, output_dir)
             best, best_epoch = result.best, result.best_epoch
+    log_model_if_owed(output_dir / SPOOL_DIR, tracker)  # the server answered at the close
     log.info("best %s = %.4f (epoch %d)", cfg.trainer.monitor, best, best_epoch + 1)
     return best
 
