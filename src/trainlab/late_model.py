@@ -26,7 +26,7 @@ def log_model_later(client: Any, run_id: str, tracker: Any, example: Path | None
     format and registry name), built from the run's own config the way `trainlab eval`
     builds it; ``example`` is the input example (default: the one beside the checkpoint).
 
-    Returns False when the run has its model already (nothing is logged twice). The run's
+    Returns False when the run has this epoch's model already (nothing is logged twice). The run's
     status and end time stay as they were. A checkpoint not on this machine, or a store that
     refuses the model, is a ``TrainlabError``.
     """
@@ -39,15 +39,16 @@ def log_model_later(client: Any, run_id: str, tracker: Any, example: Path | None
     from trainlab.inference import find_source, load_model
 
     run = client.get_run(run_id)
-    if MODEL_EPOCH_TAG in run.data.tags:
-        return False
     with tempfile.TemporaryDirectory() as workdir:
         source = find_source({"run_id": run_id}, [], Path(workdir))
+        best_epoch = int(load_checkpoint(source.checkpoint)["best_epoch"])
+        # the same epoch's model is there already (a resumed run that trained on has not)
+        if run.data.tags.get(MODEL_EPOCH_TAG) == str(best_epoch + 1):
+            return False
         example = example or source.checkpoint.parent / INPUT_EXAMPLE
         if not example.is_file():
             raise TrainlabError(f"no input example {example} for the model of run {run_id}")
         model = load_model(source.cfg, source.checkpoint)
-        best_epoch = int(load_checkpoint(source.checkpoint)["best_epoch"])
         while mlflow.active_run() is not None:
             mlflow.end_run()
         try:
@@ -63,7 +64,6 @@ def log_model_later(client: Any, run_id: str, tracker: Any, example: Path | None
     log.info("logged the model of run %s (%s), epoch %d", run.info.run_name, run_id,
              best_epoch + 1)
     return True
-
 
 
 def log_owed_model(spool_dir: Path, client: Any, run_id: str, tracker: Any) -> bool:
