@@ -193,3 +193,12 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def same_random_state_for_every_test():
+    """Every test starts from one random state, as a run starts from its seed: what a test
+    sees does not depend on which tests ran before it in the same process."""
+    from trainlab.seeding import seed_everything
+
+    seed_everything(0)

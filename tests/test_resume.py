@@ -26,6 +26,7 @@ def snapshot(client, run_id):
     return run.info.status, run.info.end_time, run.data.tags, history
 
 
+@pytest.mark.slow
 def test_refused_resumes_leave_the_run_as_it_was_and_new_run_branches_off(
     run_trainlab, mlflow_client, tmp_path
 ):

@@ -25,6 +25,7 @@ def split_sweep(runs):
     return parent, children
 
 
+@pytest.mark.slow
 def test_grid_sweep_nests_jobs_and_summarises_failures_and_seeds(run_trainlab, mlflow_client,
                                                                  tmp_path):
     note = "x" * 300  # a long override: job dirs must stay within filesystem limits
@@ -115,6 +116,7 @@ OPTUNA = [
 ]
 
 
+@pytest.mark.slow
 def test_optuna_search_prunes_resumes_and_never_repeats_a_trial(mlflow_client, tmp_path,
                                                                 run_trainlab, tracking_uri):
     import optuna
