@@ -116,6 +116,7 @@ def _ddp_worker(rank, world, port, out):
         totals.update(torch.tensor(float(rank + 1)), logits[parts[rank]], targets[parts[rank]])
         results[name] = totals.compute()
     torch.save(results, f"{out}/{rank}.pt")
+    dist.barrier()  # leave the group together: a rank tearing gloo down alone can abort
     dist.destroy_process_group()
 
 

@@ -113,6 +113,7 @@ OPTUNA = [
     "hydra.sweeper.pruner._target_=optuna.pruners.ThresholdPruner",
     "~hydra.sweeper.pruner.n_startup_trials", "hydra.sweeper.pruner.n_warmup_steps=0",
     "+hydra.sweeper.pruner.lower=0.5", *QUICK, "logger.log_model=all",
+    "data.batch_size=16",  # epochs of 90 steps: a Ctrl-C sent mid-trial lands in it
 ]
 
 
