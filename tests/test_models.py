@@ -268,3 +268,22 @@ def test_models_lists_only_what_model_can_train(capsys, compose):
     with pytest.raises(TrainlabError, match="^model.name='fasterrcnn_resnet50_fpn' is not an "
                                             "image classifier"):
         build_model(cfg.model, "torchvision")
+
+
+def test_a_zoo_model_that_cannot_take_the_data_size_is_one_line_before_any_run(compose,
+                                                                               tmp_path):
+    """`model=torchvision model.name=vit_b_16` on 8×8 digits: refused while building, naming
+    the model, the data's size and what would fit; a size its patches tile builds."""
+    from omegaconf import OmegaConf
+
+    from trainlab.errors import TrainlabError
+    from trainlab.models.zoo import torchvision_model
+
+    cfg = compose("model=torchvision", "model.name=vit_b_16")
+    with pytest.raises(TrainlabError, match=r"vit_b_16 cannot take the data's image size "
+                                            r"8×8 .*data\.image_size"):
+        torchvision_model(name="vit_b_16", num_classes=10, in_channels=1,
+                          image_size=cfg.data.image_size)
+    model = torchvision_model(name="vit_b_16", num_classes=10,
+                              image_size=OmegaConf.create([32, 32]))
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)

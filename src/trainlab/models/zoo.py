@@ -67,6 +67,14 @@ def _sized(create, key: str, size, **kwargs) -> nn.Module:
         return create(**kwargs)
 
 
+def _square_or_pair(size):
+    """The data's ``image_size`` as the zoo builders take it: a plain (height, width) tuple
+    (the config hands over an OmegaConf list), or the single number it was given."""
+    if size is None or isinstance(size, (int, float)):
+        return size
+    return tuple(int(side) for side in size)
+
+
 def timm_model(
     name: str,
     num_classes: int,
@@ -90,7 +98,7 @@ def timm_model(
             require_hub(source.url if not source.hf_hub_id and source.url
                         else "https://huggingface.co", name)
     return _sized(
-        timm.create_model, "img_size", tuple(img_size) if isinstance(img_size, list) else img_size,
+        timm.create_model, "img_size", _square_or_pair(img_size),
         model_name=name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans,
         drop_rate=drop_rate, **kwargs,
     )
@@ -134,11 +142,19 @@ def torchvision_model(
                 "(`trainlab models` lists them)"
             )
         raise _unknown(name, "torchvision", classifiers)
-    size = list(image_size) if isinstance(image_size, (list, tuple)) else [image_size]
-    side = size[0] if len(set(size)) == 1 else None
+    size = _square_or_pair(image_size)
+    side = (size[0] if len(set(size)) == 1 else None) if isinstance(size, tuple) else size
     if not pretrained:
-        model = _sized(tvm.get_model, "image_size", side, name=name, weights=None,
-                       num_classes=num_classes, **kwargs)
+        try:
+            model = _sized(tvm.get_model, "image_size", side, name=name, weights=None,
+                           num_classes=num_classes, **kwargs)
+        except (AssertionError, ValueError) as err:  # e.g. a ViT's patches do not tile it
+            shown = "×".join(map(str, size)) if isinstance(size, tuple) else size
+            raise TrainlabError(
+                f"model.name={name} cannot take the data's image size {shown} "
+                f"(torchvision: {err}); set data.image_size to a size it takes (a ViT: a "
+                "multiple of its patch size, e.g. [224,224]) or choose another model.name"
+            ) from err
         return adapt_input_channels(model, in_channels)
     weights = tvm.get_model_weights(name).DEFAULT
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
