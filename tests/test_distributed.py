@@ -181,11 +181,11 @@ def test_a_killed_ddp_worker_is_named_with_its_rank_and_signal(
     seen = _wait_for_epoch(proc)
     workers = [child for child in psutil.Process(proc.pid).children()
                if "resource_tracker" not in " ".join(child.cmdline())]
-    rank1 = max(workers, key=lambda child: child.create_time())  # started after rank 0
+    rank1 = max(workers, key=lambda child: child.pid)  # started after rank 0
     os.kill(rank1.pid, signal.SIGKILL)
     output = "".join(seen) + proc.communicate(timeout=180)[0]
     assert proc.returncode == 1, output[-3000:]
-    assert f"DDP worker rank 1 (pid {rank1.pid}) was killed by SIGKILL" in output
+    assert f"DDP worker rank 1 (pid {rank1.pid}) was killed by SIGKILL" in output, output[-3000:]
     assert "Traceback" not in output
     (run,) = runs_of(mlflow_client)
     assert run.info.status == "FAILED"

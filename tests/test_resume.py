@@ -4,9 +4,11 @@ step once with the weights of a run never interrupted."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import time
 
@@ -62,8 +64,20 @@ def test_refused_resumes_leave_the_run_as_it_was_and_new_run_branches_off(
     assert (tmp_path / "branch" / "checkpoints" / "best.pt").is_file()
 
 
+@contextlib.contextmanager
+def stalled_store(db):
+    """Hold the sqlite store's write lock, as a busy writer of a shared store would."""
+    lock = sqlite3.connect(db, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+    try:
+        yield
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+
+
 @pytest.mark.slow
-def test_hard_kill_after_a_periodic_checkpoint_then_resume_matches_an_uninterrupted_run(
+def test_hard_kill_while_the_store_stalls_then_resume_matches_an_uninterrupted_run(
     run_trainlab, mlflow_client, tmp_path, tracking_uri
 ):
     steady = [*RUN, "trainer.max_epochs=3", "data.batch_size=8", "logger.flush_every_s=0",
@@ -77,11 +91,15 @@ def test_hard_kill_after_a_periodic_checkpoint_then_resume_matches_an_uninterrup
     for line in proc.stdout:
         if "epoch   1/3" in line:
             break
-    seen = last.stat().st_mtime_ns
-    while last.stat().st_mtime_ns == seen:  # a periodic checkpoint inside epoch 2
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # the store stalls (another writer holds it) for two periodic checkpoints of epoch 2:
+    # what the run logged meanwhile exists only in memory and in those checkpoints
+    with stalled_store(tmp_path / "mlflow.db"):
+        for _ in range(2):
+            seen = last.stat().st_mtime_ns
+            while last.stat().st_mtime_ns == seen:
+                time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     cut_at = torch.load(last, weights_only=True)
     assert cut_at["epoch"] == 1 and cut_at["batches_done"] is not None
     run_trainlab("train", *steady, "trainer.resume=last", "hydra.run.dir=cut")

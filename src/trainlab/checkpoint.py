@@ -191,26 +191,28 @@ def tracked_files(folder: str | os.PathLike) -> list[Path]:
 
 
 class KeptRows:
-    """Sends metric rows to a tracker and keeps those not yet in a checkpoint: the next
+    """Sends metric rows to a tracker and keeps those the store has not confirmed: every
     checkpoint holds them, so a resume re-sends what a hard kill lost on the way to MLflow
-    (the tracker drops the steps its run already has)."""
+    (the tracker drops the steps its run already has). A slow store keeps more of them."""
 
     def __init__(self, tracker: Any) -> None:
         self.tracker = tracker
-        self.rows: list[tuple[int, dict[str, float]]] = []
+        self.rows: list[tuple[int, int, dict[str, float]]] = []  # (tracker call, step, values)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self.log_metric_series([(step, metrics)])
 
     def log_metric_series(self, rows: list[tuple[int, dict[str, float]]]) -> None:
-        self.rows += [(int(step), {k: float(v) for k, v in values.items()})
-                      for step, values in rows]
         self.tracker.log_metric_series(rows)
+        call = self.tracker.metric_calls
+        self.rows += [(call, int(step), {k: float(v) for k, v in values.items()})
+                      for step, values in rows]
 
-    def take(self) -> list[list]:
-        """The rows since the previous call, as plain lists for a ``weights_only`` file."""
-        rows, self.rows = [[step, values] for step, values in self.rows], []
-        return rows
+    def unconfirmed(self) -> list[list]:
+        """The rows not yet in the store, as plain lists for a ``weights_only`` file."""
+        stored = self.tracker.metric_calls_stored()
+        self.rows = [row for row in self.rows if row[0] > stored]
+        return [[step, values] for _, step, values in self.rows]
 
 
 def resolve_resume(value: str | None, output_dir: str | os.PathLike) -> Path | None:

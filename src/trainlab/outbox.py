@@ -114,6 +114,7 @@ class Outbox:
         self._closing = False  # no more calls will come
         self._stopped = False  # close gave up: the thread sends nothing more
         self.offline = False
+        self.metric_calls_stored = 0  # the "through" count of the last metrics call sent
         # the run's heartbeat tag (trainlab.liveness): refreshed while this process lives
         self.heartbeat_every_s = heartbeat_every_s
         self._beat_at = time.monotonic() + (heartbeat_every_s or 0)
@@ -140,6 +141,7 @@ class Outbox:
                 self._beat()
             if call is None:
                 continue
+            stored = call.get("through", self.metric_calls_stored)
             try:
                 send(self.client, self.run_id, call)
             except ServerUnreachable as err:
@@ -153,6 +155,7 @@ class Outbox:
                             str(err).splitlines()[0])
             with self._lock:
                 self._calls.popleft()
+                self.metric_calls_stored = stored
                 self._spooled = max(0, self._spooled - 1)
                 if self.offline:
                     self._back_online()

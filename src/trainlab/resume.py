@@ -101,10 +101,10 @@ def resume_checkpoint(value: Any, output_dir: Path, tracker: Any) -> Path | None
 
 
 def unsent_metrics(checkpoint: Path) -> list[tuple[int, dict[str, float]]]:
-    """The metrics logged since the checkpoint before this one, and those of the epoch an
-    epoch-end checkpoint closed, as ``(step, metrics)`` rows: re-sent on resume, as a hard
-    kill may have lost them on the way to MLflow (what the run already has is dropped by
-    the tracker, not repeated)."""
+    """The metrics the store had not confirmed when the checkpoint was written, and those of
+    the epoch an epoch-end checkpoint closed, as ``(step, metrics)`` rows: re-sent on resume,
+    as a hard kill may have lost them on the way to MLflow (what the run already has is
+    dropped by the tracker, not repeated)."""
     state = load_checkpoint(checkpoint)
     rows = [(int(step), dict(values)) for step, values in state.get("logged_rows") or []]
     if state.get("batches_done") is None and state.get("metrics"):

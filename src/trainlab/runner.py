@@ -148,7 +148,7 @@ class Runner:
 
     @tracker.setter
     def tracker(self, tracker: Any) -> None:  # the run's tracker, set once it is open
-        self.metric_log.tracker = tracker
+        self.metric_log = KeptRows(tracker)
 
     @property
     def best(self) -> float:
@@ -342,7 +342,7 @@ class Runner:
             "mlflow_run_id": getattr(self.tracker, "run_id", None),
             "train_totals": totals.state_dict() if totals is not None
             and not distributed.is_distributed() else None,
-            "logged_rows": self.metric_log.take(),
+            "logged_rows": self.metric_log.unconfirmed(),
         }
 
     def _log_plots(self) -> None:

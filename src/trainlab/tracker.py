@@ -42,6 +42,7 @@ class Tracker(Protocol):
     run_id: str | None  # the open run, written into checkpoints so a resume reopens it
     log_every_n_steps: int  # the loop reads its running loss this often
     log_checkpoints: bool  # whether the checkpoint folder is logged at the end
+    metric_calls: int  # ``log_metric_series`` calls made in this process so far
 
     def connect(self) -> str | None:
         """Reach the store before anything runs; returns the experiment id (None: no store)."""
@@ -65,6 +66,10 @@ class Tracker(Protocol):
 
     def flush(self) -> None:
         """Send what is queued now."""
+
+    def metric_calls_stored(self) -> int:
+        """How many of the first ``metric_calls`` the store has taken: those after it could
+        still be lost by a hard kill (they are queued in memory)."""
 
     def set_tags(self, tags: Mapping[str, Any]) -> None: ...
 
@@ -91,6 +96,7 @@ class NullTracker:
 
     run_id = None
     log_checkpoints = False
+    metric_calls = 0  # nothing is queued, so nothing can be lost
 
     def __init__(self, log_every_n_steps: int = 10, **backend_settings: Any) -> None:
         """``backend_settings``: what presets set for a tracking store (``debug=fast``'s
@@ -125,6 +131,9 @@ class NullTracker:
 
     def flush(self) -> None:
         pass
+
+    def metric_calls_stored(self) -> int:
+        return self.metric_calls
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         pass

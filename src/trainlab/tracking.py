@@ -131,6 +131,7 @@ class MlflowTracker:
         self._outbox: Outbox | None = None  # sends the open run's calls off the training thread
         self._pending: list = []  # metrics not yet handed to the outbox, batched by time
         self._logged_upto: dict[str, int] = {}  # a reopened run's last logged step per metric
+        self.metric_calls = 0
         self._flushed_at = time.monotonic()
 
     # --------------------------------------------------------------- lifecycle
@@ -307,6 +308,7 @@ class MlflowTracker:
         ``flush`` sends it in one batched call every ``flush_every_s`` seconds.
         """
         stamp = int(time.time() * 1000)
+        self.metric_calls += 1
         self._pending += [
             (key, float(value), stamp, step)
             for step, values in rows
@@ -321,7 +323,10 @@ class MlflowTracker:
         self._flushed_at = time.monotonic()
         if self._pending and self._outbox is not None:
             pending, self._pending = self._pending, []
-            self._outbox.put({"call": "metrics", "rows": pending})
+            self._outbox.put({"call": "metrics", "rows": pending, "through": self.metric_calls})
+
+    def metric_calls_stored(self) -> int:
+        return self._outbox.metric_calls_stored if self._outbox else self.metric_calls
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         self._outbox.put({"call": "tags", "tags": {k: str(v) for k, v in tags.items()}})
