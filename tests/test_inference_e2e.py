@@ -195,3 +195,29 @@ def test_eval_refuses_a_bad_file_in_one_line_or_skips_it_as_training_does(
     evaluated = next(r for r in runs_of(mlflow_client) if r.info.run_id != trained.info.run_id)
     assert evaluated.data.params["eval.skipped_files"] == "1"
     assert "test/acc" in evaluated.data.metrics
+
+
+@pytest.mark.parametrize(("command", "option"), [
+    (["runs"], "--tracking-uri"), (["runs", "--cleanup"], "--tracking-uri"),
+    (["reproduce", "0123abcd"], "--tracking-uri"),
+    (["eval", "run_id=0123abcd"], "tracking_uri=URI"),
+    (["predict", "run_id=0123abcd", "input=."], "tracking_uri=URI"),
+])
+def test_reading_commands_refuse_a_store_that_does_not_exist_and_create_none(
+    trainlab_in_process, tmp_path, monkeypatch, command, option
+):
+    import mlflow
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    Image.new("RGB", (8, 8)).save(elsewhere / "a.png")
+    monkeypatch.chdir(elsewhere)
+    missing = f"sqlite:///{elsewhere / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", missing)
+    mlflow.set_tracking_uri(missing)
+    outcome = trainlab_in_process(*command, check=False)
+    assert outcome.returncode == 1
+    assert outcome.stderr.strip().splitlines() == [
+        f"error: no MLflow store at {missing}: nothing was tracked there; run this where you "
+        f"trained, or name the store with {option} or MLFLOW_TRACKING_URI"]
+    assert list(elsewhere.iterdir()) == [elsewhere / "a.png"]

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from trainlab.errors import TrainlabError
+from trainlab.store import existing_store
 
 COLUMNS = ("id", "run", "status", "overrides", "best", "last", "duration")
 ID_CHARS = 8  # run ids are shown (and accepted) as prefixes this long
@@ -287,15 +288,6 @@ def _cleanup(client, experiment: str | None, stale_after_min: float) -> int:
     return 0
 
 
-def _client(tracking_uri: str | None):
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    return MlflowClient()
-
-
 def _experiment(client, name: str):
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
@@ -406,7 +398,7 @@ def runs_cli(args: list[str]) -> int:
                         "is this old (10)")
     opts = parser.parse_args(args)
     try:
-        client = _client(opts.tracking_uri)
+        client = existing_store("--tracking-uri", opts.tracking_uri)
         if opts.cleanup:
             return _cleanup(client, opts.experiment, opts.stale_after)
         experiment = _experiment(client, opts.experiment or "trainlab")

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from omegaconf import DictConfig, OmegaConf
 
 from trainlab.errors import TrainlabError
+from trainlab.store import existing_store
 
 if TYPE_CHECKING:
     import torch
@@ -97,8 +98,9 @@ def _from_run(run_id: str, which: str, workdir: Path) -> Source:
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    client = existing_store("tracking_uri=URI")
     try:
-        run = mlflow.MlflowClient().get_run(run_id)
+        run = client.get_run(run_id)
         config = mlflow.artifacts.download_artifacts(
             run_id=run_id, artifact_path="config.yaml", dst_path=str(workdir))
     except (MlflowException, OSError) as err:
