@@ -190,7 +190,7 @@ def test_runs_record_environment_git_state_data_and_system_metrics(
     assert repeated.data.params == dirty.data.params
 
 
-def test_reproduce_names_an_unknown_run(run_trainlab):
+def test_reproduce_names_an_unknown_run(run_trainlab, mlflow_client):  # the store exists
     proc = run_trainlab("reproduce", "0123456789abcdef", check=False)
     assert proc.returncode == 1
     assert proc.stderr.splitlines()[-1].startswith("error: no run 0123456789abcdef in ")
