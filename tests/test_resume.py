@@ -147,3 +147,38 @@ def test_a_run_id_of_digits_that_hydra_reads_as_a_number_is_still_a_run_id(tmp_p
     with pytest.raises(TrainlabError, match="^trainer.resume=12345678 names an MLflow run, "
                                             "but logger=none has no store"):
         resume_checkpoint(12345678, tmp_path, NullTracker())
+
+
+@pytest.mark.slow
+def test_a_run_stopped_after_its_last_epoch_is_finished_by_its_resume(
+    run_trainlab, mlflow_client, tmp_path, tracking_uri
+):
+    """A signal after the last epoch (a preemption warning while the model is logged) ends
+    the run KILLED with no model; resuming logs what it missed, trains nothing, and the run
+    ends FINISHED. A finished run is then refused: nothing is left to train."""
+    job = ["model=mlp", "model.hidden=[16]", "trainer.progress_bar=false",
+           "trainer.max_epochs=2", "hydra.run.dir=cut"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([str(TRAINLAB), "train", *job], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "epoch   2/2" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    seen += proc.stdout.read()
+    assert proc.wait() == 130, "".join(seen)[-3000:]
+    (run,) = runs_of(mlflow_client)
+    assert run.info.status == "KILLED" and "trainlab.model_epoch" not in run.data.tags
+
+    run_trainlab("train", *job, "trainer.resume=last")
+    (run,) = runs_of(mlflow_client)
+    assert run.info.status == "FINISHED" and run.data.tags["trainlab.model_epoch"] == "2"
+    assert [m.value for m in mlflow_client.get_metric_history(run.info.run_id, "epoch")] == [
+        0, 1]
+    again = run_trainlab("train", *job, "trainer.resume=last", check=False)
+    assert again.returncode == 1
+    assert again.stderr.strip().splitlines()[-1].endswith(
+        "leaves nothing to train: set trainer.max_epochs above 2")
+    assert mlflow_client.get_run(run.info.run_id).info.status == "FINISHED"

@@ -33,7 +33,9 @@ def plan_resume(trainer: Any, output_dir: Path, tracker: Any) -> ResumePlan | No
 
     A checkpoint behind what its run has logged (an older one, re-run by a requeue script)
     would log different values at steps the run already has: refused, naming the newer
-    checkpoint, unless ``trainer.resume_as=new_run`` branches off into a new run.
+    checkpoint, unless ``trainer.resume_as=new_run`` branches off into a new run. A run
+    stopped after its last epoch (a signal while its model was logged) trains nothing more:
+    the resume logs what it missed and finishes it.
     """
     resume_as = trainer.get("resume_as") or "same_run"
     if resume_as not in RESUME_AS:
@@ -45,19 +47,22 @@ def plan_resume(trainer: Any, output_dir: Path, tracker: Any) -> ResumePlan | No
     mid_epoch = state.get("batches_done") is not None
     done = int(state["epoch"]) + (0 if mid_epoch else 1)
     max_epochs = int(trainer.max_epochs)
-    if max_epochs <= done:
-        raise TrainlabError(
-            f"trainer.resume={path} has {done} epoch(s) done; trainer.max_epochs={max_epochs} "
-            f"leaves nothing to train: set trainer.max_epochs above {done}"
-        )
+    nothing_to_train = TrainlabError(
+        f"trainer.resume={path} has {done} epoch(s) done; trainer.max_epochs={max_epochs} "
+        f"leaves nothing to train: set trainer.max_epochs above {done}"
+    )
     tags = {"trainlab.resumed_from": str(path.resolve())}
     origin = state.get("mlflow_run_id")
+    if max_epochs < done or (max_epochs == done and (resume_as == "new_run" or origin is None)):
+        raise nothing_to_train
     if resume_as == "new_run" or origin is None:
         if origin:
             tags["trainlab.origin_run_id"] = origin
         _carry_best(path, Path(output_dir) / "checkpoints")
         return ResumePlan(path, None, Path(output_dir), tags)
-    logged, run_dir = _run_record(tracker, origin, path)
+    logged, run_dir, status = _run_record(tracker, origin, path)
+    if max_epochs == done and status == "FINISHED":
+        raise nothing_to_train  # else its run was stopped after training: it is finished now
     if path.parent.name == "checkpoints":
         run_dir = path.resolve().parent.parent
     run_dir = run_dir or Path(output_dir)
@@ -113,8 +118,10 @@ def unsent_metrics(checkpoint: Path) -> list[tuple[int, dict[str, float]]]:
     return rows
 
 
-def _run_record(tracker: Any, run_id: str, path: Path) -> tuple[int | None, Path | None]:
-    """The step of the last epoch the run logged (None before its first) and its output dir;
+def _run_record(tracker: Any, run_id: str,
+                path: Path) -> tuple[int | None, Path | None, str]:
+    """The step of the last epoch the run logged (None before its first), its output dir and
+    status;
     a run still RUNNING in a live process is refused (two processes would write one run)."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -141,7 +148,8 @@ def _run_record(tracker: Any, run_id: str, path: Path) -> tuple[int | None, Path
         log.warning("MLflow run %s was left RUNNING, %s; continuing it", run_id,
                     verdict.reason)
     folder = run.data.tags.get("trainlab.output_dir")
-    return max((m.step for m in history), default=None), Path(folder) if folder else None
+    return (max((m.step for m in history), default=None), Path(folder) if folder else None,
+            run.info.status)
 
 
 def _carry_best(checkpoint: Path, folder: Path) -> None:

@@ -166,6 +166,8 @@ class Runner:
         with self.stop, torch.autograd.set_detect_anomaly(self.detect_anomaly):
             try:
                 result = self._fit_epochs()
+                if distributed.any_rank(self.stop.requested):  # came after the last check
+                    self._interrupted()
             except RuntimeError as err:
                 if self.detect_anomaly and "nan" in str(err).lower():
                     raise TrainlabError(
