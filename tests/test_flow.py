@@ -36,14 +36,16 @@ BAD_VALUES = [
     ("model.image_size=[4,4]", "model=mlp cannot take a batch of data=digits (in_channels=1, "
                                "image_size=[8, 8], num_classes=10), shaped 4×1×8×8:"),
     ("model.num_classes=5", "model=mlp gives 5 outputs per sample but data.num_classes=10"),
+    ("model=torchvision model.name=vit_b_16",
+     "model.name=vit_b_16 cannot take the data's image size 8×8"),
 ]
 
 
 @pytest.mark.parametrize("override, message", BAD_VALUES, ids=[b[0] for b in BAD_VALUES])
 def test_a_bad_value_is_one_line_and_leaves_no_run(trainlab_in_process, tmp_path, override,
                                                    message):
-    outcome = trainlab_in_process("train", "model=mlp", "trainer.progress_bar=false", override,
-                                  check=False)
+    outcome = trainlab_in_process("train", "model=mlp", "trainer.progress_bar=false",
+                                  *override.split(), check=False)
     assert outcome.returncode == 1
     assert outcome.stderr.splitlines() == [outcome.stderr.strip()], outcome.stderr
     assert outcome.stderr.startswith(f"error: {message}")
