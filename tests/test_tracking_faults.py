@@ -226,6 +226,33 @@ def test_a_model_owed_while_the_server_was_down_is_logged_and_registered_by_sync
     assert len(client.get_run(run.info.run_id).outputs.model_outputs) == 1, "logged twice"
 
 
+def test_a_server_that_dies_while_the_model_is_logged_leaves_it_owed_not_a_failed_run(
+    server, tmp_path, capfd
+):
+    """The server dies after the run's last call went through: the outbox has not seen it go,
+    so the model's own upload is the first call to find out."""
+    import numpy as np
+    import torch
+
+    from trainlab.tracking import MlflowTracker
+
+    tracker = MlflowTracker(tracking_uri=server.uri, log_system_metrics=False,
+                            close_timeout_s=1)
+    spool = tmp_path / "out" / "mlflow-spool"
+    with tracker.run("dies at the model", {}, spool_dir=spool):
+        run_id = tracker.run_id
+        server.kill()
+        logged = tracker.log_model(torch.nn.Linear(4, 2).eval(),
+                                   np.zeros((2, 4), dtype=np.float32))
+    assert logged is False
+    assert (spool / "model.json").is_file()
+    err = capfd.readouterr().err
+    assert "stopped answering while the model was logged" in err
+    assert f"trainlab sync {spool.parent}" in err
+    server.start()
+    assert server.client().get_run(run_id).info.status == "RUNNING"  # its end is spooled
+
+
 def test_three_runs_started_at_once_on_a_new_sqlite_store_all_finish(tmp_path):
     uri = f"sqlite:///{tmp_path / 'fresh.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}

@@ -44,11 +44,20 @@ class ServerUnreachable(Exception):
     """The tracking store did not answer (connection refused, timeout, 5xx)."""
 
 
+def did_not_answer(err: BaseException) -> bool:
+    """Whether ``err`` says the store did not answer (connection refused, timeout, 5xx),
+    rather than that it refused the call."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(err, (requests.RequestException, ConnectionError, TimeoutError)):
+        return True
+    return isinstance(err, MlflowException) and err.get_http_status_code() >= 500
+
+
 def send(client: Any, run_id: str, call: dict[str, Any]) -> None:
     """Make one recorded call against ``run_id``; ``ServerUnreachable`` when the store is down."""
-    import requests
     from mlflow.entities import Metric, Param, RunTag
-    from mlflow.exceptions import MlflowException
 
     kind = call["call"]
     try:
@@ -82,10 +91,8 @@ def send(client: Any, run_id: str, call: dict[str, Any]) -> None:
             client.set_terminated(run_id, call["status"], end_time=call.get("end_time"))
         else:
             raise ValueError(f"unknown MLflow call {kind!r}")
-    except (requests.RequestException, ConnectionError, TimeoutError) as err:
-        raise ServerUnreachable(str(err).splitlines()[0]) from err
-    except MlflowException as err:
-        if err.get_http_status_code() >= 500:  # connection errors and timeouts included
+    except Exception as err:
+        if did_not_answer(err):
             raise ServerUnreachable(str(err).splitlines()[0]) from err
         raise
 

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from trainlab.errors import TrainlabError
 from trainlab.liveness import HEARTBEAT_EVERY_S, process_tags
-from trainlab.outbox import Outbox, bounded_http_calls, owe_model
+from trainlab.outbox import Outbox, bounded_http_calls, did_not_answer, owe_model
 from trainlab.signals import sigterm_as_interrupt
 from trainlab.tracker import AT_SWEEP_END, NEVER, NOW, PARENT_RUN_ENV, log_model_choice
 
@@ -371,31 +371,42 @@ class MlflowTracker:
         Requirements are given explicitly: inferring them costs several seconds per run.
         """
         if self._outbox is not None and self._outbox.offline:
-            spool_dir = self._outbox.spool_dir
-            if spool_dir is None:
-                print("warning: the model is not logged: MLflow does not answer; its weights "
-                      "are in the run's checkpoints/best.pt", file=sys.stderr, flush=True)
-                return False
-            owe_model(spool_dir, self._outbox.tracking_uri, self.run_id, input_example,
-                      {"model_format": self.model_format,
-                       "register_model": self.register_model})
-            print("warning: the run's model waits for MLflow: it is logged if the server "
-                  "answers before the run closes, else by `trainlab sync "
-                  f"{spool_dir.parent}` from the run's checkpoints/best.pt",
-                  file=sys.stderr, flush=True)
-            return False
+            return self._owe_model(input_example)
         import mlflow.pytorch
 
-        mlflow.pytorch.log_model(
-            model,
-            name="model",
-            input_example=input_example,
-            serialization_format=self.model_format,
-            pip_requirements=model_requirements(model),
-            code_paths=model_code_paths(model) if self.model_format == "pickle" else None,
-            registered_model_name=self.register_model,
-        )
+        try:
+            mlflow.pytorch.log_model(
+                model,
+                name="model",
+                input_example=input_example,
+                serialization_format=self.model_format,
+                pip_requirements=model_requirements(model),
+                code_paths=model_code_paths(model) if self.model_format == "pickle" else None,
+                registered_model_name=self.register_model,
+            )
+        except Exception as err:
+            if self._outbox is None or not did_not_answer(err):
+                raise
+            print(f"warning: MLflow at {self._outbox.tracking_uri} stopped answering while "
+                  f"the model was logged ({str(err).splitlines()[0]})", file=sys.stderr,
+                  flush=True)
+            return self._owe_model(input_example)
         return True
+
+    def _owe_model(self, input_example: Any) -> bool:
+        """The store does not answer: the spool records the model as owed (False)."""
+        spool_dir = self._outbox.spool_dir
+        if spool_dir is None:
+            print("warning: the model is not logged: MLflow does not answer; its weights "
+                  "are in the run's checkpoints/best.pt", file=sys.stderr, flush=True)
+            return False
+        owe_model(spool_dir, self._outbox.tracking_uri, self.run_id, input_example,
+                  {"model_format": self.model_format, "register_model": self.register_model})
+        print("warning: the run's model waits for MLflow: it is logged if the server "
+              "answers before the run closes, else by `trainlab sync "
+              f"{spool_dir.parent}` from the run's checkpoints/best.pt",
+              file=sys.stderr, flush=True)
+        return False
 
 
 def model_code_paths(model: Any) -> list[str]:
