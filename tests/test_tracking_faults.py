@@ -175,6 +175,39 @@ def test_sigint_while_the_server_is_down_stops_at_once_and_sync_delivers_later(
     assert not spool.exists()
 
 
+def test_resuming_a_run_stopped_while_the_server_was_down_sends_its_spool_first(
+    server, tmp_path
+):
+    """Stopped with calls (and its model) spooled, then resumed once the server is back:
+    the run gets every epoch once and one model, and no spool is left for a sync to send
+    twice."""
+    proc = start_training(tmp_path, server, "trainer.max_epochs=200", log_model="best")
+    seen: list[str] = []
+    read_until(proc, "epoch   1/200", seen)
+    server.kill()
+    read_until(proc, "does not answer", seen)
+    read_until(proc, "epoch ", seen)
+    proc.send_signal(signal.SIGINT)
+    output = "".join(seen) + proc.communicate(timeout=60)[0]
+    assert proc.returncode == 130, output[-3000:]
+    epochs_done = len(re.findall(r"^epoch +\d+/200", output, re.MULTILINE))
+    spool = tmp_path / "out" / "mlflow-spool"
+    assert list(spool.glob("*.jsonl"))
+
+    server.start()
+    resumed = start_training(tmp_path, server, f"trainer.max_epochs={epochs_done + 2}",
+                             "trainer.resume=last", log_model="best")
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output[-3000:]
+    assert not spool.exists()
+    client = server.client()
+    (run,) = runs_of(client)
+    assert run.info.status == "FINISHED"
+    assert_every_epoch_once(client, run.info.run_id, epochs_done + 2)
+    assert len(run.outputs.model_outputs) == 1
+    assert sync(tmp_path).returncode == 1  # nothing waits
+
+
 def test_a_model_owed_while_the_server_was_down_is_logged_and_registered_by_sync(
     server, tmp_path
 ):

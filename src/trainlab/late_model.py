@@ -71,11 +71,10 @@ def log_owed_model(spool_dir: Path, client: Any, run_id: str, tracker: Any) -> b
     ``tracker`` (made with the settings recorded there, ``outbox.owed_model``); the record
     goes once the store has the model (False: it had it already). A ``TrainlabError``
     leaves the record for another try."""
-    from trainlab.outbox import OWED_EXAMPLE, OWED_MODEL
+    from trainlab.outbox import OWED_EXAMPLE, drop_owed_model
 
     logged = log_model_later(client, run_id, tracker, spool_dir / OWED_EXAMPLE)
-    (spool_dir / OWED_MODEL).unlink()
-    (spool_dir / OWED_EXAMPLE).unlink(missing_ok=True)
+    drop_owed_model(spool_dir)
     return logged
 
 

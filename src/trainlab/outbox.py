@@ -278,6 +278,11 @@ def owed_model(spool_dir: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def drop_owed_model(spool_dir: Path) -> None:
+    (spool_dir / OWED_MODEL).unlink(missing_ok=True)
+    (spool_dir / OWED_EXAMPLE).unlink(missing_ok=True)
+
+
 def remove_if_empty(spool_dir: Path | None) -> None:
     """Remove the spool folder once nothing waits in it: no process's spool file, no model."""
     if (spool_dir is None or any(spool_dir.glob("*.jsonl"))

@@ -9,6 +9,7 @@ the spool only once the store has it, so a sync cut off half-way can simply be r
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from trainlab.outbox import (
     SPOOL_DIR,
     ServerUnreachable,
     bounded_http_calls,
+    drop_owed_model,
     owed_model,
     remove_if_empty,
     send,
@@ -34,22 +36,46 @@ def sync(output_dir: str | os.PathLike) -> tuple[int, bool]:
     spool_dir = Path(output_dir) / SPOOL_DIR
     if not (spool_dir / RUN_FILE).is_file():
         raise TrainlabError(f"{output_dir} has no {SPOOL_DIR}/ to send: nothing waits there")
-    run, files, calls = spooled_calls(spool_dir)
-    bounded_http_calls()
+    run = json.loads((spool_dir / RUN_FILE).read_text())
     client = MlflowClient(run["tracking_uri"])
+    sent = _send_calls(spool_dir, client, run)
+    logged = owed_model(spool_dir) is not None and log_owed_model(spool_dir, client, run)
+    remove_if_empty(spool_dir)
+    return sent, logged
+
+
+def sync_before_resume(spool_dir: Path, run_id: str) -> int:
+    """Send what an earlier attempt of ``run_id`` spooled, before the run is reopened: its
+    steps then count as logged, and nothing is left to be sent twice by a later sync. A
+    model it owed is dropped: the resumed run logs its own when it ends."""
+    from mlflow.tracking import MlflowClient
+
+    if not (spool_dir / RUN_FILE).is_file():
+        return 0
+    run = json.loads((spool_dir / RUN_FILE).read_text())
+    if run["run_id"] != run_id:
+        return 0
+    sent = _send_calls(spool_dir, MlflowClient(run["tracking_uri"]), run)
+    drop_owed_model(spool_dir)
+    remove_if_empty(spool_dir)
+    return sent
+
+
+def _send_calls(spool_dir: Path, client, run: dict[str, str]) -> int:
+    """The spooled calls, in order; their files go once the store has them all."""
+    _, files, calls = spooled_calls(spool_dir)
+    bounded_http_calls()
     try:
         for call in calls:
             send(client, run["run_id"], call)
     except ServerUnreachable as err:
         raise TrainlabError(
-            f"MLflow at {run['tracking_uri']} does not answer ({err}); the spool is kept, "
-            "try again later"
+            f"MLflow at {run['tracking_uri']} does not answer ({err}); the spool in "
+            f"{spool_dir} is kept, try again later"
         ) from None
     for path in files:
         path.unlink()
-    logged = owed_model(spool_dir) is not None and log_owed_model(spool_dir, client, run)
-    remove_if_empty(spool_dir)
-    return len(calls), logged
+    return len(calls)
 
 
 def log_owed_model(spool_dir: Path, client, run: dict[str, str]) -> bool:

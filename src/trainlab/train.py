@@ -224,6 +224,7 @@ def run(cfg: DictConfig) -> float:
     from trainlab.provenance import record as record_provenance
     from trainlab.resume import plan_resume, resume_checkpoint, unsent_metrics
     from trainlab.seeding import seed_everything
+    from trainlab.sync import sync_before_resume
     from trainlab.tracker import NullTracker
     from trainlab.tracking import comparable_params
 
@@ -257,6 +258,8 @@ def run(cfg: DictConfig) -> float:
     run_id = plan.run_id if plan else None
     if plan:
         tags.update(plan.tags)
+    if run_id:
+        sync_before_resume(output_dir / SPOOL_DIR, run_id)
     with tracker.run(run_name, tags, run_id=run_id, spool_dir=output_dir / SPOOL_DIR):
         record_provenance(tracker, hydra_cfg.runtime.cwd)
         tracker.log_datasets(data.splits, OmegaConf.to_container(cfg.data, resolve=True),
