@@ -108,6 +108,23 @@ def assert_every_epoch_once(client, run_id: str, epochs: int) -> None:
     assert len(epoch_steps) == len(set(epoch_steps)) == epochs
 
 
+def interrupted_while_down(tmp_path: Path, server: Server, *overrides: str,
+                           log_model: str = "none") -> str:
+    """A 200-epoch run whose server dies after epoch 1, stopped by Ctrl-C an epoch later:
+    it ends in seconds (not after HTTP retries) with exit code 130."""
+    proc = start_training(tmp_path, server, "trainer.max_epochs=200", *overrides,
+                          log_model=log_model)
+    seen: list[str] = []
+    read_until(proc, "epoch   1/200", seen)
+    server.kill()
+    read_until(proc, "does not answer", seen)
+    read_until(proc, "epoch ", seen)
+    proc.send_signal(signal.SIGINT)
+    output = "".join(seen) + proc.communicate(timeout=60)[0]
+    assert proc.returncode == 130, output[-3000:]
+    return output
+
+
 def test_server_killed_mid_run_and_restarted_gets_every_epoch_once(server, tmp_path):
     proc = start_training(tmp_path, server, "trainer.max_epochs=4",
                           "logger.close_timeout_s=300", "logger.log_checkpoints=true",
@@ -142,16 +159,7 @@ def test_server_killed_mid_run_and_restarted_gets_every_epoch_once(server, tmp_p
 def test_sigint_while_the_server_is_down_stops_at_once_and_sync_delivers_later(
     server, tmp_path
 ):
-    proc = start_training(tmp_path, server, "trainer.max_epochs=200", "logger.log_checkpoints=true")
-    seen: list[str] = []
-    read_until(proc, "epoch   1/200", seen)
-    server.kill()
-    read_until(proc, "does not answer", seen)
-    read_until(proc, "epoch ", seen)
-    proc.send_signal(signal.SIGINT)
-    rest, _ = proc.communicate(timeout=60)  # stops in seconds, not after HTTP retries
-    output = "".join(seen) + rest
-    assert proc.returncode == 130, output[-3000:]
+    output = interrupted_while_down(tmp_path, server, "logger.log_checkpoints=true")
     assert "Traceback" not in output
     assert "trainlab sync" in output
     epochs_done = len(re.findall(r"^epoch +\d+/200", output, re.MULTILINE))
@@ -181,15 +189,7 @@ def test_resuming_a_run_stopped_while_the_server_was_down_sends_its_spool_first(
     """Stopped with calls (and its model) spooled, then resumed once the server is back:
     the run gets every epoch once and one model, and no spool is left for a sync to send
     twice."""
-    proc = start_training(tmp_path, server, "trainer.max_epochs=200", log_model="best")
-    seen: list[str] = []
-    read_until(proc, "epoch   1/200", seen)
-    server.kill()
-    read_until(proc, "does not answer", seen)
-    read_until(proc, "epoch ", seen)
-    proc.send_signal(signal.SIGINT)
-    output = "".join(seen) + proc.communicate(timeout=60)[0]
-    assert proc.returncode == 130, output[-3000:]
+    output = interrupted_while_down(tmp_path, server, log_model="best")
     epochs_done = len(re.findall(r"^epoch +\d+/200", output, re.MULTILINE))
     spool = tmp_path / "out" / "mlflow-spool"
     assert list(spool.glob("*.jsonl"))
