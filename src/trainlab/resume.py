@@ -121,8 +121,8 @@ def unsent_metrics(checkpoint: Path) -> list[tuple[int, dict[str, float]]]:
 def _run_record(tracker: Any, run_id: str,
                 path: Path) -> tuple[int | None, Path | None, str]:
     """The step of the last epoch the run logged (None before its first), its output dir and
-    status;
-    a run still RUNNING in a live process is refused (two processes would write one run)."""
+    its status; a run still RUNNING in a live process is refused (two processes would write
+    one run)."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
