@@ -145,7 +145,7 @@ def test_eval_split_test_logs_test_metrics_on_a_linked_run(trainlab_in_process, 
                         "logger.log_model=none", "trainer.top_k=2", *data)
     (trained,) = runs_of(mlflow_client)
     run_id = trained.info.run_id
-    out = trainlab_in_process("eval", f"run_id={run_id}", "split=test").stdout
+    out = trainlab_in_process("eval", f"run_id={run_id[:8]}", "split=test").stdout  # as listed
     assert "test/acc = " in out
     evaluated = next(r for r in runs_of(mlflow_client) if r.info.run_id != run_id)
     assert evaluated.data.tags["trainlab.source_run_id"] == run_id

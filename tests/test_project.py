@@ -180,7 +180,7 @@ def test_runs_record_environment_git_state_data_and_system_metrics(
     # which code to check out, then repeats the run
     write(project / "conf" / "experiment" / "mine.yaml",
           (project / "conf" / "experiment" / "mine.yaml").read_text().replace("seed: 7", "seed: 9"))
-    report = run_trainlab("reproduce", dirty.info.run_id).stdout
+    report = run_trainlab("reproduce", dirty.info.run_id[:8]).stdout  # as `trainlab runs` shows
     assert f"git checkout {dirty.data.tags['mlflow.source.git.commit']}" in report
     assert "git apply" in report and "uncommitted.diff" in report
     assert "seed=7" in report.splitlines()[-1]  # the command line
@@ -193,7 +193,8 @@ def test_runs_record_environment_git_state_data_and_system_metrics(
 def test_reproduce_names_an_unknown_run(run_trainlab, mlflow_client):  # the store exists
     proc = run_trainlab("reproduce", "0123456789abcdef", check=False)
     assert proc.returncode == 1
-    assert proc.stderr.splitlines()[-1].startswith("error: no run 0123456789abcdef in ")
+    assert proc.stderr.splitlines()[-1] == (
+        "error: no run of the store has an id starting with '0123456789abcdef'")
 
 
 # -------------------------------------------------------------------------- init

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from trainlab.errors import TrainlabError
-from trainlab.store import existing_store
+from trainlab.store import existing_store, find_run
 
 COLUMNS = ("id", "run", "status", "overrides", "best", "last", "duration")
 ID_CHARS = 8  # run ids are shown (and accepted) as prefixes this long
@@ -296,17 +296,6 @@ def _experiment(client, name: str):
     return experiment
 
 
-def find_run(client, experiment_id: str, prefix: str):
-    """The run whose id starts with ``prefix`` (a short id from the table is enough)."""
-    found = [r for r in client.search_runs([experiment_id], max_results=50000)
-             if r.info.run_id.startswith(prefix)]
-    if len(found) != 1:
-        which = "no run" if not found else f"{len(found)} runs"
-        raise TrainlabError(f"{which} of this experiment has an id starting with {prefix!r}"
-                            + ("; give more characters" if found else ""))
-    return found[0]
-
-
 def select_runs(client, experiment_id: str, sweep: str | None, where: str = "") -> list:
     """The runs of one sweep (children of its parent run, given by an id prefix), or every
     run but sweep parents; ``where`` is an MLflow search filter on top."""
@@ -314,7 +303,7 @@ def select_runs(client, experiment_id: str, sweep: str | None, where: str = "") 
 
     query = where
     if sweep:
-        parent = find_run(client, experiment_id, sweep).info.run_id
+        parent = find_run(client, sweep, [experiment_id]).info.run_id
         query = " and ".join(q for q in (f"tags.mlflow.parentRunId = '{parent}'", where) if q)
     try:
         found = client.search_runs([experiment_id], query, max_results=50000)
@@ -403,7 +392,7 @@ def runs_cli(args: list[str]) -> int:
             return _cleanup(client, opts.experiment, opts.stale_after)
         experiment = _experiment(client, opts.experiment or "trainlab")
         if opts.diff:
-            runs = [find_run(client, experiment.experiment_id, p) for p in opts.diff]
+            runs = [find_run(client, p, [experiment.experiment_id]) for p in opts.diff]
             print(format_diff(client, *runs))
             return 0
         runs = select_runs(client, experiment.experiment_id, opts.sweep, opts.filter)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from omegaconf import DictConfig, OmegaConf
 
 from trainlab.errors import TrainlabError
-from trainlab.store import existing_store
+from trainlab.store import existing_store, find_run
 
 if TYPE_CHECKING:
     import torch
@@ -100,7 +100,11 @@ def _from_run(run_id: str, which: str, workdir: Path) -> Source:
 
     client = existing_store("tracking_uri=URI")
     try:
-        run = client.get_run(run_id)
+        run = find_run(client, run_id)
+    except TrainlabError as err:
+        raise TrainlabError(f"run_id={run_id}: {err}") from None
+    run_id = run.info.run_id
+    try:
         config = mlflow.artifacts.download_artifacts(
             run_id=run_id, artifact_path="config.yaml", dst_path=str(workdir))
     except (MlflowException, OSError) as err:

@@ -30,7 +30,7 @@ from trainlab.provenance import (
     installed_packages,
     parse_requirements,
 )
-from trainlab.store import existing_store
+from trainlab.store import existing_store, find_run
 
 MISSING = object()
 PLAIN = re.compile(r"^[\w./:+@-]+$")  # a string Hydra's override grammar takes unquoted
@@ -92,15 +92,12 @@ def _download(run_id: str, path: str, into: Path) -> Path | None:
 
 def plan_for(run_id: str, workdir: Path) -> Plan:
     """Read the run from MLflow and compare it with this environment and today's configs."""
-    from mlflow.exceptions import MlflowException
     from omegaconf import OmegaConf
 
     from trainlab.tracking import flatten
 
-    try:
-        run = existing_store("--tracking-uri").get_run(run_id)
-    except MlflowException as err:
-        raise TrainlabError(f"no run {run_id} in this MLflow store ({err.message})") from err
+    run = find_run(existing_store("--tracking-uri"), run_id)
+    run_id = run.info.run_id
     tags = run.data.tags
     overrides_file = _download(run_id, ".hydra/overrides.yaml", workdir)
     if overrides_file is not None:

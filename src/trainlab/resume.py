@@ -86,14 +86,14 @@ def resume_checkpoint(value: Any, output_dir: Path, tracker: Any) -> Path | None
         return resolve_resume(value, output_dir)
     from mlflow.tracking import MlflowClient
 
-    from trainlab.compare import find_run
+    from trainlab.store import find_run
 
     experiment_id = tracker.connect()
     if experiment_id is None:
         raise TrainlabError(f"trainer.resume={value} names an MLflow run, but logger=none has "
                             "no store to look it up in; give the checkpoint's path")
     try:
-        run = find_run(MlflowClient(), experiment_id, value)
+        run = find_run(MlflowClient(), value, [experiment_id])
     except TrainlabError as err:
         raise TrainlabError(f"trainer.resume={value}: {err}") from None
     folder = run.data.tags.get(CHECKPOINTS_TAG)

@@ -1,6 +1,7 @@
 """The MLflow store that reading commands (`trainlab runs`, `eval`/`predict run_id=`,
-`reproduce`) open: one that does not exist is refused in one line, never created empty
-in whatever folder the command happened to run in."""
+`reproduce`, `trainer.resume=RUN_ID`) open: one that does not exist is refused in one line,
+never created empty in whatever folder the command happened to run in; and runs named by
+the short id prefix `trainlab runs` shows."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from trainlab.errors import TrainlabError
+
+FULL_ID = 32  # characters of an MLflow run id
 
 
 def sqlite_file(uri: str) -> Path | None:
@@ -33,3 +36,29 @@ def existing_store(option: str, tracking_uri: str | None = None) -> Any:
                             f"where you trained, or name the store with {option} or "
                             "MLFLOW_TRACKING_URI")
     return MlflowClient()
+
+
+def find_run(client: Any, prefix: str, experiment_ids: list[str] | None = None) -> Any:
+    """The run whose id starts with ``prefix`` (a short id from `trainlab runs` is enough),
+    in ``experiment_ids`` or, by default, in any experiment of the store."""
+    from mlflow.exceptions import MlflowException
+
+    prefix = str(prefix)
+    if len(prefix) == FULL_ID:  # no search through every run for a whole id
+        try:
+            run = client.get_run(prefix)
+        except MlflowException:
+            run = None
+        if run is not None and run.info.experiment_id in (experiment_ids or [
+                run.info.experiment_id]):
+            return run
+    where = "this experiment" if experiment_ids else "the store"
+    if experiment_ids is None:
+        experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    found = [run for run in client.search_runs(experiment_ids, max_results=50000)
+             if run.info.run_id.startswith(prefix)] if experiment_ids else []
+    if len(found) != 1:
+        which = "no run" if not found else f"{len(found)} runs"
+        raise TrainlabError(f"{which} of {where} has an id starting with {prefix!r}"
+                            + ("; give more characters" if found else ""))
+    return found[0]
