@@ -131,6 +131,8 @@ def test_a_run_id_resumes_the_last_checkpoint_in_the_folder_its_run_names(
     assert [m.value for m in mlflow_client.get_metric_history(run.info.run_id, "epoch")] == [
         0, 1]
     assert torch.load(tmp_path / "first/checkpoints/last.pt", weights_only=True)["epoch"] == 1
+    command = trainlab_in_process("reproduce", short).stdout.splitlines()[-1]
+    assert "trainer.max_epochs=2" in command and "trainer.resume" not in command  # from scratch
 
     (tmp_path / "first").rename(tmp_path / "moved")  # another machine: no such folder
     gone = trainlab_in_process("train", *RUN, "trainer.max_epochs=3",

@@ -33,6 +33,7 @@ from trainlab.provenance import (
 from trainlab.store import existing_store, find_run
 
 MISSING = object()
+RESUME_KEYS = ("trainer.resume", "trainer.resume_as")
 PLAIN = re.compile(r"^[\w./:+@-]+$")  # a string Hydra's override grammar takes unquoted
 
 
@@ -104,6 +105,8 @@ def plan_for(run_id: str, workdir: Path) -> Plan:
         overrides = list(OmegaConf.load(overrides_file))
     else:
         overrides = [o for o in tags.get("trainlab.overrides", "").split() if o != "(none)"]
+    # a resumed run is repeated from its start, not from a checkpoint of the original
+    overrides = [o for o in overrides if _pinned_key(o) not in RESUME_KEYS]
     plan = Plan(run_id=run_id, overrides=overrides, commit=tags.get(COMMIT_TAG),
                 dirty=tags.get(DIRTY_TAG) == "true")
     if plan.dirty:
@@ -115,7 +118,8 @@ def plan_for(run_id: str, workdir: Path) -> Plan:
     config = _download(run_id, "config.yaml", workdir)
     if config is not None:
         logged = flatten(OmegaConf.to_container(OmegaConf.load(config)))
-        plan.pinned = pins_for(logged, overrides)
+        plan.pinned = [pin for pin in pins_for(logged, overrides)
+                       if _pinned_key(pin) not in RESUME_KEYS]
     return plan
 
 
