@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # name → (module, function, one-line help). Each function takes the remaining arguments.
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     module, function, _ = COMMANDS[command]
+    # MLflow's per-file download bar counts files, not bytes: "1/1" for a config is noise
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         return getattr(importlib.import_module(module), function)(rest) or 0
     except KeyboardInterrupt:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shlex
 import sys
@@ -188,7 +187,6 @@ def reproduce_cli(args: list[str]) -> int:
     parser.add_argument("--into", type=Path, help="keep the downloaded files (config, diff, "
                         "packages) in this folder")
     opts = parser.parse_args(args)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if opts.tracking_uri:
         import mlflow
 
