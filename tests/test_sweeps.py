@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import shlex
 import signal
 import subprocess
 import time
@@ -96,6 +97,17 @@ def test_grid_sweep_nests_jobs_and_summarises_failures_and_seeds(run_trainlab, m
     assert text.count(note) == 1, "shared overrides are stated once, above the table"
     assert "0.0512345678" not in text and "| optimizer.lr=0.05123 seed=1 |" in text
     assert parent.info.status == "FAILED"
+
+    # The parent trained nothing: eval points to its best job; reproduce gives the sweep's
+    # own command line
+    short = parent.info.run_id[:8]
+    refused = run_trainlab("eval", f"run_id={short}", check=False)
+    assert refused.returncode == 1
+    assert "is the parent of the sweep 'optimizer.lr × seed, 4 jobs'" in refused.stderr
+    assert f"its best job is {parent.data.tags['trainlab.best_run'][:8]}" in refused.stderr
+    command = run_trainlab("reproduce", short).stdout.splitlines()[-1]
+    assert shlex.split(command.removeprefix("command:")) == shlex.split(
+        parent.data.tags["trainlab.command"])
 
     # The same command again: finished jobs are skipped, failed ones rerun, same parent.
     proc = run_trainlab(*grid, check=False)

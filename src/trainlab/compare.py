@@ -20,11 +20,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from trainlab.errors import TrainlabError
-from trainlab.store import existing_store, find_run
+from trainlab.store import SWEEP_ROLE_TAG, existing_store, find_run
 
 COLUMNS = ("id", "run", "status", "overrides", "best", "last", "duration")
 ID_CHARS = 8  # run ids are shown (and accepted) as prefixes this long
-SWEEP_ROLE_TAG = "trainlab.role"  # "sweep" on a sweep's parent run
 SEED_OVERRIDE = re.compile(r"^\+*seed=\S*$")
 _FLOAT = re.compile(r"(?<![\w.])[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?(?![\w.])")
 

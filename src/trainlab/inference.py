@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from omegaconf import DictConfig, OmegaConf
 
 from trainlab.errors import TrainlabError
-from trainlab.store import existing_store, find_run
+from trainlab.store import SWEEP_ROLE_TAG, best_job_hint, existing_store, find_run
 
 if TYPE_CHECKING:
     import torch
@@ -103,6 +103,8 @@ def _from_run(run_id: str, which: str, workdir: Path) -> Source:
         run = find_run(client, run_id)
     except TrainlabError as err:
         raise TrainlabError(f"run_id={run_id}: {err}") from None
+    if run.data.tags.get(SWEEP_ROLE_TAG) == "sweep":
+        raise TrainlabError(f"run_id={run_id}: {best_job_hint(run)}")
     run_id = run.info.run_id
     try:
         config = mlflow.artifacts.download_artifacts(

@@ -29,7 +29,7 @@ from trainlab.provenance import (
     installed_packages,
     parse_requirements,
 )
-from trainlab.store import existing_store, find_run
+from trainlab.store import BEST_RUN_TAG, SWEEP_ROLE_TAG, best_job_hint, existing_store, find_run
 
 MISSING = object()
 RESUME_KEYS = ("trainer.resume", "trainer.resume_as")
@@ -47,6 +47,8 @@ class Plan:
     diff_file: Path | None = None
     package_changes: list[tuple[str, str | None, str | None]] = field(default_factory=list)
     pinned: list[str] = field(default_factory=list)  # overrides restoring changed values
+    packages_recorded: bool = True
+    sweep: bool = False  # a sweep's parent: its command runs every job again
 
     @property
     def command(self) -> list[str]:
@@ -91,14 +93,26 @@ def _download(run_id: str, path: str, into: Path) -> Path | None:
 
 
 def plan_for(run_id: str, workdir: Path) -> Plan:
-    """Read the run from MLflow and compare it with this environment and today's configs."""
+    """Read the run from MLflow and compare it with this environment and today's configs.
+
+    A sweep's parent is repeated by its own command line (``-m`` and its ``hydra.``
+    overrides included); its code and packages are those its best job recorded."""
     from omegaconf import OmegaConf
 
     from trainlab.tracking import flatten
 
-    run = find_run(existing_store("--tracking-uri"), run_id)
+    client = existing_store("--tracking-uri")
+    run = find_run(client, run_id)
     run_id = run.info.run_id
     tags = run.data.tags
+    if tags.get(SWEEP_ROLE_TAG) == "sweep":
+        if not tags.get(BEST_RUN_TAG):
+            raise TrainlabError(f"{best_job_hint(run)}; no job of it finished, so nothing "
+                                "records the code and packages it ran with")
+        plan = _plan_from(client.get_run(tags[BEST_RUN_TAG]), workdir, run_id,
+                          shlex.split(tags["trainlab.command"])[2:])
+        plan.sweep = True
+        return plan
     overrides_file = _download(run_id, ".hydra/overrides.yaml", workdir)
     if overrides_file is not None:
         overrides = list(OmegaConf.load(overrides_file))
@@ -106,19 +120,27 @@ def plan_for(run_id: str, workdir: Path) -> Plan:
         overrides = [o for o in tags.get("trainlab.overrides", "").split() if o != "(none)"]
     # a resumed run is repeated from its start, not from a checkpoint of the original
     overrides = [o for o in overrides if _pinned_key(o) not in RESUME_KEYS]
-    plan = Plan(run_id=run_id, overrides=overrides, commit=tags.get(COMMIT_TAG),
-                dirty=tags.get(DIRTY_TAG) == "true")
-    if plan.dirty:
-        plan.diff_file = _download(run_id, DIFF_ARTIFACT, workdir)
-    packages = _download(run_id, PACKAGES_ARTIFACT, workdir)
-    if packages is not None:
-        plan.package_changes = package_changes(parse_requirements(packages.read_text()),
-                                               installed_packages())
+    plan = _plan_from(run, workdir, run_id, overrides)
     config = _download(run_id, "config.yaml", workdir)
     if config is not None:
         logged = flatten(OmegaConf.to_container(OmegaConf.load(config)))
         plan.pinned = [pin for pin in pins_for(logged, overrides)
                        if _pinned_key(pin) not in RESUME_KEYS]
+    return plan
+
+
+def _plan_from(recorded: Any, workdir: Path, run_id: str, overrides: list[str]) -> Plan:
+    """A plan with the code and packages the run ``recorded`` ran with."""
+    tags = recorded.data.tags
+    plan = Plan(run_id=run_id, overrides=overrides, commit=tags.get(COMMIT_TAG),
+                dirty=tags.get(DIRTY_TAG) == "true")
+    if plan.dirty:
+        plan.diff_file = _download(recorded.info.run_id, DIFF_ARTIFACT, workdir)
+    packages = _download(recorded.info.run_id, PACKAGES_ARTIFACT, workdir)
+    if packages is not None:
+        plan.package_changes = package_changes(parse_requirements(packages.read_text()),
+                                               installed_packages())
+    plan.packages_recorded = packages is not None
     return plan
 
 
@@ -163,9 +185,14 @@ def report(plan: Plan, here_commit: str | None, here_dirty: bool) -> str:
         pins = [f"{name}=={old}" for name, old, _ in plan.package_changes if old]
         if pins:
             lines.append("          pip install " + " ".join(shlex.quote(p) for p in pins))
-    else:
+    elif plan.packages_recorded:
         lines.append("packages: the same as here")
-    if plan.pinned:
+    else:
+        lines.append("packages: not recorded in the run")
+    if plan.sweep:
+        lines.append("config:   a sweep: each job's values are in its own run "
+                     "(`trainlab reproduce JOB_ID` pins them)")
+    elif plan.pinned:
         lines.append(f"config:   {len(plan.pinned)} values differ from today's configs, pinned "
                      "in the command: " + " ".join(plan.pinned))
     else:

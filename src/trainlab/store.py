@@ -11,6 +11,8 @@ from typing import Any
 from trainlab.errors import TrainlabError
 
 FULL_ID = 32  # characters of an MLflow run id
+SWEEP_ROLE_TAG = "trainlab.role"  # "sweep" on a sweep's parent run
+BEST_RUN_TAG = "trainlab.best_run"  # on a sweep's parent: its best job's run id
 
 
 def sqlite_file(uri: str) -> Path | None:
@@ -58,7 +60,17 @@ def find_run(client: Any, prefix: str, experiment_ids: list[str] | None = None) 
     found = [run for run in client.search_runs(experiment_ids, max_results=50000)
              if run.info.run_id.startswith(prefix)] if experiment_ids else []
     if len(found) != 1:
-        which = "no run" if not found else f"{len(found)} runs"
-        raise TrainlabError(f"{which} of {where} has an id starting with {prefix!r}"
+        which = "no run of {} has" if not found else f"{len(found)} runs of {{}} have"
+        raise TrainlabError(f"{which.format(where)} an id starting with {prefix!r}"
                             + ("; give more characters" if found else ""))
     return found[0]
+
+
+def best_job_hint(parent: Any) -> str:
+    """Where to look instead of a sweep's parent run, which trained nothing itself."""
+    short = parent.info.run_id[:8]
+    best = parent.data.tags.get(BEST_RUN_TAG)
+    name = parent.data.tags.get(f"{BEST_RUN_TAG}_name")
+    return (f"run {short} is the parent of the sweep {parent.info.run_name!r} and trained "
+            "nothing itself; " + (f"its best job is {best[:8]} ({name}); " if best else "")
+            + f"`trainlab runs --sweep {short}` lists its jobs")

@@ -22,7 +22,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from trainlab.compare import SWEEP_ROLE_TAG, short_numbers
+from trainlab.compare import short_numbers
+from trainlab.store import BEST_RUN_TAG, SWEEP_ROLE_TAG
 from trainlab.tracker import PARENT_RUN_ENV
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,6 @@ log = logging.getLogger(__name__)
 OPTUNA_RESULTS = "optimization_results.yaml"  # written by the Optuna sweeper in the sweep dir
 OPTUNA_PLOTS = "plots"  # the Optuna sweeper's figures, in the sweep dir
 SWEEP_KEY_TAG = "trainlab.sweep_key"  # same key: the same sweep, rerun or on another machine
-BEST_RUN_TAG = "trainlab.best_run"
 JOB_DIR_LIMIT = 120  # bytes of a job dir name; filesystems allow 255
 VALUE_LIMIT = 24  # longer override values are cut in job dir names
 _swept: set[str] = set()  # keys swept by the sweep this job belongs to
