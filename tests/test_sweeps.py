@@ -105,6 +105,9 @@ def test_grid_sweep_nests_jobs_and_summarises_failures_and_seeds(run_trainlab, m
     assert refused.returncode == 1
     assert "is the parent of the sweep 'optimizer.lr × seed, 4 jobs'" in refused.stderr
     assert f"its best job is {parent.data.tags['trainlab.best_run'][:8]}" in refused.stderr
+    refused = run_trainlab("train", *FAST, f"trainer.resume={short}", check=False)
+    assert refused.returncode == 1
+    assert "resumes the sweep (`trainlab reproduce` prints it)" in refused.stderr
     command = run_trainlab("reproduce", short).stdout.splitlines()[-1]
     assert shlex.split(command.removeprefix("command:")) == shlex.split(
         parent.data.tags["trainlab.command"])

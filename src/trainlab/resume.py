@@ -86,7 +86,7 @@ def resume_checkpoint(value: Any, output_dir: Path, tracker: Any) -> Path | None
         return resolve_resume(value, output_dir)
     from mlflow.tracking import MlflowClient
 
-    from trainlab.store import find_run
+    from trainlab.store import SWEEP_ROLE_TAG, best_job_hint, find_run
 
     experiment_id = tracker.connect()
     if experiment_id is None:
@@ -96,6 +96,9 @@ def resume_checkpoint(value: Any, output_dir: Path, tracker: Any) -> Path | None
         run = find_run(MlflowClient(), value, [experiment_id])
     except TrainlabError as err:
         raise TrainlabError(f"trainer.resume={value}: {err}") from None
+    if run.data.tags.get(SWEEP_ROLE_TAG) == "sweep":
+        raise TrainlabError(f"trainer.resume={value}: {best_job_hint(run)}; its command, run "
+                            "again, resumes the sweep (`trainlab reproduce` prints it)")
     folder = run.data.tags.get(CHECKPOINTS_TAG)
     last = Path(folder) / "last.pt" if folder else None
     if last is None or not last.is_file():
