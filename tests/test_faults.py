@@ -63,10 +63,27 @@ def test_nan_loss_names_epoch_and_step_and_keeps_the_last_good_checkpoint(
 
 
 def test_early_stopping_ends_the_fit_after_patience_epochs_without_progress(compose, tmp_path):
-    result = train(compose, tmp_path, "optimizer.lr=0.0", "trainer.max_epochs=10",
-                   "trainer.monitor=val/loss", "trainer.monitor_mode=min",
-                   "trainer.early_stopping.patience=2")
+    stopping = ["optimizer.lr=0.0", "trainer.max_epochs=10", "trainer.monitor=val/loss",
+                "trainer.monitor_mode=min", "trainer.early_stopping.patience=2"]
+    result = train(compose, tmp_path, *stopping)
     assert len(result.history) == 3 and result.best_epoch == 0
+
+    # resumed from where it stopped (its run was cut off while closing): nothing more trains
+    last = tmp_path / "checkpoints" / "last.pt"
+    again = train(compose, tmp_path, *stopping, resume=last)
+    assert again.history == [] and again.best_epoch == 0
+    assert torch.load(last, weights_only=True)["epoch"] == 2
+    # and the resume check refuses it, saying how to train on
+    from omegaconf import OmegaConf
+
+    from trainlab.resume import plan_resume
+
+    trainer = OmegaConf.merge(compose(*stopping).trainer, {"resume": str(last)})
+    with pytest.raises(TrainlabError, match=r"stopped early after epoch 3 \(no better val/loss "
+                                            r"for 2 epochs\): nothing to train; raise trainer"):
+        plan_resume(trainer, tmp_path, NullTracker())
+    trainer.early_stopping.patience = 5
+    assert plan_resume(trainer, tmp_path, NullTracker()).checkpoint == last
 
 
 def test_resume_from_a_foreign_or_mismatched_file_is_a_clear_error(compose, tmp_path):

@@ -51,6 +51,13 @@ def plan_resume(trainer: Any, output_dir: Path, tracker: Any) -> ResumePlan | No
         f"trainer.resume={path} has {done} epoch(s) done; trainer.max_epochs={max_epochs} "
         f"leaves nothing to train: set trainer.max_epochs above {done}"
     )
+    patience = (trainer.get("early_stopping") or {}).get("patience")
+    if not mid_epoch and patience and done - 1 - int(state.get("best_epoch", -1)) >= patience:
+        max_epochs = done  # the early stop ended training there
+        nothing_to_train = TrainlabError(
+            f"trainer.resume={path} stopped early after epoch {done} (no better "
+            f"{state.get('monitor', 'monitor')} for {patience} epochs): nothing to train; "
+            "raise trainer.early_stopping.patience (or set it to null) to train on")
     tags = {"trainlab.resumed_from": str(path.resolve())}
     origin = state.get("mlflow_run_id")
     if max_epochs < done or (max_epochs == done and (resume_as == "new_run" or origin is None)):

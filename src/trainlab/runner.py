@@ -182,7 +182,12 @@ class Runner:
     def _fit_epochs(self) -> FitResult:
         history = []
         self.lr.record(self.global_step)
-        for epoch in range(self.epoch, self.max_epochs):
+        # resumed from the epoch an early stop ended (the run was stopped while it closed)
+        stopped_early = self.epoch > 0 and not self._skip_batches and any(
+            isinstance(callback, EarlyStopping)
+            and callback.stops_after(self.epoch - 1, self.best_epoch)
+            for callback in self.callbacks)
+        for epoch in range(self.max_epochs if stopped_early else self.epoch, self.max_epochs):
             self.epoch = epoch
             started = time.perf_counter()
             metrics = {**self.train_epoch(epoch), **self.validate()}
@@ -433,8 +438,11 @@ class EarlyStopping:
             raise TrainlabError(f"trainer.early_stopping.patience={patience}; must be >= 1")
         self.patience = patience
 
+    def stops_after(self, epoch: int, best_epoch: int) -> bool:
+        return epoch - best_epoch >= self.patience
+
     def on_epoch_end(self, runner: Runner, epoch: int, metrics: dict[str, float]) -> None:
-        if epoch - runner.best_epoch >= self.patience:
+        if self.stops_after(epoch, runner.best_epoch):
             runner.should_stop = True
             if distributed.is_main_process():
                 tqdm.write(
