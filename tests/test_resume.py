@@ -184,3 +184,13 @@ def test_a_run_stopped_after_its_last_epoch_is_finished_by_its_resume(
     assert again.stderr.strip().splitlines()[-1].endswith(
         "leaves nothing to train: set trainer.max_epochs above 2")
     assert mlflow_client.get_run(run.info.run_id).info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("prefix", ["01234567", "8e123456"])
+def test_a_run_id_prefix_hydra_reads_as_a_number_is_looked_up_as_typed(
+    trainlab_in_process, mlflow_client, prefix
+):
+    outcome = trainlab_in_process("train", *RUN, f"trainer.resume={prefix}", check=False)
+    assert outcome.returncode == 1
+    assert outcome.stderr.strip() == (f"error: trainer.resume={prefix}: no run of this "
+                                      f"experiment has an id starting with '{prefix}'")

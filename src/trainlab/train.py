@@ -16,7 +16,7 @@ from typing import Any
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from trainlab import sweeps  # noqa: F401  (registers the job-dir resolver of conf/hydra)
 from trainlab.app import CONFIG_DIR, run_hydra_app
@@ -198,6 +198,17 @@ def log_best_model(runner, tracker, best_path: Path) -> None:
         tracker.set_tags({MODEL_EPOCH_TAG: runner.best_epoch + 1})
 
 
+def resume_as_typed(cfg: DictConfig, overrides: list[str]) -> None:
+    """``trainer.resume`` as the command line gave it: Hydra reads a run-id prefix of digits
+    or like ``8e123456`` as a number (dropping leading zeros, or making it ``inf``)."""
+    if isinstance(cfg.trainer.get("resume"), (int, float)):
+        for override in overrides:
+            key, _, raw = override.lstrip("+").partition("=")
+            if key == "trainer.resume":
+                with open_dict(cfg):
+                    cfg.trainer.resume = raw.strip("'\"")
+
+
 def run(cfg: DictConfig) -> float:
     """One training job; returns the best value of ``trainer.monitor`` for sweepers.
 
@@ -214,6 +225,7 @@ def run(cfg: DictConfig) -> float:
     if done is not None:  # a rerun sweep: this job finished in an earlier attempt
         return done
     choices = OmegaConf.to_container(hydra_cfg.runtime.choices)
+    resume_as_typed(cfg, hydra_cfg.overrides.task)
     check_config(cfg, choices)  # before anything is built, read or tracked
 
     from trainlab import distributed

@@ -146,6 +146,9 @@ class OptunaSweeper(Sweeper):
             trials = [study.ask(fixed_distributions=space)
                       for _ in range(min(self.n_jobs, room, budget - asked))]
             asked += len(trials)
+            trials = within_n_trials(study, trials, self.n_trials)
+            if not trials:
+                break
             for chunk in consecutive([t for t in trials
                                       if not answered_from_earlier(study, t)]):
                 failures += self._launch(study, chunk, fixed)
@@ -249,6 +252,24 @@ def rdb_storage(url: str | None, heartbeat_s: int):
             # database (PostgreSQL's CREATE TYPE is not idempotent): theirs will do
             time.sleep(0.5 * attempt)
     return open_storage()  # the last try reports what it meets
+
+
+def within_n_trials(study, trials: list, n_trials: int) -> list:
+    """``trials`` that fit in ``n_trials``: another process may have asked for the last
+    places at the same moment. Trial numbers decide; one beyond is failed unrun (tagged
+    ``beyond_n_trials``), so the study holds exactly ``n_trials``."""
+    from optuna.trial import TrialState
+
+    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    taken = sorted(t.number for t in study.get_trials(deepcopy=False, states=states))
+    kept = []
+    for trial in trials:
+        if taken.index(trial.number) < n_trials:
+            kept.append(trial)
+        else:
+            trial.set_user_attr("beyond_n_trials", True)
+            study.tell(trial=trial, state=TrialState.FAIL)
+    return kept
 
 
 def counted(study) -> int:
