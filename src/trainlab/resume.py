@@ -13,6 +13,7 @@ from typing import Any
 from trainlab.checkpoint import CHECKPOINTS_TAG, load_checkpoint, resolve_resume
 from trainlab.errors import TrainlabError
 from trainlab.liveness import judge
+from trainlab.runner import EarlyStopping
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,8 @@ def plan_resume(trainer: Any, output_dir: Path, tracker: Any) -> ResumePlan | No
         f"leaves nothing to train: set trainer.max_epochs above {done}"
     )
     patience = (trainer.get("early_stopping") or {}).get("patience")
-    if not mid_epoch and patience and done - 1 - int(state.get("best_epoch", -1)) >= patience:
+    if not mid_epoch and patience and EarlyStopping(int(patience)).stops_after(
+            done - 1, int(state.get("best_epoch", -1))):
         max_epochs = done  # the early stop ended training there
         nothing_to_train = TrainlabError(
             f"trainer.resume={path} stopped early after epoch {done} (no better "
