@@ -41,6 +41,7 @@ def _rank(rank, cfg, out, port):
     try:
         fit(cfg, NullTracker.like(cfg.logger), out, {},
             callbacks=[KeepFinalState(out / f"{rank}.pt")])
+        torch.distributed.barrier()  # leave the group together, as trainlab's workers do
     finally:
         torch.distributed.destroy_process_group()
 

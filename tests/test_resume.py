@@ -10,6 +10,7 @@ import shutil
 import signal
 import sqlite3
 import subprocess
+import threading
 import time
 
 import pytest
@@ -76,6 +77,35 @@ def stalled_store(db):
         lock.close()
 
 
+def checkpoint_position(path):
+    """(epoch, batches done) a checkpoint was written at; read whole, as os.replace left it."""
+    state = torch.load(path, weights_only=True)
+    return state["epoch"], state["batches_done"]
+
+
+class ChildOutput:
+    """A child's merged output, read on a thread so a full pipe never blocks the child, with
+    bounded waits that fail with what it printed."""
+
+    def __init__(self, proc, limit_s=120):
+        self.proc, self.lines, self.deadline = proc, [], time.monotonic() + limit_s
+        threading.Thread(target=lambda: self.lines.extend(proc.stdout), daemon=True).start()
+
+    def wait_until(self, ready, what):
+        while not ready():
+            if self.proc.poll() is not None or time.monotonic() > self.deadline:
+                self.proc.kill()
+                pytest.fail(f"no {what}; the run printed:\n" + "".join(self.lines)[-4000:])
+            time.sleep(0.01)
+
+    def wait_for_checkpoint_after(self, position, path):
+        self.wait_until(lambda: checkpoint_position(path) != position,
+                        f"checkpoint after {position}")
+
+    def wait_for(self, text):
+        self.wait_until(lambda: any(text in line for line in list(self.lines)), repr(text))
+
+
 @pytest.mark.slow
 def test_hard_kill_while_the_store_stalls_then_resume_matches_an_uninterrupted_run(
     run_trainlab, mlflow_client, tmp_path, tracking_uri
@@ -87,17 +117,14 @@ def test_hard_kill_while_the_store_stalls_then_resume_matches_an_uninterrupted_r
     proc = subprocess.Popen([str(TRAINLAB), "train", *steady, "hydra.run.dir=cut"],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+    output = ChildOutput(proc)
     last = tmp_path / "cut" / "checkpoints" / "last.pt"
-    for line in proc.stdout:
-        if "epoch   1/3" in line:
-            break
+    output.wait_for("epoch   1/3")
     # the store stalls (another writer holds it) for two periodic checkpoints of epoch 2:
     # what the run logged meanwhile exists only in memory and in those checkpoints
     with stalled_store(tmp_path / "mlflow.db"):
         for _ in range(2):
-            seen = last.stat().st_mtime_ns
-            while last.stat().st_mtime_ns == seen:
-                time.sleep(0.005)
+            output.wait_for_checkpoint_after(checkpoint_position(last), last)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     cut_at = torch.load(last, weights_only=True)
