@@ -50,6 +50,7 @@ def test_a_bad_value_is_one_line_and_leaves_no_run(trainlab_in_process, tmp_path
     assert outcome.stderr.splitlines() == [outcome.stderr.strip()], outcome.stderr
     assert outcome.stderr.startswith(f"error: {message}")
     assert not (tmp_path / "mlflow.db").exists()  # MLflow was never reached
+    assert not (tmp_path / "outputs").exists()  # nor an output folder left behind
     assert "epoch" not in outcome.stdout
 
 
@@ -67,7 +68,7 @@ def test_every_error_of_a_config_is_reported_together(run_trainlab, tmp_path):
                                     "(conf/optimizer/adam.yaml); accepted: ").split(", ")
     assert {"lr", "betas", "weight_decay", "head_lr", "no_decay_norm_bias"} <= set(accepted)
     assert accepted == sorted(accepted) and "params" not in accepted  # the code passes those
-    assert not (tmp_path / "mlflow.db").exists()
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "outputs").exists()
 
 
 def test_every_shipped_option_passes_the_check(compose):
@@ -113,6 +114,8 @@ def test_a_resume_checkpoint_that_does_not_fit_leaves_its_run_untouched(
                                   f"trainer.resume={last}", check=False)
     assert outcome.returncode == 1
     assert outcome.stderr.startswith(f"error: trainer.resume={last} does not fit this run's")
+    assert [d.name for d in (tmp_path / "outputs/runs").iterdir()] == ["mlp"]  # its folder only
+    assert last.is_file()
     (after,) = runs_of(mlflow_client)
     assert after.info.run_id == before.info.run_id
     assert after.info.status == "FINISHED" and after.info.end_time == before.info.end_time

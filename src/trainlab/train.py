@@ -98,8 +98,6 @@ def prepare(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, cal
         rank=distributed.rank(), world_size=distributed.world_size(),
     )
     train_loader, val_loader = limit_loaders(train_loader, val_loader, cfg.get("debug"))
-    if distributed.is_main_process() and splits.class_names:
-        save_class_names(splits.class_names, output_dir / "checkpoints")
     model, model_callbacks = build_model(cfg.model, choices.get("model"))
     loss = build_loss(cfg.loss, choices.get("loss"), cfg.data)
     optimizer = build_optimizer(cfg.optimizer, model, choices.get("optimizer"))
@@ -109,12 +107,6 @@ def prepare(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, cal
         max_epochs=int(cfg.trainer.max_epochs),
     )
     precision = build(cfg.precision, "precision", choices.get("precision"))
-    preview = None
-    if distributed.is_main_process():
-        drawn_from = OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, ["data", "augment", "seed"]),
-                                       resolve=True)
-        preview = write_preview(splits, augmentation, output_dir / "augment_preview.png",
-                                seed=cfg.seed, key=drawn_from)
     runner = build(loop_settings(cfg.trainer), "trainer", choices.get("trainer"))(
         model=model,
         loss=loss,
@@ -131,6 +123,14 @@ def prepare(cfg: DictConfig, tracker, output_dir: Path, choices: DictConfig, cal
     )
     try_one_batch(runner, cfg.data, choices)
     run_id = resume_into(runner, resume) if resume is not None else None
+    preview = None
+    if distributed.is_main_process():  # only now: a refused run leaves its folder empty
+        if splits.class_names:
+            save_class_names(splits.class_names, output_dir / "checkpoints")
+        drawn_from = OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, ["data", "augment", "seed"]),
+                                       resolve=True)
+        preview = write_preview(splits, augmentation, output_dir / "augment_preview.png",
+                                seed=cfg.seed, key=drawn_from)
     return Prepared(runner, preview, run_id, profile=bool(cfg.get("debug", {}).get("profile")))
 
 
@@ -304,8 +304,32 @@ def main(cfg: DictConfig) -> float:
         for line in str(err).splitlines():
             print(f"error: {line}", file=sys.stderr)
         if HydraConfig.get().mode == RunMode.RUN:
+            remove_refused_output_dir(HydraConfig.get())
             raise SystemExit(1) from None
         raise  # in a sweep: the job fails, the others go on
+
+
+def remove_refused_output_dir(hydra_cfg: DictConfig) -> None:
+    """A refused run leaves no folder behind: its output dir goes when it holds nothing but
+    Hydra's own records of the attempt (``.hydra/`` and the job's log), and so do the
+    parents that are then empty, up to the working directory."""
+    import shutil
+
+    folder = Path(hydra_cfg.runtime.output_dir).resolve()
+    records = {".hydra", f"{hydra_cfg.job.name}.log"}
+    if not folder.is_dir() or any(entry.name not in records for entry in folder.iterdir()):
+        return
+    root = logging.getLogger()
+    for handler in list(root.handlers):  # the job's log file is open: close it first
+        if Path(getattr(handler, "baseFilename", "/")).parent == folder:
+            handler.close()
+            root.removeHandler(handler)
+    shutil.rmtree(folder, ignore_errors=True)
+    cwd = Path(hydra_cfg.runtime.cwd).resolve()
+    parent = folder.parent
+    while parent != cwd and cwd in parent.parents and not any(parent.iterdir()):
+        parent.rmdir()
+        parent = parent.parent
 
 
 def cli(args: list[str]) -> int:
