@@ -3,6 +3,7 @@ batch; device selection errors; the rank-sharded in-memory loader."""
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import pytest
@@ -15,6 +16,8 @@ from trainlab.distributed import Launch, plan_launch
 from trainlab.errors import TrainlabError
 
 FAST = [*BASE_FAST, "trainer.max_epochs=2", "model.hidden=[32]"]
+NO_TRACKING = ["model=mlp", "trainer.progress_bar=false", "logger=none", "trainer.max_epochs=2",
+               "model.hidden=[32]"]
 
 
 class KeepFinalState:
@@ -28,41 +31,31 @@ class KeepFinalState:
             torch.save({"model": runner.model.state_dict(), "metrics": metrics}, self.path)
 
 
-def _rank(rank, cfg, out, port):
-    from trainlab.distributed import init_process_group
-    from trainlab.seeding import seed_everything
-    from trainlab.tracker import NullTracker
+def _fit_keeping_final_state(cfg, tracker, output_dir, choices, device=None, resume=None):
+    """``train.fit`` as trainlab's DDP workers call it, each rank keeping its final state."""
     from trainlab.train import fit
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    init_process_group(Launch("cpu", (0, 1), 2), rank)
-    torch.set_num_threads(1)
-    seed_everything(int(cfg.seed))
-    try:
-        fit(cfg, NullTracker.like(cfg.logger), out, {},
-            callbacks=[KeepFinalState(out / f"{rank}.pt")])
-        torch.distributed.barrier()  # leave the group together, as trainlab's workers do
-    finally:
-        torch.distributed.destroy_process_group()
+    keep = KeepFinalState(output_dir / f"{torch.distributed.get_rank()}.pt")
+    return fit(cfg, tracker, output_dir, choices, callbacks=[keep], device=device,
+               resume=resume)
 
 
 def test_two_gloo_ranks_stay_identical_and_match_one_process_on_the_global_batch(
     compose, tmp_path
 ):
-    import torch.multiprocessing as mp
-
+    from trainlab.distributed import spawn_fit
     from trainlab.seeding import seed_everything
     from trainlab.tracker import NullTracker
     from trainlab.train import fit
 
-    mp.spawn(_rank, args=(compose(*FAST, "data.batch_size=32"), tmp_path / "ddp",
-                          free_port()),
-             nprocs=2)
+    ranks = compose(*NO_TRACKING, "data.batch_size=32")
+    spawn_fit(_fit_keeping_final_state, Launch("cpu", (0, 1), 2), ranks, tmp_path / "ddp", {},
+              None, None)
     rank0, rank1 = (torch.load(tmp_path / f"ddp/{r}.pt", weights_only=True) for r in (0, 1))
     assert all(torch.equal(rank0["model"][k], rank1["model"][k]) for k in rank0["model"])
     assert rank0["metrics"] == rank1["metrics"], "metrics are reduced across ranks"
 
-    cfg = compose(*FAST, "data.batch_size=64")
+    cfg = compose(*NO_TRACKING, "data.batch_size=64")
     seed_everything(int(cfg.seed))
     single = tmp_path / "single"
     fit(cfg, NullTracker.like(cfg.logger), single, {}, callbacks=[KeepFinalState(single / "0.pt")])
@@ -71,6 +64,45 @@ def test_two_gloo_ranks_stay_identical_and_match_one_process_on_the_global_batch
         assert torch.allclose(rank0["model"][key], value, atol=1e-5), key
     for name, value in one["metrics"].items():
         assert rank0["metrics"][name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+
+
+def _work_then_abort_on_the_way_out(cfg, tracker, output_dir, choices, device=None,
+                                    resume=None):
+    """A rank whose work succeeds and whose interpreter then aborts as it exits, as a gloo
+    group freed during shutdown can make it (rank 1)."""
+    from types import SimpleNamespace
+
+    if torch.distributed.get_rank() == 1:
+        atexit.register(os.abort)
+    return SimpleNamespace(best=0.75, best_epoch=2)
+
+
+def _work_that_aborts(cfg, tracker, output_dir, choices, device=None, resume=None):
+    if torch.distributed.get_rank() == 1:
+        os.abort()
+    return _work_then_abort_on_the_way_out(cfg, tracker, output_dir, choices)
+
+
+@pytest.mark.parametrize("work, aborts_in", [(_work_then_abort_on_the_way_out, "teardown"),
+                                             (_work_that_aborts, "work")])
+def test_a_worker_that_aborts_fails_the_job_only_before_its_work_is_done(
+    compose, tmp_path, capfd, work, aborts_in
+):
+    from omegaconf import OmegaConf
+
+    from trainlab.distributed import spawn_fit
+
+    cfg = compose("logger=none", "model=mlp")
+    launch = Launch("cpu", (0, 1), 2)
+    if aborts_in == "teardown":
+        assert spawn_fit(work, launch, cfg, tmp_path, OmegaConf.create({}), None, None) == (
+            0.75, 2)
+        assert "warning: DDP worker rank 1 failed while leaving the process group, after the " \
+               "job's work was done" in capfd.readouterr().err
+    else:
+        with pytest.raises(TrainlabError, match=r"^DDP worker rank 1 \(pid \d+\) was killed "
+                                                r"by SIGABRT; the job stopped$"):
+            spawn_fit(work, launch, cfg, tmp_path, OmegaConf.create({}), None, None)
 
 
 def test_ranks_shard_the_same_order_into_the_global_batch():

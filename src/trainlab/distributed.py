@@ -3,9 +3,12 @@ group an outside ``torchrun`` made), and the rank-0 / cross-rank helpers the run
 
 from __future__ import annotations
 
+import atexit
+import gc
 import os
 import signal
 import socket
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,7 +136,17 @@ def init_process_group(launch: Launch, rank: int) -> torch.device:
         dist.init_process_group(backend)  # env:// from torchrun
     else:
         dist.init_process_group(backend, rank=rank, world_size=launch.world_size)
+    atexit.register(leave_process_group)  # under torchrun nothing else leaves it
     return device
+
+
+def leave_process_group() -> None:
+    """Destroy the group and collect what still holds it (a DDP model in a reference
+    cycle) while the interpreter is whole: a gloo group freed during interpreter shutdown
+    can abort the process (SIGABRT) after training went well."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    gc.collect()
 
 
 def is_distributed() -> bool:
@@ -229,12 +242,19 @@ def spawn_fit(
                 pass
         except ProcessException as err:
             failure = err  # the workers' own reports (below) say more when they could
-        outcome = {}
+        outcome, left = {}, set()
         while not results.empty():
             kind, *payload = results.get()
             outcome.setdefault(kind, payload)
+            if kind == "left":
+                left.add(payload[0])
     if received or ("interrupted" in outcome and failure is None):
         raise KeyboardInterrupt
+    if failure is not None and "done" in outcome and len(left) == launch.world_size:
+        # every rank finished its work and passed the final barrier: only the teardown failed
+        print(f"warning: DDP worker rank {failure.error_index} failed while leaving the "
+              f"process group, after the job's work was done ({failure})", file=sys.stderr)
+        return tuple(outcome["done"])
     killed = _killed_worker(failure, context.processes)  # its peers' errors follow from it
     if killed:
         raise TrainlabError(killed)
@@ -285,6 +305,7 @@ def _worker(rank_: int, fit, launch: Launch, cfg, output_dir, choices, run_id, r
         if rank_ == 0:
             results.put(("done", result.best, result.best_epoch))
         dist.barrier()  # rank 0 may still be logging; leave the group together
+        results.put(("left", rank_))
     except TrainlabError as err:
         results.put(("error", str(err)))
         raise SystemExit(1) from None
@@ -292,4 +313,4 @@ def _worker(rank_: int, fit, launch: Launch, cfg, output_dir, choices, run_id, r
         results.put(("interrupted",))
         raise SystemExit(130) from None  # the launching process reports it, in one line
     finally:
-        dist.destroy_process_group()
+        leave_process_group()

@@ -259,6 +259,12 @@ def write_run_file(spool_dir: Path, tracking_uri: str, run_id: str) -> None:
         path.write_text(json.dumps({"tracking_uri": tracking_uri, "run_id": run_id}) + "\n")
 
 
+def spooled_run(spool_dir: Path) -> dict[str, str] | None:
+    """The run a spool belongs to (its ``tracking_uri`` and ``run_id``); None: no spool."""
+    path = spool_dir / RUN_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def owe_model(spool_dir: Path, tracking_uri: str, run_id: str, input_example: Any,
               settings: dict[str, Any]) -> None:
     """Record in the spool that the run's model is still to be logged (with ``settings``:
@@ -294,11 +300,10 @@ def remove_if_empty(spool_dir: Path | None) -> None:
         spool_dir.rmdir()
 
 
-def spooled_calls(spool_dir: Path) -> tuple[dict[str, str], list[Path], list[dict[str, Any]]]:
-    """The run a spool belongs to, its files and its calls in order (final status last)."""
-    run = json.loads((spool_dir / RUN_FILE).read_text())
+def spooled_calls(spool_dir: Path) -> tuple[list[Path], list[dict[str, Any]]]:
+    """A spool's files and its calls in order (final status last)."""
     files = sorted(spool_dir.glob("*.jsonl"))
     calls = [json.loads(line) for path in files for line in path.read_text().splitlines()
              if line.strip()]
     calls.sort(key=lambda call: call["call"] == "status")  # stable: order kept otherwise
-    return run, files, calls
+    return files, calls

@@ -9,14 +9,12 @@ the spool only once the store has it, so a sync cut off half-way can simply be r
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
 
 from trainlab.errors import TrainlabError
 from trainlab.outbox import (
-    RUN_FILE,
     SPOOL_DIR,
     ServerUnreachable,
     bounded_http_calls,
@@ -25,6 +23,7 @@ from trainlab.outbox import (
     remove_if_empty,
     send,
     spooled_calls,
+    spooled_run,
 )
 
 
@@ -34,9 +33,9 @@ def sync(output_dir: str | os.PathLike) -> tuple[int, bool]:
     from mlflow.tracking import MlflowClient
 
     spool_dir = Path(output_dir) / SPOOL_DIR
-    if not (spool_dir / RUN_FILE).is_file():
+    run = spooled_run(spool_dir)
+    if run is None:
         raise TrainlabError(f"{output_dir} has no {SPOOL_DIR}/ to send: nothing waits there")
-    run = json.loads((spool_dir / RUN_FILE).read_text())
     client = MlflowClient(run["tracking_uri"])
     sent = _send_calls(spool_dir, client, run)
     logged = owed_model(spool_dir) is not None and log_owed_model(spool_dir, client, run)
@@ -50,10 +49,8 @@ def sync_before_resume(spool_dir: Path, run_id: str) -> int:
     model it owed is dropped: the resumed run logs its own when it ends."""
     from mlflow.tracking import MlflowClient
 
-    if not (spool_dir / RUN_FILE).is_file():
-        return 0
-    run = json.loads((spool_dir / RUN_FILE).read_text())
-    if run["run_id"] != run_id:
+    run = spooled_run(spool_dir)
+    if run is None or run["run_id"] != run_id:
         return 0
     sent = _send_calls(spool_dir, MlflowClient(run["tracking_uri"]), run)
     drop_owed_model(spool_dir)
@@ -63,7 +60,7 @@ def sync_before_resume(spool_dir: Path, run_id: str) -> int:
 
 def _send_calls(spool_dir: Path, client, run: dict[str, str]) -> int:
     """The spooled calls, in order; their files go once the store has them all."""
-    _, files, calls = spooled_calls(spool_dir)
+    files, calls = spooled_calls(spool_dir)
     bounded_http_calls()
     try:
         for call in calls:
