@@ -53,6 +53,10 @@ class Server:
             time.sleep(0.5)
         raise AssertionError("mlflow server did not answer within 2 minutes")
 
+    def pause(self, paused: bool = True) -> None:
+        """Stop (or continue) the server's processes: connections open, nothing answered."""
+        os.killpg(self.proc.pid, signal.SIGSTOP if paused else signal.SIGCONT)
+
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
@@ -181,6 +185,33 @@ def test_sigint_while_the_server_is_down_stops_at_once_and_sync_delivers_later(
     artifacts = {a.path for a in server.client().list_artifacts(run.info.run_id, "checkpoints")}
     assert "checkpoints/last.pt" in artifacts
     assert not spool.exists()
+
+
+def test_ctrl_c_while_the_server_hangs_spools_what_is_in_flight_and_sync_sends_it_once(
+    server, tmp_path
+):
+    """A server that takes connections but answers nothing (stopped, or cut off by the
+    network): Ctrl-C does not wait out MLflow's timeouts; a call in flight is also spooled,
+    and sending it twice once the server is back leaves each epoch once."""
+    proc = start_training(tmp_path, server, "trainer.max_epochs=200")
+    seen: list[str] = []
+    read_until(proc, "epoch   1/200", seen)
+    server.pause()
+    read_until(proc, "epoch   3/200", seen)
+    proc.send_signal(signal.SIGINT)
+    output = "".join(seen) + proc.communicate(timeout=60)[0]
+    assert proc.returncode == 130, output[-3000:]
+    assert "Traceback" not in output and "trainlab sync" in output
+    # it left before the call in flight timed out (MLFLOW_HTTP_REQUEST_TIMEOUT, 10 s)
+    assert "does not answer" not in output, output[-3000:]
+    epochs_done = len(re.findall(r"^epoch +\d+/200", output, re.MULTILINE))
+
+    server.pause(False)
+    synced = sync(tmp_path)
+    assert synced.returncode == 0, synced.stderr
+    (run,) = runs_of(server.client())
+    assert run.info.status == "KILLED"
+    assert_every_epoch_once(server.client(), run.info.run_id, epochs_done)
 
 
 def test_resuming_a_run_stopped_while_the_server_was_down_sends_its_spool_first(

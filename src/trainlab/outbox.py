@@ -12,6 +12,7 @@ so a call whose answer was lost can be sent again without duplicating anything.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,25 @@ def bounded_http_calls() -> None:
     """Short timeouts and no retry loops for MLflow's HTTP calls (a user's own values win)."""
     for name, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(name, value)
+
+
+@contextlib.contextmanager
+def short_http_calls(when: bool) -> Iterator[None]:
+    """Inside, MLflow's HTTP calls wait one second (``when`` the store just did not answer:
+    a last courtesy call must not hold the process for another full timeout)."""
+    if not when:
+        yield
+        return
+    name = "MLFLOW_HTTP_REQUEST_TIMEOUT"
+    before = os.environ.get(name)
+    os.environ[name] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 class ServerUnreachable(Exception):

@@ -18,7 +18,13 @@ from mlflow.tracking import MlflowClient
 
 from trainlab.errors import TrainlabError
 from trainlab.liveness import HEARTBEAT_EVERY_S, process_tags
-from trainlab.outbox import Outbox, bounded_http_calls, did_not_answer, owe_model
+from trainlab.outbox import (
+    Outbox,
+    bounded_http_calls,
+    did_not_answer,
+    owe_model,
+    short_http_calls,
+)
 from trainlab.signals import sigterm_as_interrupt
 from trainlab.tracker import AT_SWEEP_END, NEVER, NOW, PARENT_RUN_ENV, log_model_choice
 
@@ -26,6 +32,7 @@ log = logging.getLogger(__name__)
 
 MODEL_FORMATS = ("pickle", "pt2")
 PARAM_VALUE_LIMIT = 6000  # MLflow rejects longer param values
+STOPPING_WAIT_S = 3.0  # Ctrl-C waits at most this long for a slow store; the spool keeps the rest
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -219,12 +226,13 @@ class MlflowTracker:
                 self.set_tags({"trainlab.error": f"{type(err).__name__}: {err}"[:5000]})
             raise
         finally:
-            # Ctrl-C does not wait for a server that is down; the spool keeps the rest
+            unanswered = False
             if self._outbox is not None:
-                self._close_outbox({"call": "status", "status": status,
-                                    "end_time": int(time.time() * 1000)},
-                                   wait_offline=status != "KILLED")
-            with contextlib.suppress(Exception):  # the outbox sent (or spooled) the status
+                unanswered = self._close_outbox({"call": "status", "status": status,
+                                                 "end_time": int(time.time() * 1000)},
+                                                stopping=status == "KILLED")
+            # the outbox sent (or spooled) the status; this only lets go of MLflow's own run
+            with contextlib.suppress(Exception), short_http_calls(unanswered):
                 mlflow.end_run(status=status)
 
     def _open_outbox(self, spool_dir: Path | None,
@@ -235,14 +243,18 @@ class MlflowTracker:
                               heartbeat_every_s=heartbeat_every_s)
 
     def _close_outbox(self, last_call: dict[str, Any] | None = None,
-                      wait_offline: bool = True) -> None:
+                      stopping: bool = False) -> bool:
         """Hand over the queued metrics (and ``last_call``), wait a bounded time for them
-        to be sent, and say where the rest waits."""
+        to be sent, and say where the rest waits; True when the store did not take them.
+
+        ``stopping`` (Ctrl-C, SIGTERM): no wait for a store that is down, and a short one
+        for a store that is slow to answer; the spool keeps the rest."""
         self.flush()
         if last_call is not None:
             self._outbox.put(last_call)
         outbox, self._outbox = self._outbox, None
-        left = outbox.close(self.close_timeout_s, wait_offline)
+        timeout_s = min(self.close_timeout_s, STOPPING_WAIT_S) if stopping else self.close_timeout_s
+        left = outbox.close(timeout_s, wait_offline=not stopping)
         if left and outbox.spool_dir is not None:
             print(f"MLflow did not take {left} calls of run {self.run_id}; they wait in "
                   f"{outbox.spool_dir}: send them with `trainlab sync "
@@ -250,6 +262,7 @@ class MlflowTracker:
         elif left:
             log.warning("MLflow did not take %d calls of run %s; they are lost", left,
                         self.run_id)
+        return bool(left)
 
     def _reopen(self, run_id: str, log_system_metrics: bool = False):
         """Reopen ``run_id``, noting each metric's last logged step: a resumed fit re-trains
