@@ -128,8 +128,12 @@ OPTUNA = [
     "hydra.sweeper.pruner._target_=optuna.pruners.ThresholdPruner",
     "~hydra.sweeper.pruner.n_startup_trials", "hydra.sweeper.pruner.n_warmup_steps=0",
     "+hydra.sweeper.pruner.lower=0.5", *QUICK, "logger.log_model=all",
-    "data.batch_size=16",  # epochs of 90 steps: a Ctrl-C sent mid-trial lands in it
+    "data.batch_size=16",
 ]
+TESTS = Path(__file__).resolve().parent
+# the same, with Ctrl-C pressed once at the end of the first epoch of a trial with lr 1e-05
+OPTUNA_CTRL_C = [*OPTUNA, "trainer.callbacks=[{_target_:ctrl_c_once.CtrlCOnce,"
+                          "marker:ctrl_c_pressed,below_lr:0.0001}]"]
 
 
 @pytest.mark.slow
@@ -137,25 +141,16 @@ def test_optuna_search_prunes_resumes_and_never_repeats_a_trial(mlflow_client, t
                                                                 run_trainlab, tracking_uri):
     import optuna
 
-    # Interrupted (Ctrl-C) during its second trial, as it reads its data (a trial of two
-    # short epochs could end before a signal sent once its run opened arrives) ...
-    proc = subprocess.Popen(
-        [str(TRAINLAB), "train", *OPTUNA, "hydra.sweeper.n_trials=2"],
-        cwd=tmp_path, text=True,
-        env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONUNBUFFERED": "1"},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if sum("data check of" in x for x in seen) == 2:
-            proc.send_signal(signal.SIGINT)
-            break
-    out = "".join(seen) + proc.communicate(timeout=120)[0]
-    assert proc.returncode == 130, out[-3000:]
+    # Interrupted (Ctrl-C) in its second trial (lr 1e-05), after that trial's first epoch ...
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([str(TRAINLAB), "train", *OPTUNA_CTRL_C, "hydra.sweeper.n_trials=2"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 130, (proc.stdout + proc.stderr)[-3000:]
+    assert "interrupted at epoch 1" in proc.stdout + proc.stderr
 
     # ... then rerun until the study holds 4 trials.
-    proc = run_trainlab("train", *OPTUNA, "hydra.sweeper.n_trials=4")
+    proc = run_trainlab("train", *OPTUNA_CTRL_C, "hydra.sweeper.n_trials=4", env=env)
     assert "1 trials done, 3 to go" in proc.stdout + proc.stderr
     study = optuna.load_study(study_name="train", storage=f"sqlite:///{tmp_path}/search/optuna.db")
     (interrupted,) = [t for t in study.trials if t.state.name == "FAIL"]
@@ -174,7 +169,7 @@ def test_optuna_search_prunes_resumes_and_never_repeats_a_trial(mlflow_client, t
            t.user_attrs]
     assert len(trained) == len(ran)
 
-    pruned = [r for r in children if "pruned" in r.data.tags]
+    pruned = [r for r in children if "pruned" in r.data.tags and r.info.status != "KILLED"]
     assert [r.info.run_name for r in pruned] == ["optimizer.lr=1e-05"]
     assert pruned[0].data.tags["pruned"] == "epoch 1"
     assert len(mlflow_client.get_metric_history(pruned[0].info.run_id, "val/acc")) == 1
