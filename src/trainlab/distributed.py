@@ -4,7 +4,6 @@ group an outside ``torchrun`` made), and the rank-0 / cross-rank helpers the run
 from __future__ import annotations
 
 import atexit
-import gc
 import os
 import signal
 import socket
@@ -141,12 +140,10 @@ def init_process_group(launch: Launch, rank: int) -> torch.device:
 
 
 def leave_process_group() -> None:
-    """Destroy the group and collect what still holds it (a DDP model in a reference
-    cycle) while the interpreter is whole: a gloo group freed during interpreter shutdown
-    can abort the process (SIGABRT) after training went well."""
+    """Destroy the group while the interpreter is whole: a gloo group torn down during
+    interpreter shutdown can abort the process (SIGABRT) after training went well."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-    gc.collect()
 
 
 def is_distributed() -> bool:

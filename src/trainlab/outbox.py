@@ -33,7 +33,8 @@ OWED_EXAMPLE = "model_input_example.npy"  # ... with this input example
 METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch call
 PARAMS_PER_BATCH = 100
 # MLflow retries an HTTP call for minutes by default; trainlab retries on its own terms.
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+HTTP_TIMEOUT = "MLFLOW_HTTP_REQUEST_TIMEOUT"
+HTTP_DEFAULTS = {HTTP_TIMEOUT: "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
 
 
 def bounded_http_calls() -> None:
@@ -49,16 +50,15 @@ def short_http_calls(when: bool) -> Iterator[None]:
     if not when:
         yield
         return
-    name = "MLFLOW_HTTP_REQUEST_TIMEOUT"
-    before = os.environ.get(name)
-    os.environ[name] = "1"
+    before = os.environ.get(HTTP_TIMEOUT)
+    os.environ[HTTP_TIMEOUT] = "1"
     try:
         yield
     finally:
         if before is None:
-            os.environ.pop(name, None)
+            os.environ.pop(HTTP_TIMEOUT, None)
         else:
-            os.environ[name] = before
+            os.environ[HTTP_TIMEOUT] = before
 
 
 class ServerUnreachable(Exception):
