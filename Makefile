@@ -3,6 +3,10 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+# Test processes run side by side (pytest-xdist); most tests wait on the trainlab processes
+# and servers they start; more workers than cores only adds contention on a small machine.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal
 # The package maps conf/ and experiments/ into trainlab/; setuptools' default editable mode
 # then imports through a finder that hides src/hydra_plugins from Hydra's plugin scan.
 # compat mode puts src/ on the path instead (the configs are read from the clone).
@@ -21,10 +25,10 @@ run: $(STAMP)              ## train the default experiment (digits, CNN) on CPU
 	$(VENV)/bin/trainlab train $(ARGS)
 
 test: $(STAMP)             ## the whole suite, slow tests included
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
 
 test-fast: $(STAMP)        ## everything but the tests marked slow
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PYTEST) -m "not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)            ## speed benchmarks, written to tests/benchmarks/RESULTS.md
 	$(PY) tests/benchmarks/run.py

@@ -12,6 +12,14 @@ from pathlib import Path
 
 import pytest
 
+# `make test` runs tests side by side, most of them starting trainlab processes or servers:
+# one torch thread per process (this one and every process a test starts) keeps them from
+# spinning against each other on a small machine. Set before torch is first imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# imgaug needs trainlab's NumPy-2 repairs before it is imported anywhere in a test process,
+# including pytest-xdist's controller, which imports the module of each warning it reports.
+import trainlab.data.imgaug_compat  # noqa: F401
 from trainlab.tracker import NullTracker
 
 REPO = Path(__file__).resolve().parents[1]
@@ -181,18 +189,6 @@ def compose():
             return hydra_compose("train", overrides=list(overrides))
 
     return _compose
-
-
-@pytest.fixture
-def one_torch_thread():
-    """Tiny models in-process: a second torch thread only adds contention on a shared
-    2-core machine (tens of times slower under load)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

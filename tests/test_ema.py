@@ -10,8 +10,6 @@ import torch
 from conftest import runs_of
 from trainlab.errors import TrainlabError
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
 
 def test_the_average_validates_and_is_checkpointed_beside_the_training_weights(
         compose, tmp_path):

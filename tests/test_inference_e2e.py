@@ -22,7 +22,6 @@ TASKS = {
 }
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("task", TASKS)

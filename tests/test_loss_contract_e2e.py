@@ -15,9 +15,6 @@ from PIL import Image
 from trainlab.errors import TrainlabError
 from trainlab.losses import BINARY, CLASSIFICATION, CONTRACTS, KINDS, SEGMENTATION
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
 FAST = ["trainer.progress_bar=false", "trainer.max_epochs=2", "seed=0"]
 TINY_UNET = ["model=unet", "model.base_channels=4", "model.depth=1", "data.image_size=[16,16]",
              "data.batch_size=8", "trainer.monitor=val/dice"]

@@ -173,8 +173,7 @@ def test_train_and_val_dice_agree_when_a_class_is_absent():
 
 
 @pytest.mark.parametrize("task", ["classification", "segmentation"])
-def test_the_best_epochs_confusion_matrix_and_per_class_table(compose, tmp_path, task,
-                                                              one_torch_thread):
+def test_the_best_epochs_confusion_matrix_and_per_class_table(compose, tmp_path, task):
     import csv
 
     from trainlab.tracker import NullTracker

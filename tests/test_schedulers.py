@@ -46,7 +46,6 @@ CASES = {
 PER_BATCH = {"cycliclr", "onecycle", "warmup_cosine"}
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def batches(seed: int, sizes=SIZES):

@@ -220,14 +220,14 @@ class Outbox:
             self.offline = True
             self._spool_new()
         where = f"; spooling to {self.spool_dir}" if self.spool_dir else ""
-        print(f"warning: MLflow at {self.tracking_uri} does not answer ({err}); training goes "
-              f"on{where}", file=sys.stderr, flush=True)
+        _say(f"warning: MLflow at {self.tracking_uri} does not answer ({err}); training goes "
+             f"on{where}")
 
     def _back_online(self) -> None:
         """Called with the lock held after a call went through while offline."""
         self.offline = False
-        print(f"MLflow at {self.tracking_uri} answers again; sending {len(self._calls)} "
-              "waiting calls", file=sys.stderr, flush=True)
+        _say(f"MLflow at {self.tracking_uri} answers again; sending {len(self._calls)} "
+             "waiting calls")
 
     # ------------------------------------------------------------------ spool
     def _spool_new(self) -> None:
@@ -328,3 +328,10 @@ def spooled_calls(spool_dir: Path) -> tuple[list[Path], list[dict[str, Any]]]:
              if line.strip()]
     calls.sort(key=lambda call: call["call"] == "status")  # stable: order kept otherwise
     return files, calls
+
+
+def _say(message: str) -> None:
+    """One write per line: the sender thread speaks while the loop prints epoch lines, and
+    print's separate newline could land inside one of them."""
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
