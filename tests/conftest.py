@@ -4,9 +4,12 @@ in this one), Hydra compose, a free port, a tracker that records, the fast setti
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +19,8 @@ import pytest
 # one torch thread per process (this one and every process a test starts) keeps them from
 # spinning against each other on a small machine. Set before torch is first imported.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The `mlflow server`s tests start serve runs only: no background job runner process.
+os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 
 # imgaug needs trainlab's NumPy-2 repairs before it is imported anywhere in a test process,
 # including pytest-xdist's controller, which imports the module of each warning it reports.
@@ -63,9 +68,35 @@ class RecordingTracker(NullTracker):
         return self.metrics[name][-1][1]
 
 
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """An empty sqlite store, made once per test process: MLflow's schema migrations cost
+    about a second of CPU for each new store."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("empty-store") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture
-def tracking_uri(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+def tracking_uri(tmp_path: Path, empty_store: Path, request) -> str:
+    """The test's own sqlite store in ``tmp_path``: a copy of an empty store, its default
+    experiment's artifacts under ``tmp_path`` as MLflow would place them. Tests marked
+    ``no_store`` get no file, so they can assert that MLflow was never reached."""
+    store = tmp_path / "mlflow.db"
+    if request.node.get_closest_marker("no_store") is None:
+        copy_store(empty_store, store, default_artifacts=str(tmp_path / "mlruns" / "0"))
+    return f"sqlite:///{store}"
+
+
+def copy_store(empty_store: Path, store: Path, default_artifacts: str) -> None:
+    """``empty_store`` copied to ``store``, its default experiment's artifacts where MLflow
+    would have put them had it made ``store`` itself."""
+    shutil.copyfile(empty_store, store)
+    with closing(sqlite3.connect(store)) as db, db:
+        db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                   (default_artifacts,))
 
 
 @pytest.fixture

@@ -41,6 +41,7 @@ BAD_VALUES = [
 ]
 
 
+@pytest.mark.no_store
 @pytest.mark.parametrize("override, message", BAD_VALUES, ids=[b[0] for b in BAD_VALUES])
 def test_a_bad_value_is_one_line_and_leaves_no_run(trainlab_in_process, tmp_path, override,
                                                    message):
@@ -54,6 +55,7 @@ def test_a_bad_value_is_one_line_and_leaves_no_run(trainlab_in_process, tmp_path
     assert "epoch" not in outcome.stdout
 
 
+@pytest.mark.no_store
 def test_every_error_of_a_config_is_reported_together(run_trainlab, tmp_path):
     proc = run_trainlab("train", "trainer.max_epochs=0", "data.batch_size=0", "seed=x",
                         "+optimizer.foo=1", check=False)
@@ -123,6 +125,7 @@ def test_a_resume_checkpoint_that_does_not_fit_leaves_its_run_untouched(
     assert OmegaConf.create(after.data.params) == OmegaConf.create(before.data.params)
 
 
+@pytest.mark.no_store
 def test_logger_none_trains_and_writes_checkpoints_without_a_tracking_store(
     trainlab_in_process, tmp_path
 ):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TRAINLAB, runs_of
+from conftest import TRAINLAB, copy_store, runs_of
 
 pytestmark = pytest.mark.slow
 
@@ -70,7 +70,8 @@ class Server:
 
 
 @pytest.fixture
-def server(tmp_path):
+def server(tmp_path, empty_store):
+    copy_store(empty_store, tmp_path / "server.db", default_artifacts="mlflow-artifacts:/0")
     server = Server(tmp_path)
     server.start()
     yield server

@@ -98,6 +98,8 @@ def ui_cli(args: list[str]) -> int:
          "--host", opts.host, "--port", str(opts.port), "--workers", str(opts.workers)],
         stdout=sys.stderr,  # its messages; stdout carries only the URL
         start_new_session=True,  # its own process group: stopped as a whole
+        # a UI to browse runs needs no background job runner (a process fewer to start)
+        env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ},
     )
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
