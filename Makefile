@@ -6,7 +6,7 @@ PYTEST_ARGS ?=
 # Test processes run side by side (pytest-xdist); most tests wait on the trainlab processes
 # and servers they start; more workers than cores only adds contention on a small machine.
 TEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist load
 # The package maps conf/ and experiments/ into trainlab/; setuptools' default editable mode
 # then imports through a finder that hides src/hydra_plugins from Hydra's plugin scan.
 # compat mode puts src/ on the path instead (the configs are read from the clone).

@@ -229,3 +229,9 @@ def same_random_state_for_every_test():
     from trainlab.seeding import seed_everything
 
     seed_everything(0)
+
+
+def pytest_collection_modifyitems(items):
+    """Slow tests first: spread over test processes (`make test`), the long ones then start
+    early and the short ones fill the end, instead of one long test running on alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
