@@ -344,3 +344,27 @@ def test_three_runs_started_at_once_on_a_new_sqlite_store_all_finish(tmp_path):
 
     runs = runs_of(MlflowClient(tracking_uri=uri))
     assert [run.info.status for run in runs] == ["FINISHED"] * 3
+
+
+# The sender thread warns while the loop prints epoch lines (tqdm.write), both into one
+# terminal; a line written in two pieces could take the other's text in between.
+INTERLEAVED = """
+import threading
+from tqdm import tqdm
+from trainlab.outbox import _say
+sender = threading.Thread(target=lambda: [_say(f"warning: {i}") for i in range(2000)])
+sender.start()
+for i in range(2000):
+    tqdm.write(f"epoch {i}")
+sender.join()
+"""
+
+
+def test_a_warning_from_the_sender_thread_never_splits_an_epoch_line():
+    proc = subprocess.run([sys.executable, "-c", INTERLEAVED], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=120,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 4000
+    assert [line for line in lines if not re.fullmatch(r"(warning:|epoch) \d+", line)] == []

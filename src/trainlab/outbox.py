@@ -24,6 +24,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 log = logging.getLogger(__name__)
 
 SPOOL_DIR = "mlflow-spool"
@@ -331,7 +333,6 @@ def spooled_calls(spool_dir: Path) -> tuple[list[Path], list[dict[str, Any]]]:
 
 
 def _say(message: str) -> None:
-    """One write per line: the sender thread speaks while the loop prints epoch lines, and
-    print's separate newline could land inside one of them."""
-    sys.stderr.write(message + "\n")
-    sys.stderr.flush()
+    """Through tqdm's write lock, as the loop prints its epoch lines: this thread's messages
+    then never land inside one of them, nor across a progress bar."""
+    tqdm.write(message, file=sys.stderr)

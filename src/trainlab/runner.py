@@ -413,7 +413,7 @@ class Runner:
             f"lr {self.optimizer.param_groups[0]['lr']:.2e}  {seconds:5.1f}s"
             + ("  *best" if improved else "")
         )
-        tqdm.write(line + "\n", end="")  # one write: a thread's warning cannot split it
+        tqdm.write(line)
 
 
 def _ema(model: nn.Module, decay: float | None):
