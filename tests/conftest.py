@@ -9,7 +9,8 @@ import socket
 import sqlite3
 import subprocess
 import sys
-from contextlib import closing
+import time
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +98,28 @@ def copy_store(empty_store: Path, store: Path, default_artifacts: str) -> None:
     with closing(sqlite3.connect(store)) as db, db:
         db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
                    (default_artifacts,))
+
+
+@contextmanager
+def stalled_store(db):
+    """Hold the sqlite store's write lock, as a busy writer of a shared store would. Taken by
+    retrying at once rather than through sqlite's backing-off busy handler, which a run
+    writing every step can starve until it has finished."""
+    lock = sqlite3.connect(db, isolation_level=None, timeout=0)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            lock.execute("BEGIN EXCLUSIVE")
+            break
+        except sqlite3.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.001)
+    try:
+        yield
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
 
 
 @pytest.fixture

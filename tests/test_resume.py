@@ -4,11 +4,9 @@ step once with the weights of a run never interrupted."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import threading
 import time
@@ -16,7 +14,7 @@ import time
 import pytest
 import torch
 
-from conftest import TRAINLAB, runs_of
+from conftest import TRAINLAB, runs_of, stalled_store
 
 RUN = ["model=mlp", "model.hidden=[16]", "trainer.progress_bar=false", "logger.log_model=none",
        "logger.log_checkpoints=false", "trainer.deterministic=true"]
@@ -63,28 +61,6 @@ def test_refused_resumes_leave_the_run_as_it_was_and_new_run_branches_off(
     assert [m.value for m in mlflow_client.get_metric_history(branch.info.run_id, "epoch")] == [
         2, 3]
     assert (tmp_path / "branch" / "checkpoints" / "best.pt").is_file()
-
-
-@contextlib.contextmanager
-def stalled_store(db):
-    """Hold the sqlite store's write lock, as a busy writer of a shared store would. Taken by
-    retrying at once rather than through sqlite's backing-off busy handler, which a run
-    writing every step can starve until it has finished."""
-    lock = sqlite3.connect(db, isolation_level=None, timeout=0)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            lock.execute("BEGIN EXCLUSIVE")
-            break
-        except sqlite3.OperationalError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.001)
-    try:
-        yield
-    finally:
-        lock.execute("ROLLBACK")
-        lock.close()
 
 
 def checkpoint_position(path):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TRAINLAB, copy_store, runs_of
+from conftest import TRAINLAB, copy_store, runs_of, stalled_store
 
 pytestmark = pytest.mark.slow
 
@@ -344,6 +344,38 @@ def test_three_runs_started_at_once_on_a_new_sqlite_store_all_finish(tmp_path):
 
     runs = runs_of(MlflowClient(tracking_uri=uri))
     assert [run.info.status for run in runs] == ["FINISHED"] * 3
+
+
+@pytest.mark.slow
+def test_a_sqlite_store_held_by_another_writer_to_the_end_costs_one_line_and_sync_delivers(
+    tmp_path, tracking_uri
+):
+    """Another process holds a shared sqlite store's write lock from the run's start to its
+    end: training finishes, what the store did not take is spooled and said in one line
+    (no tracebacks or SQL from MLflow's sqlite layer), and `trainlab sync` delivers it once
+    the store is free."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [str(TRAINLAB), "train", "model=mlp", "model.hidden=[16]", "trainer.max_epochs=20",
+         "trainer.progress_bar=false", "logger.log_model=none", "logger.flush_every_s=0",
+         "hydra.run.dir=out"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen: list[str] = []
+    read_until(proc, "MLflow run ", seen)
+    with stalled_store(tmp_path / "mlflow.db"):
+        output = "".join(seen) + proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, output[-3000:]
+    assert "epoch  20/20" in output
+    assert re.search(r"MLflow did not take \d+ calls of run \w+; they wait in .*mlflow-spool",
+                     output), output[-3000:]
+    assert "Traceback" not in output and "[SQL:" not in output, output[-3000:]
+    assert sync(tmp_path).returncode == 0
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    (run,) = runs_of(client)
+    assert run.info.status == "FINISHED"
+    assert_every_epoch_once(client, run.info.run_id, 20)
 
 
 # The sender thread warns while the loop prints epoch lines (tqdm.write), both into one

@@ -217,7 +217,7 @@ class Outbox:
 
     def _went_offline(self, err: Exception) -> None:
         with self._lock:
-            if self.offline:
+            if self.offline or self._stopped:  # once closed, close has said what is left
                 return
             self.offline = True
             self._spool_new()

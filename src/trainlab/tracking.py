@@ -82,6 +82,36 @@ def comparable_params(cfg, choices: Mapping[str, Any]) -> dict[str, Any]:
     return params
 
 
+class OneLineStoreErrors(logging.Filter):
+    """While a run is open, a store that does not answer is reported once, in one line, by
+    the outbox. MLflow's sqlite layer also logs each such error with its traceback and SQL
+    before raising it to that caller: those records are dropped. Its system-metrics thread
+    says once that it stops: that record keeps only its first line."""
+
+    LOGGERS = ("mlflow.store.db.utils", "mlflow.system_metrics.system_metrics_monitor")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == self.LOGGERS[0]:
+            return record.levelno > logging.ERROR
+        record.msg, record.args = record.getMessage().splitlines()[0], ()
+        record.exc_info = record.exc_text = None
+        return True
+
+
+@contextlib.contextmanager
+def one_line_store_errors() -> Iterator[None]:
+    """Apply :class:`OneLineStoreErrors` for the duration of a run."""
+    quiet = OneLineStoreErrors()
+    loggers = [logging.getLogger(name) for name in OneLineStoreErrors.LOGGERS]
+    for logger in loggers:
+        logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(quiet)
+
+
 @contextlib.contextmanager
 def store_creation_lock(tracking_uri: str) -> Iterator[None]:
     """Serialise the first use of a sqlite store: MLflow creates and migrates its schema on
@@ -138,6 +168,7 @@ class MlflowTracker:
         self._outbox: Outbox | None = None  # sends the open run's calls off the training thread
         self._pending: list = []  # metrics not yet handed to the outbox, batched by time
         self._logged_upto: dict[str, int] = {}  # a reopened run's last logged step per metric
+        self._logged_params: dict[str, str] = {}  # a reopened run's params (MLflow keeps them)
         self.metric_calls = 0
         self._flushed_at = time.monotonic()
 
@@ -191,6 +222,10 @@ class MlflowTracker:
         Calls made inside go through an :class:`Outbox`; what the store cannot take before
         the run ends waits in ``spool_dir`` for `trainlab sync`.
         """
+        with one_line_store_errors():
+            yield from self._run(run_name, tags, run_id, spool_dir)
+
+    def _run(self, run_name, tags, run_id, spool_dir) -> Iterator[MlflowTracker]:
         experiment_id = self.connect()
         # A run left active by an earlier job in this process must not swallow this one.
         while mlflow.active_run() is not None:
@@ -202,7 +237,7 @@ class MlflowTracker:
         if self.log_system_metrics:
             mlflow.set_system_metrics_sampling_interval(self.system_metrics_every_s)
         if run_id is None:
-            self._logged_upto = {}
+            self._logged_upto, self._logged_params = {}, {}
             run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags,
                                    log_system_metrics=self.log_system_metrics)
         else:
@@ -269,6 +304,7 @@ class MlflowTracker:
         the steps after its checkpoint, and what the run already has is not sent again."""
         try:
             run = mlflow.start_run(run_id=run_id, log_system_metrics=log_system_metrics)
+            self._logged_params = dict(run.data.params)
             self._logged_upto = {
                 key: max((m.step for m in MlflowClient().get_metric_history(run_id, key)),
                          default=-1)
@@ -289,7 +325,8 @@ class MlflowTracker:
         self.run_id = self._reopen(run_id).info.run_id
         self._open_outbox(spool_dir)
         try:
-            yield self
+            with one_line_store_errors():
+                yield self
         finally:
             self._close_outbox()
 
@@ -298,10 +335,11 @@ class MlflowTracker:
         """Log params in one batched call, long values truncated to MLflow's limit.
 
         On a resumed run, params logged before stay as they are (MLflow cannot change
-        them); new values for them are reported, not logged.
+        them); new values for them are reported, not logged. Nothing here waits on the
+        store: the reopened run's params were read when it was reopened.
         """
         clean = {key: str(value)[:PARAM_VALUE_LIMIT] for key, value in params.items()}
-        logged = MlflowClient().get_run(self.run_id).data.params if self.run_id else {}
+        logged = self._logged_params
         changed = sorted(k for k in clean if k in logged and logged[k] != clean[k])
         if changed:
             log.warning("resumed run keeps its logged params; not re-logged: %s",
