@@ -208,3 +208,17 @@ def test_a_run_id_prefix_hydra_reads_as_a_number_is_looked_up_as_typed(
     assert outcome.returncode == 1
     assert outcome.stderr.strip() == (f"error: trainer.resume={prefix}: no run of this "
                                       f"experiment has an id starting with '{prefix}'")
+
+
+def test_a_resume_with_a_new_learning_rate_says_the_checkpoint_state_wins(
+    trainlab_in_process, mlflow_client
+):
+    trainlab_in_process("train", *RUN, "trainer.max_epochs=1", "hydra.run.dir=first")
+    again = trainlab_in_process("train", *RUN, "trainer.max_epochs=2", "optimizer.lr=0.01",
+                                "trainer.resume=last", "hydra.run.dir=first")
+    said = again.stdout + again.stderr
+    assert "not re-logged: optimizer.lr=0.01, trainer.max_epochs=2" in said
+    assert "not applied either: optimizer.lr; the optimizer and scheduler go on" in said
+    (run,) = runs_of(mlflow_client)
+    assert run.data.params["optimizer.lr"] == "0.001"
+    assert {m.value for m in mlflow_client.get_metric_history(run.info.run_id, "lr")} == {0.001}

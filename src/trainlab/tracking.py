@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 MODEL_FORMATS = ("pickle", "pt2")
 PARAM_VALUE_LIMIT = 6000  # MLflow rejects longer param values
+RESTORED_FROM_CHECKPOINT = ("optimizer.", "scheduler.")  # a resume loads their state whole
 STOPPING_WAIT_S = 3.0  # Ctrl-C waits at most this long for a slow store; the spool keeps the rest
 
 
@@ -344,6 +345,11 @@ class MlflowTracker:
         if changed:
             log.warning("resumed run keeps its logged params; not re-logged: %s",
                         ", ".join(f"{k}={clean[k]}" for k in changed))
+        restored = [k for k in changed if k.startswith(RESTORED_FROM_CHECKPOINT)]
+        if restored:
+            log.warning("not applied either: %s; the optimizer and scheduler go on from the "
+                        "checkpoint's state (to train the weights with new ones, start a new "
+                        "run with model.weights_path=CHECKPOINT)", ", ".join(restored))
         self._outbox.put({"call": "params",
                           "params": {k: v for k, v in clean.items() if k not in logged}})
 
