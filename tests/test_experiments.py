@@ -82,3 +82,7 @@ def test_unet_dice_validates_what_it_learns_from_the_first_epoch(
     assert len(dice) == 5
     assert min(dice) > 0.1, dice  # no epoch validates a constant prediction
     assert dice[-1] > dice[0] and max(dice) >= 0.5, dice
+    # compared by what the runs monitored, best first: their best Dice, not val/acc
+    table = trainlab_in_process("runs", "--experiment", experiment).stdout.splitlines()
+    assert table[0] == "val/dice: best and last value of each run"
+    assert f"{max(dice):.4f}" in table[3]

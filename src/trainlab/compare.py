@@ -314,6 +314,17 @@ def select_runs(client, experiment_id: str, sweep: str | None, where: str = "") 
     return [r for r in found if r.data.tags.get(SWEEP_ROLE_TAG) != "sweep"]
 
 
+def monitored(runs: Sequence) -> tuple[str, str | None]:
+    """The metric (and its mode) the runs chose their best epoch by, when they share one
+    (``trainer.monitor``: val/dice for a segmentation experiment); else val/acc."""
+    choices = {(r.data.params["trainer.monitor"], r.data.params.get("trainer.monitor_mode"))
+               for r in runs if "trainer.monitor" in r.data.params}  # not a sweep's parent
+    if len(choices) == 1:
+        metric, mode = choices.pop()
+        return metric, mode if mode in ("min", "max") else None
+    return "val/acc", None
+
+
 def check_metric(runs: Sequence, metric: str) -> None:
     """A metric no run has is a typo: name the ones they have."""
     names = sorted({name for r in runs for name in r.data.metrics})
@@ -371,9 +382,10 @@ def runs_cli(args: list[str]) -> int:
                         "is enough): only its jobs")
     parser.add_argument("--filter", default="", metavar="QUERY", help="MLflow search filter, "
                         "e.g. \"params.optimizer = 'sgd'\" or \"metrics.`val/acc` > 0.9\"")
-    parser.add_argument("--metric", default="val/acc", help="metric to compare (val/acc)")
-    parser.add_argument("--mode", choices=("min", "max"),
-                        help="better is min or max (default: min for losses, else max)")
+    parser.add_argument("--metric", help="metric to compare (default: the runs' "
+                        "trainer.monitor when they share one, else val/acc)")
+    parser.add_argument("--mode", choices=("min", "max"), help="better is min or max "
+                        "(default: the runs' trainer.monitor_mode, else min for losses, else max)")
     parser.add_argument("--plot", metavar="PNG", help="draw the metric's curves to this file")
     parser.add_argument("--diff", nargs=2, metavar=("RUN_A", "RUN_B"),
                         help="the params and config that differ between two runs")
@@ -395,18 +407,21 @@ def runs_cli(args: list[str]) -> int:
             print(format_diff(client, *runs))
             return 0
         runs = select_runs(client, experiment.experiment_id, opts.sweep, opts.filter)
-        check_metric(runs, opts.metric)
+        metric, monitor_mode = monitored(runs)
+        if opts.metric and opts.metric != metric:
+            metric, monitor_mode = opts.metric, None
+        check_metric(runs, metric)
     except TrainlabError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    mode = opts.mode or mode_of(opts.metric)
-    rows = rows_for(client, runs, opts.metric, mode)
+    mode = opts.mode or monitor_mode or mode_of(metric)
+    rows = rows_for(client, runs, metric, mode)
     rows += seed_groups(rows, mode)
     if opts.sweep:
         shared, rows = without_common_overrides(rows)
         print(f"overrides of every job: {shared or '(none)'}")
-    print(format_table(rows, opts.metric, shutil.get_terminal_size().columns))
+    print(format_table(rows, metric, shutil.get_terminal_size().columns))
     if opts.plot:
-        plot_curves(client, runs, opts.metric, opts.plot)
-        print(f"curves of {opts.metric}: {opts.plot}")
+        plot_curves(client, runs, metric, opts.plot)
+        print(f"curves of {metric}: {opts.plot}")
     return 0
