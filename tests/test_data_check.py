@@ -75,6 +75,9 @@ def test_every_bad_file_is_reported_at_once_or_skipped(compose, tmp_path, mode):
     assert len(data.splits.train) + len(data.splits.val) == 14
     kept = {path for path, _ in data.splits.train.samples + data.splits.val.samples}
     assert not kept & set(bad)
+    bad[1].unlink()  # one left: said in the singular
+    with pytest.raises(TrainlabError, match="^data: 1 problem found before training"):
+        prepare_data(compose(*folder_args(root, f"data.check={mode}")), {})
 
 
 def test_csv_labels_and_missing_files_in_one_report(compose, tmp_path):

@@ -97,7 +97,7 @@ def test_predict_streams_names_classes_skips_bad_files_and_flips(
 
     proc = run_trainlab("predict", f"run_id={run_id}", f"input={images}", "output=cli")
     assert "wrote predictions for 6 images" in proc.stdout
-    assert "skipped 1 unreadable files" in proc.stdout and "broken.png" in proc.stdout
+    assert "skipped 1 unreadable file (listed in" in proc.stdout and "broken.png" in proc.stdout
     bad = run_trainlab("predict", f"run_id={run_id}", f"input={images}", "tta=maybe",
                        check=False)
     assert bad.returncode == 1 and bad.stderr.strip() == "error: tta='maybe'; choose true or false"
@@ -189,7 +189,7 @@ def test_eval_refuses_a_bad_file_in_one_line_or_skips_it_as_training_does(
     out = trainlab_in_process("eval", f"run_id={trained.info.run_id}", "split=test",
                               "data.skip_bad_files=true").stdout
     (skipped,) = [line for line in out.splitlines() if line.startswith("skipped ")]
-    assert skipped.startswith("skipped 1 unreadable files of the test split") and \
+    assert skipped.startswith("skipped 1 unreadable file of the test split") and \
         str(broken) in skipped
     evaluated = next(r for r in runs_of(mlflow_client) if r.info.run_id != trained.info.run_id)
     assert evaluated.data.params["eval.skipped_files"] == "1"

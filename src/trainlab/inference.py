@@ -180,7 +180,7 @@ def evaluate(options: dict[str, str], overrides: list[str]) -> dict[str, float]:
     import mlflow
 
     from trainlab.components import build
-    from trainlab.data.check import check_split
+    from trainlab.data.check import check_split, counted
     from trainlab.data.loaders import build_loaders
     from trainlab.distributed import select_device
     from trainlab.losses import build_loss
@@ -203,7 +203,7 @@ def evaluate(options: dict[str, str], overrides: list[str]) -> dict[str, float]:
                                 "data.dataset.test_csv add a test split)")
         skipped = check_split(cfg, splits, split).skipped
         if skipped:
-            print(f"skipped {len(skipped)} unreadable files of the {split} split "
+            print(f"skipped {counted(len(skipped), 'unreadable file')} of the {split} split "
                   f"(data.skip_bad_files=true): {'; '.join(skipped[:3])}"
                   + (" ..." if len(skipped) > 3 else ""))
         dataset = getattr(splits, split)
@@ -300,6 +300,7 @@ def predict(options: dict[str, str], overrides: list[str]) -> Path:
     import torch
     from tqdm.auto import tqdm
 
+    from trainlab.data.check import counted
     from trainlab.data.images import ImageFiles
 
     if "tracking_uri" in options:
@@ -342,12 +343,12 @@ def predict(options: dict[str, str], overrides: list[str]) -> Path:
                 kept.append(files[index])
             if kept:
                 writer.write(kept, probabilities(model, torch.stack(batch), tta).cpu())
-    print(f"wrote predictions for {len(files) - len(skipped)} images to {output}"
+    print(f"wrote predictions for {counted(len(files) - len(skipped), 'image')} to {output}"
           + (" (flip TTA)" if tta else ""))
     if skipped:
         listing = output / "skipped.txt"
         listing.write_text("".join(f"{path}\t{reason}\n" for path, reason in skipped))
-        print(f"skipped {len(skipped)} unreadable files (listed in {listing}): "
+        print(f"skipped {counted(len(skipped), 'unreadable file')} (listed in {listing}): "
               + ", ".join(path.name for path, _ in skipped[:5])
               + (" ..." if len(skipped) > 5 else ""))
     return output

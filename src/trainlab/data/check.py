@@ -64,8 +64,8 @@ class DataReport:
         names = ", ".join(self.class_names[:12]) + (", ..." if len(self.class_names) > 12 else "")
         lines = [f"data check of {self.source} ({how})",
                  f"  classes: {self.num_classes} ({origin}): {names}"]
-        counted = any(self.counts.values())
-        columns = self.class_names if counted and len(self.class_names) <= 12 else []
+        any_counts = any(self.counts.values())
+        columns = self.class_names if any_counts and len(self.class_names) <= 12 else []
         header = ["split", "images", *columns]
         rows = [[split, str(self.sizes[split]), *(str(self.counts[split].get(i, 0))
                                                    for i in range(len(columns)))]
@@ -78,16 +78,22 @@ class DataReport:
         if columns and self.unit == "pixels":
             lines.append("  (class columns count mask pixels)")
         if self.skipped:
-            lines.append(f"  skipped {len(self.skipped)} files (data.skip_bad_files=true):")
+            lines.append(f"  skipped {counted(len(self.skipped), 'file')} "
+                         "(data.skip_bad_files=true):")
             lines += [f"    {item}" for item in self.skipped[:SHOWN]]
         if self.problems:
-            lines.append(f"  {len(self.problems)} problems:")
+            lines.append(f"  {counted(len(self.problems), 'problem')}:")
             lines += [f"    {item}" for item in self.problems[:SHOWN]]
         if len(self.problems) > SHOWN:
             lines.append(f"    ... and {len(self.problems) - SHOWN} more")
         if not self.problems and not self.skipped:
             lines.append("  no problems found")
         return "\n".join(lines)
+
+
+def counted(count: int, noun: str) -> str:
+    """``1 problem``, ``2 problems``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 @dataclass
@@ -118,7 +124,8 @@ def prepare_data(cfg: DictConfig, choices: dict) -> PreparedData:
     if report.problems:
         hint = ("fix or remove these files, or set data.skip_bad_files=true to leave them out"
                 if report.bad_files else "set data.num_classes, or fix the labels")
-        raise TrainlabError(f"data: {len(report.problems)} problems found before training\n"
+        raise TrainlabError(f"data: {counted(len(report.problems), 'problem')} found before "
+                            "training\n"
                             f"{report.text()}\n{hint}")
     if cfg.data.get("num_classes") is None:
         with open_dict(cfg.data):
