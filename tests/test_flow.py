@@ -73,6 +73,19 @@ def test_every_error_of_a_config_is_reported_together(run_trainlab, tmp_path):
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.no_store
+def test_a_sweep_checks_every_job_before_the_first_one_runs(run_trainlab, tmp_path):
+    proc = run_trainlab("train", "-m", "model=mlp", "optimizer.lr=1e-3,abc", "seed=1,2",
+                        "trainer.max_epochs=0", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [
+        "error: trainer.max_epochs=0: must be an integer >= 1 (4 of 4 jobs; none was run)",
+        "error: optimizer.lr=abc: must be a number > 0 (2 of 4 jobs; none was run)",
+    ]
+    assert "epoch" not in proc.stdout
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "outputs").exists()
+
+
 def test_every_shipped_option_passes_the_check(compose):
     cfg = compose()
     check_config(cfg, {})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -75,6 +76,11 @@ def test_grid_sweep_nests_jobs_and_summarises_failures_and_seeds(run_trainlab, m
     assert max(map(len, table[1:9])) <= 80, "fits the terminal"
     assert "optimizer.lr=0.05123 " in out and "mean of 2 seeds" in out and "±" in out
     assert "FAILED TrainlabError: loss became nan" in out
+    # a failed job is its error line under Hydra's line naming the job, not a traceback
+    assert "Traceback" not in proc.stderr
+    assert re.search(r"Error executing job with overrides: \[[^\n]*"
+                     r"'optimizer.lr=10000000000.0'[^\n]*\]\nerror: loss became nan at epoch 1",
+                     proc.stderr), proc.stderr[-3000:]
 
     # The parent can be sorted and compared like a run.
     parent = mlflow_client.get_run(parent.info.run_id)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from trainlab.errors import TrainlabError
@@ -314,3 +314,14 @@ def check_config(cfg: DictConfig, choices: dict) -> None:
         problems += hardware_problems(cfg)
     if problems:
         raise ConfigError(problems)
+
+
+def resume_as_typed(cfg: DictConfig, overrides: list[str]) -> None:
+    """``trainer.resume`` as the command line gave it: Hydra reads a run-id prefix of digits
+    or like ``8e123456`` as a number (dropping leading zeros, or making it ``inf``)."""
+    if isinstance(cfg.trainer.get("resume"), (int, float)):
+        for override in overrides:
+            key, _, raw = override.lstrip("+").partition("=")
+            if key == "trainer.resume":
+                with open_dict(cfg):
+                    cfg.trainer.resume = raw.strip("'\"")

@@ -15,12 +15,13 @@ import os
 import re
 import shlex
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from trainlab.compare import short_numbers
 from trainlab.store import BEST_RUN_TAG, SWEEP_ROLE_TAG
@@ -111,6 +112,44 @@ def job_callbacks(hydra_cfg: DictConfig) -> list[Any]:
     return list(factory(hydra_cfg)) if factory else []
 
 
+GRID_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+
+
+def check_every_job(config: DictConfig) -> None:
+    """Compose and check every job of a grid sweep before the first one runs: a bad value in
+    one job is refused at once, not found after the jobs before it trained. Each problem is
+    one line, with how many jobs it affects. (An Optuna sweep's values come from its search
+    space; each trial is checked as it starts.)"""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from trainlab.config_check import ConfigError, check_config, resume_as_typed
+
+    if config.hydra.sweeper.get("_target_") != GRID_SWEEPER:
+        return
+    loader = GlobalHydra.instance().config_loader()
+    params = [f"{key}={value}" for key, value in (config.hydra.sweeper.params or {}).items()]
+    parsed = OverridesParser.create(config_loader=loader).parse_overrides(
+        params + list(config.hydra.overrides.task))
+    (jobs,) = BasicSweeper.split_arguments(parsed, None)
+    affected: dict[str, int] = {}  # each problem, in the order found: how many jobs have it
+    for job in jobs:
+        job_cfg = loader.load_sweep_config(config, list(job))
+        choices = OmegaConf.to_container(job_cfg.hydra.runtime.choices)
+        with open_dict(job_cfg):  # what the job itself gets: its config without Hydra's
+            del job_cfg["hydra"]
+        resume_as_typed(job_cfg, list(job))
+        try:
+            check_config(job_cfg, choices)
+        except ConfigError as err:
+            for problem in err.problems:
+                affected[problem] = affected.get(problem, 0) + 1
+    if affected:
+        raise ConfigError([f"{problem} ({count} of {len(jobs)} jobs; none was run)"
+                           for problem, count in affected.items()])
+
+
 class MlflowSweep(Callback):
     """Opens (or reopens) a sweep's parent run, nests the jobs under it, summarises into it.
 
@@ -127,6 +166,19 @@ class MlflowSweep(Callback):
         self.logger_cfg: dict[str, Any] = {}  # how the jobs log: log_model=best is logged here
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Check every job, then open the parent run; a refusal is one line per problem and
+        leaves nothing behind (no parent run, no sweep dir)."""
+        from trainlab.errors import TrainlabError
+
+        try:
+            check_every_job(config)
+            self._open_parent(config)
+        except TrainlabError as err:
+            for line in str(err).splitlines():
+                print(f"error: {line}", file=sys.stderr)
+            raise SystemExit(1) from None
+
+    def _open_parent(self, config: DictConfig) -> None:
         from hydra.utils import instantiate
 
         overrides = list(config.hydra.overrides.task)

@@ -15,8 +15,9 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from trainlab import sweeps  # noqa: F401  (registers the job-dir resolver of conf/hydra)
 from trainlab.app import CONFIG_DIR, run_hydra_app
@@ -198,17 +199,6 @@ def log_best_model(runner, tracker, best_path: Path) -> None:
         tracker.set_tags({MODEL_EPOCH_TAG: runner.best_epoch + 1})
 
 
-def resume_as_typed(cfg: DictConfig, overrides: list[str]) -> None:
-    """``trainer.resume`` as the command line gave it: Hydra reads a run-id prefix of digits
-    or like ``8e123456`` as a number (dropping leading zeros, or making it ``inf``)."""
-    if isinstance(cfg.trainer.get("resume"), (int, float)):
-        for override in overrides:
-            key, _, raw = override.lstrip("+").partition("=")
-            if key == "trainer.resume":
-                with open_dict(cfg):
-                    cfg.trainer.resume = raw.strip("'\"")
-
-
 def run(cfg: DictConfig) -> float:
     """One training job; returns the best value of ``trainer.monitor`` for sweepers.
 
@@ -217,7 +207,7 @@ def run(cfg: DictConfig) -> float:
     More than one device: the job spawns the DDP workers (one output dir, one MLflow run
     that rank 0 logs into); under an outside ``torchrun`` each process joins its group.
     """
-    from trainlab.config_check import check_config
+    from trainlab.config_check import check_config, resume_as_typed
     from trainlab.sweeps import finished_job, job_callbacks
 
     hydra_cfg = HydraConfig.get()
@@ -306,7 +296,12 @@ def main(cfg: DictConfig) -> float:
         if HydraConfig.get().mode == RunMode.RUN:
             remove_refused_output_dir(HydraConfig.get())
             raise SystemExit(1) from None
-        raise  # in a sweep: the job fails, the others go on
+        raise JobFailed(f"error: {err}") from None  # in a sweep: the others go on
+
+
+class JobFailed(CompactHydraException):
+    """A sweep job's error, which Hydra reports under the job's overrides as this message
+    alone (a traceback is for bugs, not for a bad value or a file)."""
 
 
 def remove_refused_output_dir(hydra_cfg: DictConfig) -> None:
