@@ -102,13 +102,16 @@ def test_ctrl_c_marks_the_run_killed(tmp_path, tracking_uri, mlflow_client):
     assert (Path(run.data.tags["trainlab.checkpoints"]) / "last.pt").is_file()
 
 
-def test_unreachable_tracking_server_fails_fast_before_training(trainlab_in_process):
+@pytest.mark.parametrize("sweep", [[], ["-m", "optimizer.lr=1e-3,1e-2"]], ids=["run", "sweep"])
+def test_unreachable_tracking_server_fails_fast_before_training(trainlab_in_process, sweep):
     started = time.monotonic()
-    proc = trainlab_in_process("train", *QUICK, "logger.tracking_uri=http://127.0.0.1:9",
+    proc = trainlab_in_process("train", *sweep, *QUICK, "logger.tracking_uri=http://127.0.0.1:9",
                                check=False)
     assert time.monotonic() - started < 30
     assert proc.returncode == 1
-    assert "http://127.0.0.1:9 is unreachable" in proc.stderr
+    assert proc.stderr.startswith("error: MLflow tracking server http://127.0.0.1:9 is "
+                                  "unreachable"), proc.stderr
+    assert "Traceback" not in proc.stderr
     assert "epoch" not in proc.stdout
 
 
