@@ -73,15 +73,25 @@ def test_every_error_of_a_config_is_reported_together(run_trainlab, tmp_path):
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "outputs").exists()
 
 
-@pytest.mark.no_store
-def test_a_sweep_checks_every_job_before_the_first_one_runs(run_trainlab, tmp_path):
-    proc = run_trainlab("train", "-m", "model=mlp", "optimizer.lr=1e-3,abc", "seed=1,2",
-                        "trainer.max_epochs=0", check=False)
-    assert proc.returncode == 1
-    assert proc.stderr.splitlines() == [
+SWEEPS_REFUSED = {
+    "grid": (["optimizer.lr=1e-3,abc", "seed=1,2"], [
         "error: trainer.max_epochs=0: must be an integer >= 1 (4 of 4 jobs; none was run)",
         "error: optimizer.lr=abc: must be a number > 0 (2 of 4 jobs; none was run)",
-    ]
+    ]),
+    "search": (["hydra/sweeper=optuna", "optimizer.lr=interval(1e-4,1e-2)"], [
+        "error: trainer.max_epochs=0: must be an integer >= 1 (every trial; none was run)",
+    ]),
+}
+
+
+@pytest.mark.no_store
+@pytest.mark.parametrize("sweep", SWEEPS_REFUSED)
+def test_a_sweep_checks_every_job_before_the_first_one_runs(run_trainlab, tmp_path, sweep):
+    overrides, errors = SWEEPS_REFUSED[sweep]
+    proc = run_trainlab("train", "-m", "model=mlp", *overrides, "trainer.max_epochs=0",
+                        check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == errors
     assert "epoch" not in proc.stdout
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "outputs").exists()
 

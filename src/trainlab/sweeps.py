@@ -118,21 +118,23 @@ GRID_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 def check_every_job(config: DictConfig) -> None:
     """Compose and check every job of a grid sweep before the first one runs: a bad value in
     one job is refused at once, not found after the jobs before it trained. Each problem is
-    one line, with how many jobs it affects. (An Optuna sweep's values come from its search
-    space; each trial is checked as it starts.)"""
+    one line, with how many jobs it affects. A search (Optuna) proposes its swept values as
+    it goes: the values every trial shares are checked."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from trainlab.config_check import ConfigError, check_config, resume_as_typed
 
-    if config.hydra.sweeper.get("_target_") != GRID_SWEEPER:
-        return
     loader = GlobalHydra.instance().config_loader()
-    params = [f"{key}={value}" for key, value in (config.hydra.sweeper.params or {}).items()]
+    params = [f"{key}={value}" for key, value in (config.hydra.sweeper.get("params") or {}).items()]
     parsed = OverridesParser.create(config_loader=loader).parse_overrides(
         params + list(config.hydra.overrides.task))
-    (jobs,) = BasicSweeper.split_arguments(parsed, None)
+    grid = config.hydra.sweeper.get("_target_") == GRID_SWEEPER
+    if grid:
+        (jobs,) = BasicSweeper.split_arguments(parsed, None)
+    else:
+        jobs = [[o.input_line for o in parsed if not o.is_sweep_override()]]
     affected: dict[str, int] = {}  # each problem, in the order found: how many jobs have it
     for job in jobs:
         job_cfg = loader.load_sweep_config(config, list(job))
@@ -146,8 +148,9 @@ def check_every_job(config: DictConfig) -> None:
             for problem in err.problems:
                 affected[problem] = affected.get(problem, 0) + 1
     if affected:
-        raise ConfigError([f"{problem} ({count} of {len(jobs)} jobs; none was run)"
-                           for problem, count in affected.items()])
+        raise ConfigError([
+            f"{problem} ({f'{count} of {len(jobs)} jobs' if grid else 'every trial'}; "
+            "none was run)" for problem, count in affected.items()])
 
 
 class MlflowSweep(Callback):
