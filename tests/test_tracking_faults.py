@@ -357,16 +357,16 @@ def test_a_sqlite_store_held_by_another_writer_to_the_end_costs_one_line_and_syn
     the store is free."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [str(TRAINLAB), "train", "model=mlp", "model.hidden=[16]", "trainer.max_epochs=20",
+        [str(TRAINLAB), "train", "model=mlp", "model.hidden=[16]", "trainer.max_epochs=50",
          "trainer.progress_bar=false", "logger.log_model=none", "logger.flush_every_s=0",
          "hydra.run.dir=out"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen: list[str] = []
-    read_until(proc, "MLflow run ", seen)
+    read_until(proc, "MLflow run ", seen)  # 50 epochs: seconds to spare for taking the lock
     with stalled_store(tmp_path / "mlflow.db"):
         output = "".join(seen) + proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, output[-3000:]
-    assert "epoch  20/20" in output
+    assert "epoch  50/50" in output
     assert re.search(r"MLflow did not take \d+ calls of run \w+; they wait in .*mlflow-spool",
                      output), output[-3000:]
     assert "Traceback" not in output and "[SQL:" not in output, output[-3000:]
@@ -376,7 +376,7 @@ def test_a_sqlite_store_held_by_another_writer_to_the_end_costs_one_line_and_syn
     client = MlflowClient(tracking_uri=tracking_uri)
     (run,) = runs_of(client)
     assert run.info.status == "FINISHED"
-    assert_every_epoch_once(client, run.info.run_id, 20)
+    assert_every_epoch_once(client, run.info.run_id, 50)
 
 
 # The sender thread warns while the loop prints epoch lines (tqdm.write), both into one
