@@ -226,7 +226,8 @@ class MlflowTracker:
         with one_line_store_errors():
             yield from self._run(run_name, tags, run_id, spool_dir)
 
-    def _run(self, run_name, tags, run_id, spool_dir) -> Iterator[MlflowTracker]:
+    def _run(self, run_name: str, tags: Mapping[str, str], run_id: str | None,
+             spool_dir: Path | None) -> Iterator[MlflowTracker]:
         experiment_id = self.connect()
         # A run left active by an earlier job in this process must not swallow this one.
         while mlflow.active_run() is not None:
