@@ -224,6 +224,13 @@ def test_a_starter_projects_model_loads_back_after_training(run_trainlab, mlflow
 
     evaluated = run_trainlab("eval", f"run_id={run.info.run_id}", cwd=project).stdout
     assert f"val/acc = {run.data.metrics['val/acc']:.4f}" in evaluated
+    unnamed = run_trainlab("eval", "run_id=", cwd=project, check=False)
+    assert unnamed.returncode == 1 and unnamed.stderr.startswith("error: run_id=: no run id "
+                                                                 "given; `trainlab runs` lists")
+    # the project's runs are in its own experiment: `trainlab runs` there finds them
+    table = run_trainlab("runs", cwd=project).stdout.splitlines()
+    assert table[0] == "experiment proj (the store's only one)"
+    assert any(line.startswith(run.info.run_id[:8]) for line in table[4:])
 
     best = Path(run.data.tags["trainlab.checkpoints"]) / "best.pt"
     loaded = ["proj.models", "TinyCNN", "True", "False"]

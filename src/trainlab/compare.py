@@ -287,11 +287,22 @@ def _cleanup(client, experiment: str | None, stale_after_min: float) -> int:
     return 0
 
 
-def _experiment(client, name: str):
-    experiment = client.get_experiment_by_name(name)
+DEFAULT_EXPERIMENT = "trainlab"
+
+
+def _experiment(client, name: str | None):
+    """The experiment ``name``; without a name, ``trainlab``, or else the store's only
+    experiment besides MLflow's ``Default`` (a project's own, such as `trainlab init`'s)."""
+    experiment = client.get_experiment_by_name(name or DEFAULT_EXPERIMENT)
+    if experiment is None and name is None:
+        own = [e for e in client.search_experiments() if e.name != "Default"]
+        if len(own) == 1:
+            print(f"experiment {own[0].name} (the store's only one)")
+            return own[0]
     if experiment is None:
         names = sorted(e.name for e in client.search_experiments())
-        raise TrainlabError(f"no MLflow experiment {name!r} in the store; choose one of {names}")
+        raise TrainlabError(f"no MLflow experiment {name or DEFAULT_EXPERIMENT!r} in the "
+                            f"store; choose one with --experiment: {', '.join(names)}")
     return experiment
 
 
@@ -401,7 +412,7 @@ def runs_cli(args: list[str]) -> int:
         client = existing_store("--tracking-uri", opts.tracking_uri)
         if opts.cleanup:
             return _cleanup(client, opts.experiment, opts.stale_after)
-        experiment = _experiment(client, opts.experiment or "trainlab")
+        experiment = _experiment(client, opts.experiment)
         if opts.diff:
             runs = [find_run(client, p, [experiment.experiment_id]) for p in opts.diff]
             print(format_diff(client, *runs))

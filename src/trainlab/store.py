@@ -46,6 +46,9 @@ def find_run(client: Any, prefix: str, experiment_ids: list[str] | None = None) 
     from mlflow.exceptions import MlflowException
 
     prefix = str(prefix)
+    if not prefix.strip():
+        raise TrainlabError("no run id given; `trainlab runs` lists them (the first 8 "
+                            "characters of an id are enough)")
     if len(prefix) == FULL_ID:  # no search through every run for a whole id
         try:
             run = client.get_run(prefix)
