@@ -156,6 +156,28 @@ class PrecisionSchema:
     tf32: bool = spec(*BOOL)
 
 
+def _freeze(v: Any) -> bool:
+    if v in ("none", "backbone"):
+        return True
+    return isinstance(v, (list, tuple)) and all(_text(pattern) for pattern in v)
+
+
+@dataclass
+class FinetuneSchema:
+    """conf/finetune.yaml, which every model config includes."""
+
+    weights_path: str = spec("a file path, or null", _text, optional=True)
+    freeze: Any = spec("none, backbone, or a list of name patterns like [conv1.*, layer1.*]",
+                       _freeze, optional=True)
+    freeze_bn: bool = spec(*BOOL)
+    unfreeze_at_epoch: int = spec("an integer >= 1 (epochs trained frozen), or null",
+                                  _int(1), optional=True)
+    head: Any = spec("null, or a new head like {hidden: 256, dropout: 0.5}",
+                     lambda v: isinstance(v, dict), optional=True)
+    channels_last: bool = spec(*BOOL)
+    compile: bool = spec(*BOOL)
+
+
 # config path → schema; only keys present in the config are checked (options differ).
 SCHEMAS: dict[str, type] = {
     "": RootSchema,
@@ -166,6 +188,7 @@ SCHEMAS: dict[str, type] = {
     "logger": MlflowLoggerSchema,
     "precision": PrecisionSchema,
     "debug": DebugSchema,
+    "model": FinetuneSchema,
 }
 
 # Component nodes: config path → (config group, the keys trainlab reads itself before
