@@ -222,3 +222,31 @@ def test_a_resume_with_a_new_learning_rate_says_the_checkpoint_state_wins(
     (run,) = runs_of(mlflow_client)
     assert run.data.params["optimizer.lr"] == "0.001"
     assert {m.value for m in mlflow_client.get_metric_history(run.info.run_id, "lr")} == {0.001}
+
+
+def test_a_run_resumed_after_its_layers_were_unfrozen_goes_on_as_if_never_stopped(
+    trainlab_in_process, mlflow_client, tmp_path
+):
+    """Gradual unfreezing adds BatchNorm statistics and a param group (with the scheduler's
+    per-group state) mid-run: a checkpoint from after that point fits a resumed run, which
+    ends with the weights and lr curves of a run never stopped."""
+    job = ["model=timm", "model.name=test_resnet", "model.freeze=backbone",
+           "model.freeze_bn=true", "model.unfreeze_at_epoch=1", "scheduler=steplr",
+           "scheduler.step_size=1", "trainer.deterministic=true", "trainer.progress_bar=false",
+           "logger.log_model=none", "logger.log_system_metrics=false"]
+    trainlab_in_process("train", *job, "trainer.max_epochs=3", "hydra.run.dir=whole")
+    trainlab_in_process("train", *job, "trainer.max_epochs=2", "hydra.run.dir=cut")
+    trainlab_in_process("train", *job, "trainer.max_epochs=3", "trainer.resume=last",
+                        "hydra.run.dir=cut")
+
+    whole, cut = runs_of(mlflow_client)
+    assert cut.info.status == "FINISHED"
+    for key in ("lr", "lr/unfrozen", "val/acc"):  # the lr series goes on under its name
+        full, resumed = (sorted((m.step, m.value)
+                                for m in mlflow_client.get_metric_history(run.info.run_id, key))
+                         for run in (whole, cut))
+        assert resumed == full, key
+    assert "lr/backbone" not in cut.data.metrics
+    a = torch.load(tmp_path / "whole/checkpoints/last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "cut/checkpoints/last.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -136,20 +136,28 @@ def test_runner_steps_each_scheduler_as_torch_does(compose, tmp_path, option, ac
         assert unfrozen[BATCHES * unfreeze_at :] == pytest.approx(
             expected[BATCHES * unfreeze_at :], rel=1e-9)
         assert not torch.equal(runner.model.body.weight, start)
-        assert {"lr/backbone", "lr/unfrozen"} <= set(tracker.metrics)
+        assert {"lr", "lr/unfrozen"} <= set(tracker.metrics)  # the lr series goes on
+        assert "lr/backbone" not in tracker.metrics
     else:
         # logged to the tracker at every step it changes (and once per epoch), never twice
         logged = tracker.metrics["lr"]
         assert {(step, lrs["lr"]) for step, lrs in runner.lr.history} <= set(logged)
         assert len({step for step, _ in logged}) == len(logged)
-    if option != "plateau" and not unfreeze_at:  # lr-plot steps the same schedule
+    if option != "plateau":  # lr-plot steps the same schedule, unfreezing included
         cfg = compose(f"scheduler={option}", f"trainer.max_epochs={EPOCHS}", *overrides)
-        fresh = torch.optim.Adam(nn.Linear(4, 3).parameters(), lr=1e-3)
+        model, unfreezing = finetune(tiny_model(), freeze=["body.*"] if unfreeze_at else None,
+                                     unfreeze_at_epoch=unfreeze_at)
+        fresh = build_optimizer(cfg.optimizer, model, "adam")
         scheduled = build_scheduler(cfg.scheduler, fresh, option,
                                     optimizer_steps(BATCHES, accumulate), EPOCHS)
-        simulated = [row["lr"] for row in simulate(scheduled, fresh, BATCHES, EPOCHS,
-                                                   accumulate=accumulate)]
-        assert simulated == pytest.approx(expected, rel=1e-9)
+        rows = simulate(scheduled, fresh, BATCHES, EPOCHS, accumulate=accumulate,
+                        callbacks=unfreezing)
+        assert [row["lr"] for row in rows] == pytest.approx(expected, rel=1e-9)
+        if unfreeze_at:
+            joined = [row.get("lr/unfrozen") for row in rows]
+            cut = BATCHES * unfreeze_at
+            assert joined[:cut] == [None] * cut
+            assert joined[cut:] == pytest.approx(unfrozen[cut:], rel=1e-9)
     first_epoch = got[:BATCHES]
     assert (len(set(first_epoch)) > 1) == (option in PER_BATCH)
     assert any(path.endswith("lr_curve.png") for path in tracker.artifacts)

@@ -29,12 +29,13 @@ def plot(cfg: DictConfig, out: Path) -> Path:
     epochs = int(cfg.trainer.max_epochs)
     splits = prepare_data(cfg, choices).splits  # the classes the model needs, bad files out
     train_loader, _ = build_loaders(splits, cfg.data, int(cfg.seed), "cpu")
-    model, _ = build_model(cfg.model, choices.get("model"))
+    model, unfreezing = build_model(cfg.model, choices.get("model"))
     optimizer = build_optimizer(cfg.optimizer, model, choices.get("optimizer"))
     steps, accumulate = len(train_loader), int(cfg.trainer.accumulate_grad_batches)
     scheduled = build_scheduler(cfg.scheduler, optimizer, choices.get("scheduler"),
                                 optimizer_steps(steps, accumulate), epochs)
-    lrs = simulate(scheduled, optimizer, steps, epochs, accumulate=accumulate)
+    lrs = simulate(scheduled, optimizer, steps, epochs, accumulate=accumulate,
+                   callbacks=unfreezing)
     title = f"scheduler={choices.get('scheduler')}, {epochs} epochs × {steps} batches"
     if scheduled is not None and scheduled.needs_metric:
         title += " (monitored metric never improving)"

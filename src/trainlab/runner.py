@@ -298,6 +298,10 @@ class Runner:
         """Continue from a checkpoint: weights, optimizer, scheduler, loss scale, counters,
         random generators, and the position inside an epoch an interruption left."""
         state = load_checkpoint(path)
+        epochs_done = int(state["epoch"]) + (1 if state.get("batches_done") is None else 0)
+        for callback in self.callbacks:  # the model and optimizer as the checkpoint left them
+            if hasattr(callback, "on_resume"):
+                callback.on_resume(self, epochs_done)
         try:
             self.model.load_state_dict(state.get("raw_model") or state["model"])
             if self.ema is not None and state.get("raw_model") is not None:

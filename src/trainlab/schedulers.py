@@ -17,6 +17,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -106,6 +107,9 @@ def _peaks_per_group(options: dict, optimizer: torch.optim.Optimizer) -> None:
 _NOT_PER_GROUP = {"_schedulers", "_milestones", "milestones", "_schedule_phases"}
 
 
+JOINED_MID_RUN = "joined_mid_run"  # marks a param group added after the optimizer was built
+
+
 def add_param_group(
     optimizer: torch.optim.Optimizer, scheduler: object | None, group: dict, like: int = 0
 ) -> None:
@@ -115,7 +119,7 @@ def add_param_group(
     reference = optimizer.param_groups[like]
     n_groups = len(optimizer.param_groups)
     new = {key: copy.deepcopy(value) for key, value in reference.items() if key != "params"}
-    optimizer.add_param_group({**new, **group})
+    optimizer.add_param_group({**new, **group, JOINED_MID_RUN: True})
     pending = [scheduler] if scheduler is not None else []
     while pending:
         current = pending.pop()
@@ -191,11 +195,14 @@ def multiplicative(
 
 
 def current_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    """The param groups' lrs by metric name: ``lr``, or ``lr/<group name>`` for several."""
+    """The param groups' lrs by metric name: ``lr`` for an optimizer built with one group,
+    else ``lr/<group name>``. A group that joins mid-run (gradual unfreezing's ``unfrozen``)
+    is ``lr/<its name>`` beside them, so the series logged so far go on under their names."""
     groups = optimizer.param_groups
-    if len(groups) == 1:
-        return {"lr": groups[0]["lr"]}
-    return {f"lr/{group.get('name', f'group{i}')}": group["lr"] for i, group in enumerate(groups)}
+    alone = sum(not group.get(JOINED_MID_RUN) for group in groups) == 1
+    return {"lr" if alone and not group.get(JOINED_MID_RUN)
+            else f"lr/{group.get('name', f'group{i}')}": group["lr"]
+            for i, group in enumerate(groups)}
 
 
 class LrLog:
@@ -245,15 +252,21 @@ def simulate(
     max_epochs: int,
     metric: float = 0.0,
     accumulate: int = 1,
+    callbacks: Sequence[Any] = (),
 ) -> list[dict[str, float]]:
     """The lr of every param group at each training batch, stepping as the runner does
-    (the optimizer and a per-step scheduler once every ``accumulate`` batches).
+    (the optimizer and a per-step scheduler once every ``accumulate`` batches, then at each
+    epoch's end a per-epoch scheduler and the ``callbacks``: gradual unfreezing adds its
+    param group there).
 
     The optimizer steps without gradients (a no-op on the weights); ``plateau`` sees the
     same ``metric`` every epoch, i.e. a run that never improves.
     """
+    from types import SimpleNamespace
+
+    runner = SimpleNamespace(optimizer=optimizer, scheduler=scheduled, ema=None)
     lrs = []
-    for _ in range(max_epochs):
+    for epoch in range(max_epochs):
         for index in range(batches_per_epoch):
             lrs.append(current_lrs(optimizer))
             if (index + 1) % accumulate and index + 1 != batches_per_epoch:
@@ -263,6 +276,8 @@ def simulate(
                 scheduled.step()
         if scheduled is not None and scheduled.interval == "epoch":
             scheduled.step(metric)
+        for callback in callbacks:
+            callback.on_epoch_end(runner, epoch, {})
     return lrs
 
 

@@ -308,8 +308,16 @@ class GradualUnfreeze:
         self.at_epoch = at_epoch
 
     def on_epoch_end(self, runner: Any, epoch: int, metrics: dict) -> None:
-        if epoch + 1 != self.at_epoch:
-            return
+        if epoch + 1 == self.at_epoch:
+            self.unfreeze(runner, epoch + 1)
+
+    def on_resume(self, runner: Any, epochs_done: int) -> None:
+        """A checkpoint written after the unfreezing holds the unfrozen layers (BatchNorm
+        no longer frozen) and their param group: unfreeze before it is loaded, so it fits."""
+        if epochs_done >= self.at_epoch:
+            self.unfreeze(runner, self.at_epoch)
+
+    def unfreeze(self, runner: Any, after_epoch: int) -> None:
         from timm.layers import unfreeze_batch_norm_2d
 
         from trainlab.schedulers import add_param_group
@@ -327,4 +335,4 @@ class GradualUnfreeze:
             param.requires_grad_(True)
         scheduler = getattr(getattr(runner, "scheduler", None), "scheduler", None)
         add_param_group(optimizer, scheduler, {"params": new, "name": "unfrozen"})
-        log.info("epoch %d: unfroze %d parameter tensors", epoch + 1, len(new))
+        log.info("epoch %d: unfroze %d parameter tensors", after_epoch, len(new))
