@@ -180,9 +180,17 @@ def test_runs_record_environment_git_state_data_and_system_metrics(
     # which code to check out, then repeats the run
     write(project / "conf" / "experiment" / "mine.yaml",
           (project / "conf" / "experiment" / "mine.yaml").read_text().replace("seed: 7", "seed: 9"))
-    report = run_trainlab("reproduce", dirty.info.run_id[:8]).stdout  # as `trainlab runs` shows
+    scratch = project / "scratch"
+    scratch.mkdir()
+    report = run_trainlab("reproduce", dirty.info.run_id[:8],  # as `trainlab runs` shows
+                          env={"TMPDIR": str(scratch)}).stdout
     assert f"git checkout {dirty.data.tags['mlflow.source.git.commit']}" in report
-    assert "git apply" in report and "uncommitted.diff" in report
+    kept_diff = report.split("git apply ")[1].split()[0]
+    assert Path(kept_diff).read_text() == diff.read_text()  # kept: the report points to it
+    # a clean run's report points to no file: nothing is left in the temp dir
+    run_trainlab("reproduce", clean.info.run_id[:8], env={"TMPDIR": str(scratch)})
+    left = {p.relative_to(scratch).parts[0] for p in scratch.iterdir()}
+    assert left == {Path(kept_diff).relative_to(scratch).parts[0]}
     assert "seed=7" in report.splitlines()[-1]  # the command line
     run_trainlab("reproduce", dirty.info.run_id, "--run")
     repeated = runs_of(mlflow_client, "debug")[-1]

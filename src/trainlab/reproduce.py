@@ -13,6 +13,7 @@ import argparse
 import json
 import re
 import shlex
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -201,6 +202,17 @@ def report(plan: Plan, here_commit: str | None, here_dirty: bool) -> str:
     return "\n".join(lines)
 
 
+def _drop_unreferenced(workdir: Path) -> None:
+    """Remove every downloaded file but the uncommitted diff the report tells the user to
+    `git apply`: a plain `reproduce` of a clean run leaves nothing in the temp dir."""
+    diff_name = Path(DIFF_ARTIFACT).name
+    for path in workdir.iterdir():
+        if path.name != diff_name:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if not any(workdir.iterdir()):
+        workdir.rmdir()
+
+
 def reproduce_cli(args: list[str]) -> int:
     """`trainlab reproduce RUN_ID [--run] [--tracking-uri URI]`."""
     parser = argparse.ArgumentParser(
@@ -225,6 +237,9 @@ def reproduce_cli(args: list[str]) -> int:
     except TrainlabError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    finally:
+        if not opts.into:  # a temp folder is kept only for the diff the report points to
+            _drop_unreferenced(workdir)
     here = git_state(".")
     print(report(plan, here.commit if here else None, bool(here and here.dirty)))
     if not opts.run:
