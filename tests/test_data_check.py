@@ -40,6 +40,39 @@ def break_files(root: Path) -> list[Path]:
     return [cut, junk]
 
 
+def garble_middle(path: Path) -> Path:
+    """Garbage in the middle of a JPEG whose header and end marker stay intact: the fast
+    check passes it, decoding fails."""
+    import io
+
+    rng = np.random.default_rng(0)
+    data = path.read_bytes()
+    middle = len(data) // 2
+    for _ in range(200):
+        garbled = data[:middle] + rng.bytes(200) + data[middle + 200:]
+        try:
+            Image.open(io.BytesIO(garbled)).load()
+        except OSError:
+            path.write_bytes(garbled)
+            return path
+    raise AssertionError(f"no garbage made {path} undecodable")
+
+
+def decompression_bomb(path: Path) -> Path:
+    """A PNG whose header claims 20000x20000 pixels, over PIL's limit; a few bytes on disk."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(
+            ">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                     + chunk(b"IDAT", zlib.compress(bytes(20001))) + chunk(b"IEND", b""))
+    return path
+
+
 def folder_args(root: Path, *extra: str) -> list[str]:
     return ["data=image_folder", f"data.dataset.root={root}", "data.image_size=[8,8]",
             "data.num_workers=0", "data.batch_size=4", *extra]
@@ -287,6 +320,71 @@ def test_training_refuses_bad_data_before_mlflow_and_logs_what_it_skipped(
                                              str(tmp_path))
     assert sorted(line.split(":")[0] for line in Path(local).read_text().splitlines()) == sorted(
         map(str, bad))
+
+
+@pytest.mark.slow
+def test_a_file_that_fails_only_while_training_is_skipped_or_named_with_the_full_check(
+    trainlab_in_process, mlflow_client, tmp_path
+):
+    root = class_folders(tmp_path / "pets", size=(32, 32))
+    bad = garble_middle(root / "fox" / "3.jpg")
+    args = ["train", *QUICK, "logger.log_model=none", *folder_args(root)]
+    failed = trainlab_in_process(*args, check=False)
+    (line,) = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
+    assert failed.returncode == 1 and str(bad) in line and "found while training" in line
+    assert "data.check=fast reads file headers only: data.check=full decodes every file " \
+           "before training, and data.skip_bad_files=true skips what it finds" in line
+    full = trainlab_in_process("data", "check", *folder_args(root, "data.check=full"),
+                               check=False)
+    assert full.returncode == 1 and f"{bad}: does not decode" in full.stderr
+
+    trained = trainlab_in_process(*args, "data.skip_bad_files=true")
+    skipped = [line for line in trained.stderr.splitlines() if line.startswith("data: skipped")]
+    assert skipped == [f"data: skipped {bad} (broken data stream when reading image file), "
+                       "found while training (data.skip_bad_files=true): the next readable "
+                       "sample takes its place"]  # once, over both epochs
+    assert "set data.skip_bad_files" not in trained.stderr
+    assert runs_of(mlflow_client)[-1].info.status == "FINISHED"
+
+
+def test_a_decompression_bomb_is_a_bad_file_like_any_other(trainlab_in_process, tmp_path):
+    root = class_folders(tmp_path / "pets")
+    bomb = decompression_bomb(root / "cat" / "huge.png")
+    for mode in ("fast", "full"):
+        refused = trainlab_in_process("data", "check", *folder_args(root, f"data.check={mode}"),
+                                      check=False)
+        assert refused.returncode == 1 and "Traceback" not in refused.stderr
+        assert f"{bomb}: not a readable image (Image size (400000000 pixels) exceeds limit" \
+            in refused.stderr
+        skipped = trainlab_in_process("data", "check", *folder_args(
+            root, f"data.check={mode}", "data.skip_bad_files=true")).stdout
+        assert "skipped 1 file (data.skip_bad_files=true)" in skipped and str(bomb) in skipped
+
+
+@pytest.mark.slow
+def test_predict_writes_upright_masks_and_skips_a_decompression_bomb(
+    trainlab_in_process, mlflow_client, tmp_path
+):
+    """A photo stored sideways with an EXIF orientation gets its mask the way it is shown."""
+    mask = np.zeros((16, 16), dtype=np.uint8)
+    mask[4:12, 4:12] = 255
+    root = write_masks(tmp_path / "seg", [mask] * 4)
+    trainlab_in_process("train", "model=unet", "loss=dice", "model.base_channels=4",
+                        "model.depth=1",
+                        "trainer.max_epochs=1", "trainer.progress_bar=false",
+                        "logger.log_model=none", *seg(root))
+    (run,) = runs_of(mlflow_client)
+    photos = tmp_path / "photos"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 24 wide, 16 high; shown 16 wide, 24 high
+    save(photos / "sideways.jpg", np.zeros((16, 24, 3), np.uint8), exif=exif.tobytes())
+    bomb = decompression_bomb(photos / "huge.png")
+    out = trainlab_in_process("predict", f"run_id={run.info.run_id}", f"input={photos}",
+                              f"output={tmp_path / 'masks'}")
+    assert "wrote predictions for 1 image" in out.stdout and "skipped 1 unreadable file" \
+        in out.stdout
+    assert Image.open(tmp_path / "masks" / "sideways.png").size == (16, 24)
+    assert str(bomb) in (tmp_path / "masks" / "skipped.txt").read_text()
 
 
 @pytest.mark.parametrize("loss", ["ce", "nll", "dice", "focal"])

@@ -301,7 +301,7 @@ def predict(options: dict[str, str], overrides: list[str]) -> Path:
     from tqdm.auto import tqdm
 
     from trainlab.data.check import counted
-    from trainlab.data.images import ImageFiles
+    from trainlab.data.images import BadFile, ImageFiles
 
     if "tracking_uri" in options:
         mlflow.set_tracking_uri(options["tracking_uri"])
@@ -336,9 +336,9 @@ def predict(options: dict[str, str], overrides: list[str]) -> Path:
             batch, kept = [], []
             for index in range(start, min(start + batch_size, len(files))):
                 try:
-                    batch.append(images[index][0])
-                except TrainlabError as err:
-                    skipped.append((files[index], str(err.__cause__ or err)))
+                    batch.append(images.load(index)[0])
+                except BadFile as err:
+                    skipped.append((files[index], err.reason))
                     continue
                 kept.append(files[index])
             if kept:
@@ -393,7 +393,7 @@ class ClassWriter:
 
 
 class MaskWriter:
-    """One 8-bit PNG per image at its original size: class indices, or 0/255 when binary."""
+    """One 8-bit PNG per image at its upright size: class indices, or 0/255 when binary."""
 
     def __init__(self, output: Path) -> None:
         self.output = output
@@ -409,13 +409,15 @@ class MaskWriter:
         import torch
         from PIL import Image
 
+        from trainlab.data.images import upright_size
+
         if probs.shape[1] == 1:
             masks = (probs[:, 0] > 0.5).to(torch.uint8).mul(255)
         else:
             masks = probs.argmax(dim=1).to(torch.uint8)
         for file, mask in zip(files, masks.numpy().astype(np.uint8), strict=True):
             with Image.open(file) as original:
-                size = original.size
+                size = upright_size(original)  # the image as decoded, turned by its EXIF
             Image.fromarray(mask).resize(size, Image.NEAREST).save(self.output / f"{file.stem}.png")
 
 

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, open_dict
 from PIL import Image
 
 from trainlab.app import CONFIG_DIR, run_hydra_app
-from trainlab.data.images import _open_image
+from trainlab.data.images import UNREADABLE, BadFile, FileDataset, _open_image, upright_size
 from trainlab.errors import TrainlabError
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 MODES = ("fast", "full", "off")
 # What a complete file ends with; a download or copy cut short lacks it.
 ENDINGS = {"JPEG": (b"\xff\xd9",), "PNG": (b"IEND\xaeB`\x82",), "GIF": (b";",)}
-ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 SHOWN = 200  # problems listed in full; the rest are counted
 
 
@@ -151,7 +150,17 @@ def check_split(cfg: DictConfig, splits, split: str) -> DataReport:
 
 def scan(splits, num_classes, task: str, mode: str, source: str, skip: bool,
          names: tuple[str, ...] = ("train", "val")) -> DataReport:
-    """Scan the splits ``names`` of ``splits`` (see the module docstring)."""
+    """Scan the splits ``names`` of ``splits`` (see the module docstring), then tell their
+    file datasets how, for a bad file found only while training."""
+    report = _scan_splits(splits, num_classes, task, mode, source, skip, names)
+    for split in names:
+        dataset = getattr(splits, split)
+        if isinstance(dataset, FileDataset):
+            dataset.after_check(mode, skip)
+    return report
+
+
+def _scan_splits(splits, num_classes, task, mode, source, skip, names) -> DataReport:
     segmentation = task == "segmentation"
     classes = getattr(splits.train, "classes", None)  # MaskClasses of file-based masks
     given = None if num_classes is None else int(num_classes)
@@ -294,10 +303,8 @@ def file_problem(path: Path, full: bool) -> tuple[str | None, tuple[int, int] | 
         return "missing", None
     try:
         with Image.open(path) as image:
-            size, kind = image.size, image.format
-            if image.getexif().get(0x0112, 1) in ROTATED:
-                size = size[::-1]
-    except (OSError, SyntaxError, ValueError) as err:
+            size, kind = upright_size(image), image.format
+    except UNREADABLE as err:
         return f"not a readable image ({err})", None
     endings = ENDINGS.get(kind)
     if endings:
@@ -309,8 +316,8 @@ def file_problem(path: Path, full: bool) -> tuple[str | None, tuple[int, int] | 
     if full:
         try:
             _open_image(path)
-        except TrainlabError as err:
-            return f"does not decode ({err.__cause__ or err})", None
+        except BadFile as err:
+            return f"does not decode ({err.reason})", None
     return None, size
 
 

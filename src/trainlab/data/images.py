@@ -7,6 +7,7 @@ function.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +22,33 @@ from trainlab.errors import TrainlabError
 
 SKIP_HINT = "fix or remove it, or set data.skip_bad_files=true to skip such files"
 WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535}
+# What PIL raises on a file it cannot read; a decompression bomb (more pixels than PIL's
+# limit) is a bad file like any other, not a crash.
+UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of an opened image as shown, turned by its EXIF orientation: read
+    from the header, without decoding."""
+    width, height = image.size
+    return (height, width) if image.getexif().get(0x0112, 1) in ROTATED else (width, height)
+
+
+class BadFile(TrainlabError):
+    """A file that cannot be read, with its path and PIL's reason kept apart, so each caller
+    (the check, training, predict) says what to do about it in its own words."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"data: cannot read image {path} ({reason}); {SKIP_HINT}")
+        self.path, self.reason = path, reason
 
 
 def _open_image(path: Path, draft: tuple[int, int] | None = None) -> Image.Image:
     """Open and fully decode an image, turned upright by its EXIF orientation; an
-    unreadable or truncated file names itself.
+    unreadable or truncated file raises :class:`BadFile`.
 
     ``draft`` (width, height) lets a JPEG decode at the smallest power-of-two scale that
     still covers that size either way up: a large photo bound for a small model decodes
@@ -38,8 +61,8 @@ def _open_image(path: Path, draft: tuple[int, int] | None = None) -> Image.Image
             image.draft(None, (side, side))
         image.load()
         ImageOps.exif_transpose(image, in_place=True)  # a no-op without an orientation tag
-    except (OSError, SyntaxError, ValueError) as err:
-        raise TrainlabError(f"data: cannot read image {path} ({err}); {SKIP_HINT}") from err
+    except UNREADABLE as err:
+        raise BadFile(path, str(err)) from err
     return image
 
 
@@ -61,7 +84,56 @@ def image_tensor(image: Image.Image, channels: int, size: tuple[int, int]) -> to
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
-class ImageFiles(Dataset):
+class FileDataset(Dataset):
+    """Samples decoded from files as they are fetched, so a file the data check passed can
+    still fail mid-epoch (``data.check=fast`` reads headers only).
+
+    :meth:`after_check` says how the check ran. With ``data.skip_bad_files`` such a file
+    is skipped, said once on stderr, and the next readable sample takes its place, so
+    training goes on and repeats; otherwise the error names the file and how to find such
+    files before training.
+    """
+
+    check_mode = "fast"
+    skip_bad_files = False
+    found_bad = None  # shared across loader workers: each bad file is said once
+
+    def after_check(self, mode: str, skip: bool) -> None:
+        self.check_mode, self.skip_bad_files = mode, skip
+        if skip:
+            self.found_bad = torch.zeros(len(self), dtype=torch.bool).share_memory_()
+
+    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        for step in range(len(self)):
+            item = (index + step) % len(self)
+            if self.found_bad is not None and self.found_bad[item]:
+                continue
+            try:
+                return self.load(item)
+            except BadFile as err:
+                if not self.skip_bad_files:
+                    raise TrainlabError(f"data: cannot read image {err.path} ({err.reason}), "
+                                        f"found while training; {self.bad_file_hint()}") from err
+                self.found_bad[item] = True
+                print(f"data: skipped {err.path} ({err.reason}), found while training "
+                      "(data.skip_bad_files=true): the next readable sample takes its place",
+                      file=sys.stderr, flush=True)
+        raise TrainlabError("data: no file of this split can be read; every one was skipped "
+                            "(data.skip_bad_files=true)")
+
+    def bad_file_hint(self) -> str:
+        if self.check_mode == "full":
+            return SKIP_HINT
+        what = "reads file headers only" if self.check_mode == "fast" else "skips the check"
+        return (f"fix or remove it; data.check={self.check_mode} {what}: data.check=full "
+                "decodes every file before training, and data.skip_bad_files=true skips "
+                "what it finds")
+
+
+class ImageFiles(FileDataset):
     """Images read from disk per sample: resized (bilinear) to ``image_size``, 1 or 3 channels.
 
     ``cache`` (``memory`` or ``disk``, see :mod:`trainlab.data.cache`) keeps the decoded,
@@ -80,7 +152,7 @@ class ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         path, label = self.samples[index]
         (pixels,) = self.cache.fetch(index, (path,), lambda: (self.decode(path),))
         return torch.from_numpy(pixels), torch.tensor(label)
@@ -217,7 +289,7 @@ def _by_palette(codes: np.ndarray, colours: dict, where: Path, keep) -> np.ndarr
     return table[inverse].reshape(codes.shape)
 
 
-class SegmentationFiles(Dataset):
+class SegmentationFiles(FileDataset):
     """(image, mask) file pairs → (float C×H×W image, long H×W mask).
 
     Images resize bilinearly, masks by nearest neighbour so labels stay labels; mask
@@ -242,7 +314,7 @@ class SegmentationFiles(Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         pair = self.pairs[index]
         pixels, labels = self.cache.fetch(index, pair, lambda: self.decode(*pair))
         return torch.from_numpy(pixels), torch.from_numpy(labels)
