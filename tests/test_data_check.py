@@ -181,6 +181,25 @@ def test_multiclass_masks_are_never_merged_and_classes_are_inferred(compose, tmp
         prepare_data(compose(*seg(root, "data.num_classes=2", "data.check=full")), {})
 
 
+def test_mask_values_outside_the_classes_stop_training_before_it_starts(
+    trainlab_in_process, compose, mlflow_client, tmp_path
+):
+    stray = three_class_mask()
+    stray[0, 0] = 5
+    root = write_masks(tmp_path / "s", [three_class_mask()] * 3 + [stray])
+    refused = trainlab_in_process("train", *QUICK, "model=unet", "loss=ce",
+                                  *seg(root, "data.num_classes=3"), check=False)
+    assert refused.returncode == 1 and "1 problem found before training" in refused.stderr
+    assert "car3_mask.png has class 5, outside 0..2 (data.num_classes=3)" in refused.stderr
+    assert "(file headers and sizes, mask values; data.check=full" in refused.stderr
+    assert mlflow_client.get_experiment_by_name("trainlab") is None or not runs_of(mlflow_client)
+
+    data = prepare_data(compose(*seg(root, "data.num_classes=3", "data.check=off")), {})
+    with pytest.raises(TrainlabError, match=r"car3_mask.png has class 5, .*; found while "
+                                            r"training: data.check=off skipped the data check"):
+        all_masks(data)
+
+
 def test_lossy_binary_masks_keep_their_area(compose, tmp_path):
     """A 0/255 mask saved as JPEG: ringing around the edge must not grow the mask."""
     mask = np.zeros((64, 64), dtype=np.uint8)

@@ -3,10 +3,11 @@ the classes inferred where the config leaves them out.
 
 `trainlab data check data=... [augment=...]` prints the report; `trainlab train` runs the
 same scan before any MLflow run exists. ``data.check: fast`` reads file headers and sizes
-(and checks each file's end, so a truncated JPEG/PNG/GIF shows); ``full`` decodes every
-image and mask; ``off`` skips the scan. Every problem is listed in one report. With
-``data.skip_bad_files`` unreadable, missing and mismatched files are left out instead (and
-listed), but labels outside the classes always stop the run.
+(and checks each file's end, so a truncated JPEG/PNG/GIF shows) and the values of masks
+that hold classes; ``full`` decodes every image and mask; ``off`` skips the scan. Every
+problem is listed in one report. With ``data.skip_bad_files`` unreadable, missing and
+mismatched files are left out instead (and listed), but labels outside the classes always
+stop the run.
 """
 
 from __future__ import annotations
@@ -50,10 +51,12 @@ class DataReport:
     skipped: list[str] = field(default_factory=list)
     bad_files: int = 0  # problems that data.skip_bad_files would leave out
     files: bool = True  # read from files (else held in memory)
+    mask_values: bool = False  # the fast check read the masks' values (classes, not binary)
 
     def text(self) -> str:
         """The report as a person reads it: classes, a table of counts, the problems."""
-        how = {"fast": "file headers and sizes; data.check=full decodes every file",
+        read = ", mask values" if self.mask_values else ""
+        how = {"fast": f"file headers and sizes{read}; data.check=full decodes every file",
                "full": "every file decoded", "off": "not scanned (data.check=off)"}[self.mode]
         if not self.files and self.mode != "off":
             how = "in memory: every label checked"
@@ -256,34 +259,47 @@ def _scan_samples(dataset, split, full, counts, report, skip) -> None:
 
 
 def _scan_pairs(dataset, split, full, counts, report, skip) -> None:
-    """(image, mask) pairs: both files readable, the mask present and the image's size;
-    with ``full`` the mask's values placed in classes and counted per pixel."""
+    """(image, mask) pairs: both files readable, the mask present and the image's size.
+    The mask's values are placed in classes and counted per pixel with ``full``, and also
+    by the fast check when they are classes (not binary): a value outside them would stop
+    training mid-epoch, and a small mask decodes in about the time its header takes."""
     kept = []
+    read_values = full or not dataset.classes.binary
+    report.mask_values = report.mask_values or (read_values and not full)
     for image_path, mask_path in _progress(dataset.pairs, f"checking {split} images and masks"):
-        problem, image_size = file_problem(image_path, full)
-        if not problem:
-            mask_problem, mask_size = file_problem(mask_path, full)
-            if mask_problem == "missing":
-                problem = f"has no mask {mask_path} (data.dataset.mask_name names it)"
-            elif mask_problem:
-                problem = f"its mask {mask_path}: {mask_problem}"
-            elif mask_size != image_size:
-                problem = (f"its mask {mask_path} is {mask_size[0]}x{mask_size[1]}, the image "
-                           f"{image_size[0]}x{image_size[1]}")
-        if problem:
-            _bad_file(report, f"{image_path}: {problem}", skip)
-            if skip:
-                continue
-        if full:
+        problem = _pair_problem(image_path, mask_path, full)
+        if not problem and read_values:
             try:
                 labels = dataset.classes.labels(_open_image(mask_path), mask_path)
+            except BadFile as err:
+                problem = f"its mask {mask_path}: does not decode ({err.reason})"
             except TrainlabError as err:
                 report.problems.append(str(err).removeprefix("data: "))
             else:
                 values, numbers = np.unique(labels, return_counts=True)
                 counts.update(dict(zip(values.tolist(), numbers.tolist(), strict=True)))
+        if problem:
+            _bad_file(report, f"{image_path}: {problem}", skip)
+            if skip:
+                continue
         kept.append((image_path, mask_path))
     dataset.pairs[:] = kept
+
+
+def _pair_problem(image_path: Path, mask_path: Path, full: bool) -> str | None:
+    """What is wrong with an image or its mask file, said once per pair."""
+    problem, image_size = file_problem(image_path, full)
+    if problem:
+        return problem
+    mask_problem, mask_size = file_problem(mask_path, full)
+    if mask_problem == "missing":
+        return f"has no mask {mask_path} (data.dataset.mask_name names it)"
+    if mask_problem:
+        return f"its mask {mask_path}: {mask_problem}"
+    if mask_size != image_size:
+        return (f"its mask {mask_path} is {mask_size[0]}x{mask_size[1]}, the image "
+                f"{image_size[0]}x{image_size[1]}")
+    return None
 
 
 def _bad_file(report: DataReport, line: str, skip: bool) -> None:

@@ -121,6 +121,11 @@ class FileDataset(Dataset):
                 print(f"data: skipped {err.path} ({err.reason}), found while training "
                       "(data.skip_bad_files=true): the next readable sample takes its place",
                       file=sys.stderr, flush=True)
+            except TrainlabError as err:  # a mask value outside the classes, say
+                if self.check_mode != "off":
+                    raise
+                raise TrainlabError(f"{err}; found while training: data.check=off skipped the "
+                                    "data check, which finds this before training") from err
         raise TrainlabError("data: no file of this split can be read; every one was skipped "
                             "(data.skip_bad_files=true)")
 
