@@ -127,6 +127,7 @@ def test_csv_labels_and_missing_files_in_one_report(compose, tmp_path):
     with pytest.raises(TrainlabError) as err:
         prepare_data(compose(*args), {})
     message = str(err.value)
+    assert message.startswith("data: 2 problems found before training")  # each once
     assert "gone.png: missing" in message
     assert "7.png: label 5 outside 0..2 (data.num_classes=3)" in message
     cfg = compose(*args[:-2], "data.dataset.val_fraction=0.3")
@@ -200,6 +201,16 @@ def test_mask_values_outside_the_classes_stop_training_before_it_starts(
         all_masks(data)
 
 
+def test_class_index_masks_read_as_binary_are_a_problem(trainlab_in_process, tmp_path):
+    root = write_masks(tmp_path / "c", [three_class_mask()] * 2)
+    checked = trainlab_in_process("data", "check", *seg(root, "data.check=full"), check=False)
+    assert checked.returncode == 1 and "no problems found" not in checked.stderr
+    assert "masks hold values 1, 2, all below data.dataset.mask_threshold=128, so every pixel " \
+           "reads as background: if they are class indices set data.num_classes=3" \
+        in checked.stderr
+    trainlab_in_process("data", "check", *seg(root, "data.check=full", "data.num_classes=3"))
+
+
 def test_lossy_binary_masks_keep_their_area(compose, tmp_path):
     """A 0/255 mask saved as JPEG: ringing around the edge must not grow the mask."""
     mask = np.zeros((64, 64), dtype=np.uint8)
@@ -242,6 +253,13 @@ def test_missing_and_mismatched_masks_are_listed_and_skipped(compose, tmp_path):
     data = prepare_data(compose(*seg(root, "data.skip_bad_files=true")), {})
     assert len(data.report.skipped) == 2
     assert len(data.splits.train) + len(data.splits.val) == 2
+    (root / "train_masks" / "car3_mask.png").write_text("not a mask")
+    with pytest.raises(TrainlabError) as err:
+        prepare_data(compose(*seg(root, "data.check=full")), {})
+    message = str(err.value)  # each bad file once, though full also reads mask values
+    assert message.startswith("data: 3 problems found before training")
+    for mask in ("car1_mask.png", "car3_mask.png"):
+        assert len([line for line in message.splitlines() if mask in line]) == 1
 
 
 def test_sixteen_bit_images_and_exif_orientation(compose, tmp_path):

@@ -24,7 +24,14 @@ from omegaconf import DictConfig, open_dict
 from PIL import Image
 
 from trainlab.app import CONFIG_DIR, run_hydra_app
-from trainlab.data.images import UNREADABLE, BadFile, FileDataset, _open_image, upright_size
+from trainlab.data.images import (
+    UNREADABLE,
+    BadFile,
+    FileDataset,
+    _mask_values,
+    _open_image,
+    upright_size,
+)
 from trainlab.errors import TrainlabError
 
 log = logging.getLogger(__name__)
@@ -52,6 +59,8 @@ class DataReport:
     bad_files: int = 0  # problems that data.skip_bad_files would leave out
     files: bool = True  # read from files (else held in memory)
     mask_values: bool = False  # the fast check read the masks' values (classes, not binary)
+    binary_values: set[int] = field(default_factory=set)  # raw values of binary masks, while
+    # none reaches the threshold: then class indices (0/1/2) would all read as background
 
     def text(self) -> str:
         """The report as a person reads it: classes, a table of counts, the problems."""
@@ -225,9 +234,17 @@ def _settle_classes(report: DataReport, splits, classes, segmentation: bool) -> 
     report.num_classes = report.num_classes or inferred
     report.class_names = report.class_names or [str(i) for i in range(report.num_classes)]
     allowed = max(report.num_classes, 2) if segmentation else report.num_classes
+    values = sorted(report.binary_values - {0})
+    if values and values[-1] > 1 and values[-1] < classes.threshold:
+        report.problems.append(
+            f"masks hold values {', '.join(map(str, values[:10]))}, all below "
+            f"data.dataset.mask_threshold={classes.threshold}, so every pixel reads as "
+            f"background: if they are class indices set data.num_classes={values[-1] + 1}, "
+            "else lower data.dataset.mask_threshold"
+        )
     for split, counts in report.counts.items():
         bad = sorted(v for v in counts if (v < 0 or v >= allowed) and v != _ignore(splits))
-        if bad and classes is None:
+        if bad and not report.files:  # files are named one by one as they are scanned
             report.problems.append(
                 f"{split}: {sum(counts[v] for v in bad)} labels outside 0..{allowed - 1} "
                 f"(data.num_classes={report.num_classes}): values {bad[:10]}"
@@ -270,7 +287,12 @@ def _scan_pairs(dataset, split, full, counts, report, skip) -> None:
         problem = _pair_problem(image_path, mask_path, full)
         if not problem and read_values:
             try:
-                labels = dataset.classes.labels(_open_image(mask_path), mask_path)
+                mask = _open_image(mask_path)
+                labels = dataset.classes.labels(mask, mask_path)
+                if dataset.classes.binary and max(report.binary_values, default=0) < \
+                        dataset.classes.threshold:
+                    report.binary_values.update(np.unique(_mask_values(mask, mask_path, False))
+                                                .tolist())
             except BadFile as err:
                 problem = f"its mask {mask_path}: does not decode ({err.reason})"
             except TrainlabError as err:
