@@ -211,6 +211,28 @@ def test_class_index_masks_read_as_binary_are_a_problem(trainlab_in_process, tmp
     trainlab_in_process("data", "check", *seg(root, "data.check=full", "data.num_classes=3"))
 
 
+def test_inferred_classes_of_binary_and_mapped_masks(compose, tmp_path):
+    mask = three_class_mask()
+    binary = write_masks(tmp_path / "b", [(mask > 0).astype(np.uint8) * 255] * 5)
+    (binary / "train_masks" / "car4_mask.png").write_text("unreadable")
+    cfg = compose(*seg(binary, "data.num_classes=null", "data.skip_bad_files=true"))
+    data = prepare_data(cfg, {})
+    assert cfg.data.num_classes == 1 and data.splits.class_names == ["background", "foreground"]
+    assert "classes: 1 (inferred from the data, binary: one logit): background, foreground" \
+        in data.report.text()
+    assert set(all_masks(data).unique().tolist()) == {0, 1}
+    assert [line.split(":")[0] for line in data.report.skipped] == [
+        str(binary / "train" / "car4.jpg")]
+
+    grey = mask * 100
+    grey[0] = 255  # a border to leave out
+    mapped = write_masks(tmp_path / "m", [grey] * 4)
+    cfg = compose(*seg(mapped, "data.num_classes=null", "data.ignore_index=255",
+                       "data.dataset.label_map={0: 0, 100: 1, 200: 2, 255: 255}"))
+    data = prepare_data(cfg, {})
+    assert cfg.data.num_classes == 3 and set(all_masks(data).unique().tolist()) == {0, 1, 2, 255}
+
+
 def test_lossy_binary_masks_keep_their_area(compose, tmp_path):
     """A 0/255 mask saved as JPEG: ringing around the edge must not grow the mask."""
     mask = np.zeros((64, 64), dtype=np.uint8)

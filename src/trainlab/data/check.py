@@ -206,19 +206,26 @@ def _scan_splits(splits, num_classes, task, mode, source, skip, names) -> DataRe
 
 
 def _infer_mask_classes(splits, classes) -> None:
-    """num_classes null on masks: from the palette, the label map or the masks' values."""
+    """num_classes null on masks: from the palette, the label map or the masks' values;
+    values 0 and 1, or 0 and one value at least the threshold (0/255), are binary. A mask
+    that does not read is passed over: the scan after this lists it."""
     if classes.allowed is None:
         values: set[int] = set()
         for dataset in (splits.train, splits.val):
             for _, mask_path in _progress(dataset.pairs, "reading masks for their classes"):
-                if mask_path.is_file():
+                try:
                     labels = classes.labels(_open_image(mask_path), mask_path)
-                    values.update(np.unique(labels).tolist())
+                except BadFile:
+                    continue
+                values.update(np.unique(labels).tolist())
         values.discard(classes.ignore_index)
-        classes.num_classes = max(values, default=0) + 1
+        found = values - {0}
+        binary = found <= {1} or (len(found) == 1 and min(found) >= classes.threshold)
+        classes.num_classes = 1 if binary else max(values) + 1
     else:
         classes.num_classes = classes.allowed
-    splits.class_names[:] = [str(i) for i in range(classes.num_classes)]
+    splits.class_names[:] = ["background", "foreground"] if classes.binary else [
+        str(i) for i in range(classes.num_classes)]
 
 
 def _settle_classes(report: DataReport, splits, classes, segmentation: bool) -> None:
@@ -232,7 +239,8 @@ def _settle_classes(report: DataReport, splits, classes, segmentation: bool) -> 
         found = [v for split in report.counts.values() for v in split]
         inferred = len(splits.class_names) or max(found, default=-1) + 1
     report.num_classes = report.num_classes or inferred
-    report.class_names = report.class_names or [str(i) for i in range(report.num_classes)]
+    report.class_names = report.class_names or list(splits.class_names) or [
+        str(i) for i in range(report.num_classes)]
     allowed = max(report.num_classes, 2) if segmentation else report.num_classes
     values = sorted(report.binary_values - {0})
     if values and values[-1] > 1 and values[-1] < classes.threshold:

@@ -193,9 +193,6 @@ class MaskClasses:
                 "data.num_classes into one; leave binarize null (binary only when "
                 "data.num_classes=1) or map values with data.dataset.label_map"
             )
-        self.binary = self.num_classes == 1 and self.binarize is not False and not (
-            self.label_map or self.palette
-        )
         self.lut = None
         if self.label_map:
             self.lut = np.full(2**16, -1, dtype=np.int64)
@@ -207,6 +204,13 @@ class MaskClasses:
             self.colours = dict(zip(codes, range(len(codes)), strict=True))
 
     @property
+    def binary(self) -> bool:
+        """One logit: values split by the threshold (a data check may infer it)."""
+        return self.num_classes == 1 and self.binarize is not False and not (
+            self.label_map or self.palette
+        )
+
+    @property
     def allowed(self) -> int | None:
         """Classes a mask may hold (binary: 0 and 1); None until inferred."""
         if self.num_classes is not None:
@@ -214,7 +218,8 @@ class MaskClasses:
         if self.palette:
             return len(self.palette)
         if self.label_map:
-            return max(int(v) for v in self.label_map.values()) + 1
+            labels = {int(v) for v in self.label_map.values()} - {self.ignore_index}
+            return max(labels, default=0) + 1
         return None
 
     def labels(self, mask: Image.Image, where: Path) -> np.ndarray:
