@@ -262,6 +262,20 @@ def test_colour_masks_map_through_the_palette(compose, tmp_path):
         prepare_data(compose(*seg(root, "data.num_classes=2", "data.check=full",
                                   "data.dataset.palette=[[0,0,0],[128,0,0]]")), {})
 
+    # VOC's palette PNGs: indices whose colours the file's own palette gives
+    indexed = Image.fromarray(three_class_mask()[::-1].copy(), mode="P")
+    indexed.putpalette([0, 0, 0, 0, 128, 0, 128, 0, 0])  # index 1 green, index 2 red
+    voc = tmp_path / "voc"
+    save(voc / "train" / "car0.jpg", np.zeros((16, 16, 3), np.uint8))
+    save(voc / "train" / "car1.jpg", np.zeros((16, 16, 3), np.uint8))
+    (voc / "train_masks").mkdir()
+    for i in range(2):
+        indexed.save(voc / "train_masks" / f"car{i}_mask.png")
+    data = prepare_data(compose(*seg(voc, "data.num_classes=null", palette)), {})
+    expected = np.array([0, 2, 1])[three_class_mask()[::-1]]  # green is class 2, red 1
+    assert data.report.num_classes == 3
+    assert torch.equal(all_masks(data)[0], torch.from_numpy(expected).long())
+
 
 def test_missing_and_mismatched_masks_are_listed_and_skipped(compose, tmp_path):
     root = write_masks(tmp_path / "m", [np.zeros((16, 16), np.uint8)] * 4)

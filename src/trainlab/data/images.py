@@ -268,16 +268,17 @@ def _colour_code(rgb: np.ndarray) -> np.ndarray | int:
 
 
 def _mask_values(mask: Image.Image, where: Path, colour: bool) -> np.ndarray:
-    """Pixel values as int64: palette indices for "P" masks, 16-bit values as they are,
-    RGB colour codes when a palette maps colours."""
-    if mask.mode in ("RGB", "RGBA"):
-        if not colour:
-            raise TrainlabError(
-                f"data: mask {where} is an RGB colour image; list the class colours in "
-                "data.dataset.palette (e.g. [[0,0,0],[128,0,0]]: colour i is class i), or "
-                "save masks as single-channel class indices"
-            )
+    """Pixel values as int64: palette indices for "P" masks, 16-bit values as they are.
+    When a palette maps colours, the RGB colour codes each mask shows, a "P" mask's
+    through its own palette (its indices need not be the classes)."""
+    if colour:
         return _colour_code(np.asarray(mask.convert("RGB")))
+    if mask.mode in ("RGB", "RGBA"):
+        raise TrainlabError(
+            f"data: mask {where} is an RGB colour image; list the class colours in "
+            "data.dataset.palette (e.g. [[0,0,0],[128,0,0]]: colour i is class i), or "
+            "save masks as single-channel class indices"
+        )
     if mask.mode in ("LA", "PA"):
         mask = mask.getchannel(0)
     elif mask.mode not in ("1", "L", "P", *WIDE_MODES):
@@ -294,7 +295,8 @@ def _by_palette(codes: np.ndarray, colours: dict, where: Path, keep) -> np.ndarr
     if unknown:
         rgb = [(c >> 16, (c >> 8) & 255, c & 255) for c in unknown[:3]]
         raise TrainlabError(
-            f"data: mask {where} has colours {rgb} that data.dataset.palette does not list"
+            f"data: mask {where} has colours {rgb} that data.dataset.palette does not list "
+            "(masks are read as the colours they show, a palette PNG through its palette)"
         )
     return table[inverse].reshape(codes.shape)
 
