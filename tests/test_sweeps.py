@@ -114,9 +114,13 @@ def test_grid_sweep_nests_jobs_and_summarises_failures_and_seeds(run_trainlab, m
     refused = run_trainlab("train", *FAST, f"trainer.resume={short}", check=False)
     assert refused.returncode == 1
     assert "resumes the sweep (`trainlab reproduce` prints it)" in refused.stderr
-    command = run_trainlab("reproduce", short).stdout.splitlines()[-1]
-    assert shlex.split(command.removeprefix("command:")) == shlex.split(
-        parent.data.tags["trainlab.command"])
+    # in a sweep dir of its own
+    command = shlex.split(run_trainlab("reproduce", short).stdout.splitlines()[-1]
+                          .removeprefix("command:"))
+    recorded = shlex.split(parent.data.tags["trainlab.command"])
+    assert command[:3] == recorded[:3] == ["trainlab", "train", "-m"]
+    assert command[3].startswith("hydra.sweep.dir=${paths.outputs}/multiruns/reproduce-")
+    assert command[4:] == recorded[4:] and recorded[3] == "hydra.sweep.dir=grid"
 
     # The same command again: finished jobs are skipped, failed ones rerun, same parent.
     proc = run_trainlab(*grid, check=False)
@@ -356,3 +360,72 @@ def test_ui_answers_before_it_prints_refuses_a_busy_port_and_stops_all_it_starte
     time.sleep(0.5)
     left = [p.pid for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert left == [], "every process the UI started is stopped"
+
+
+ONE_EPOCH = ["model=mlp", "trainer.max_epochs=1", "trainer.progress_bar=false",
+             "logger.log_model=none"]
+
+
+def test_a_sweep_resumes_only_under_its_own_command_and_reproduce_starts_a_new_one(
+        trainlab_in_process, mlflow_client, tmp_path):
+    grid = ["train", "-m", "hydra.sweep.dir=grid", "optimizer.lr=1e-3,1e-2"]
+    trainlab_in_process(*grid, *ONE_EPOCH)
+    parent, children = split_sweep(runs_of(mlflow_client))
+
+    # another grid in the same sweep dir: refused before anything runs, naming the change
+    other = trainlab_in_process(*grid, *ONE_EPOCH, "trainer.max_epochs=2", check=False)
+    assert other.returncode == 1
+    (line,) = other.stderr.splitlines()
+    assert line.startswith(f"error: hydra.sweep.dir=grid holds the sweep 'optimizer.lr, 2 jobs'"
+                           f" (MLflow run {parent.info.run_id[:8]}) of other overrides "
+                           "(before: (none); now: trainer.max_epochs=2)"), line
+    assert "a new hydra.sweep.dir" in line
+    assert len(runs_of(mlflow_client)) == 3
+    assert mlflow_client.get_run(parent.info.run_id).info.status == "FINISHED"
+
+    # reproduce --run of the parent repeats every job in a new sweep, the old one untouched
+    again = trainlab_in_process("reproduce", parent.info.run_id[:8], "--run")
+    assert f"every job runs again, run {parent.info.run_id[:8]} is left as it is" in again.stdout
+    assert "finished in an earlier attempt" not in again.stdout + again.stderr
+    parents = [r for r in runs_of(mlflow_client) if r.data.tags.get("trainlab.role") == "sweep"]
+    assert len(parents) == 2
+    for sweep in parents:
+        jobs = mlflow_client.search_runs(
+            [sweep.info.experiment_id], f"tags.mlflow.parentRunId = '{sweep.info.run_id}'")
+        assert sorted(r.info.status for r in jobs) == ["FINISHED", "FINISHED"]
+    new_dir = Path(parents[1].data.tags["trainlab.sweep_dir"])
+    assert new_dir.parent == tmp_path / "outputs" / "multiruns"
+    assert new_dir.name.startswith("reproduce-")
+
+
+def test_an_optuna_study_resumes_only_under_its_own_command(trainlab_in_process,
+                                                             mlflow_client, tmp_path):
+    import optuna
+
+    search = ["train", "-m", "hydra/sweeper=optuna", "hydra/sweeper/sampler=random",
+              "hydra.sweep.dir=search", "hydra.sweeper.n_trials=1",
+              "optimizer.lr=choice(0.01,0.02)"]
+    trainlab_in_process(*search, *ONE_EPOCH)
+    (parent,) = runs_of(mlflow_client)[:1]
+
+    # the same study with more epochs: the sweep's parent run refuses it ...
+    other = trainlab_in_process(*search, *ONE_EPOCH, "trainer.max_epochs=2", check=False)
+    assert other.returncode == 1
+    assert "(before: (none); now: trainer.max_epochs=2)" in other.stderr
+    assert "a new hydra.sweeper.study_name" in other.stderr
+    # ... and so does the study itself, tracked or not
+    untracked = trainlab_in_process(*search, "model=cnn", *ONE_EPOCH[1:3], "logger=none",
+                                    check=False)
+    assert untracked.returncode == 1
+    (line,) = [x for x in untracked.stderr.splitlines() if "error" in x]
+    assert line.startswith("error: study train was run with other overrides (before: "
+                           "model=mlp logger.log_model=none; now: model=cnn logger=none)"), line
+    study = optuna.load_study(study_name="train", storage=f"sqlite:///{tmp_path}/search/optuna.db")
+    assert len(study.trials) == 1
+
+    # reproduce runs a new study: every trial again
+    trainlab_in_process("reproduce", parent.info.run_id[:8], "--run")
+    (new,) = [r for r in runs_of(mlflow_client) if r.data.tags.get("trainlab.role") == "sweep"
+              and r.info.run_id != parent.info.run_id]
+    assert new.data.tags["trainlab.study"].startswith("train-reproduce-")
+    assert new.data.tags["best.optimizer.lr"] in ("0.01", "0.02")

@@ -16,6 +16,7 @@ import shlex
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,14 @@ from trainlab.provenance import (
     installed_packages,
     parse_requirements,
 )
-from trainlab.store import BEST_RUN_TAG, SWEEP_ROLE_TAG, best_job_hint, existing_store, find_run
+from trainlab.store import (
+    BEST_RUN_TAG,
+    STUDY_TAG,
+    SWEEP_ROLE_TAG,
+    best_job_hint,
+    existing_store,
+    find_run,
+)
 
 MISSING = object()
 RESUME_KEYS = ("trainer.resume", "trainer.resume_as")
@@ -54,6 +62,12 @@ class Plan:
     @property
     def command(self) -> list[str]:
         return ["trainlab", "train", *self.overrides, *self.pinned]
+
+    @property
+    def fresh_keys(self) -> list[str]:
+        """What a sweep's command sets anew so that it starts a new sweep."""
+        return [o.partition("=")[0] for o in self.overrides
+                if o.startswith(("hydra.sweep.dir=", "hydra.sweeper.study_name="))]
 
 
 def override_value(value: Any) -> str:
@@ -111,7 +125,8 @@ def plan_for(run_id: str, workdir: Path) -> Plan:
             raise TrainlabError(f"{best_job_hint(run)}; no job of it finished, so nothing "
                                 "records the code and packages it ran with")
         plan = _plan_from(client.get_run(tags[BEST_RUN_TAG]), workdir, run_id,
-                          shlex.split(tags["trainlab.command"])[2:])
+                          fresh_sweep(shlex.split(tags["trainlab.command"])[2:],
+                                      tags.get(STUDY_TAG)))
         plan.sweep = True
         return plan
     overrides_file = _download(run_id, ".hydra/overrides.yaml", workdir)
@@ -128,6 +143,20 @@ def plan_for(run_id: str, workdir: Path) -> Plan:
         plan.pinned = [pin for pin in pins_for(logged, overrides)
                        if _pinned_key(pin) not in RESUME_KEYS]
     return plan
+
+
+def fresh_sweep(command: list[str], study: str | None) -> list[str]:
+    """A sweep's command that starts a new sweep: a sweep dir (and for Optuna a study) of
+    its own, where the recorded ones would reopen the old sweep and skip every job."""
+    from trainlab.sweeps import override_key
+
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    fresh = [f"hydra.sweep.dir=${{paths.outputs}}/multiruns/reproduce-{stamp}"]
+    if study:
+        fresh.append(f"hydra.sweeper.study_name={study}-reproduce-{stamp}")
+    flag, *overrides = command  # -m
+    return [flag, *fresh, *(o for o in overrides if override_key(o) not in
+                            ("hydra.sweep.dir", "hydra.sweeper.study_name"))]
 
 
 def _plan_from(recorded: Any, workdir: Path, run_id: str, overrides: list[str]) -> Plan:
@@ -193,6 +222,8 @@ def report(plan: Plan, here_commit: str | None, here_dirty: bool) -> str:
     if plan.sweep:
         lines.append("config:   a sweep: each job's values are in its own run "
                      "(`trainlab reproduce JOB_ID` pins them)")
+        lines.append(f"sweep:    a new one (its own {' and '.join(plan.fresh_keys)}): every "
+                     f"job runs again, run {plan.run_id[:8]} is left as it is")
     elif plan.pinned:
         lines.append(f"config:   {len(plan.pinned)} values differ from today's configs, pinned "
                      "in the command: " + " ".join(plan.pinned))

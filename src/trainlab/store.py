@@ -13,6 +13,7 @@ from trainlab.errors import TrainlabError
 FULL_ID = 32  # characters of an MLflow run id
 SWEEP_ROLE_TAG = "trainlab.role"  # "sweep" on a sweep's parent run
 BEST_RUN_TAG = "trainlab.best_run"  # on a sweep's parent: its best job's run id
+STUDY_TAG = "trainlab.study"  # on an Optuna sweep's parent: its study's name
 
 
 def sqlite_file(uri: str) -> Path | None:

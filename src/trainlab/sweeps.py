@@ -24,7 +24,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from trainlab.compare import short_numbers
-from trainlab.store import BEST_RUN_TAG, SWEEP_ROLE_TAG
+from trainlab.store import BEST_RUN_TAG, STUDY_TAG, SWEEP_ROLE_TAG
 from trainlab.tracker import PARENT_RUN_ENV
 
 log = logging.getLogger(__name__)
@@ -153,6 +153,25 @@ def check_every_job(config: DictConfig) -> None:
             "none was run)" for problem, count in affected.items()])
 
 
+def changed_overrides(before: list[str], now: list[str]) -> str:
+    """How a sweep's overrides ``now`` differ from the ones it started with ('' when they
+    are the same): a sweep resumes only under its own command, so that no summary or study
+    ranks jobs of two configs together."""
+    if before == now:
+        return ""
+    gone, new = [o for o in before if o not in now], [o for o in now if o not in before]
+    if not gone and not new:
+        return "the same overrides in another order"
+    return f"before: {' '.join(gone) or '(none)'}; now: {' '.join(new) or '(none)'}"
+
+
+def refuse(err: Exception) -> None:
+    """End the sweeping command with ``err``, one ``error:`` line per problem, before any job."""
+    for line in str(err).splitlines():
+        print(f"error: {line}", file=sys.stderr)
+    raise SystemExit(1) from None
+
+
 class MlflowSweep(Callback):
     """Opens (or reopens) a sweep's parent run, nests the jobs under it, summarises into it.
 
@@ -177,9 +196,7 @@ class MlflowSweep(Callback):
             check_every_job(config)
             self._open_parent(config)
         except TrainlabError as err:
-            for line in str(err).splitlines():
-                print(f"error: {line}", file=sys.stderr)
-            raise SystemExit(1) from None
+            refuse(err)
 
     def _open_parent(self, config: DictConfig) -> None:
         from hydra.utils import instantiate
@@ -196,10 +213,17 @@ class MlflowSweep(Callback):
         self.logger_cfg = OmegaConf.to_container(config.logger, resolve=True)
         optuna = "n_trials" in config.hydra.sweeper
         key = sweep_key(config, sweep_dir, optuna)
-        self.parent_run_id = open_parent(experiment_id, key, tags={
-            "trainlab.sweep_dir": str(sweep_dir), "trainlab.command": sweep_command(config),
-            "trainlab.overrides": " ".join(overrides),
-        }, name=sweep_title(self.swept, sweep_size(overrides, config.hydra.sweeper), optuna))
+        tags = {"trainlab.sweep_dir": str(sweep_dir), "trainlab.command": sweep_command(config),
+                "trainlab.overrides": " ".join(overrides)}
+        if optuna:  # `trainlab reproduce` starts a new study rather than resuming this one
+            tags[STUDY_TAG] = config.hydra.sweeper.study_name
+            held_by = (f"study {config.hydra.sweeper.study_name} in "
+                       f"{config.hydra.sweeper.storage}", "hydra.sweeper.study_name")
+        else:
+            held_by = (f"hydra.sweep.dir={config.hydra.sweep.dir}", "hydra.sweep.dir")
+        self.parent_run_id = open_parent(
+            experiment_id, key, tags, held_by,
+            name=sweep_title(self.swept, sweep_size(overrides, config.hydra.sweeper), optuna))
         _open.append(self)
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -257,7 +281,7 @@ class MlflowSweep(Callback):
         results = sweep_dir / OPTUNA_RESULTS
         if results.is_file():
             best = OmegaConf.load(results)
-            client.set_tag(self.parent_run_id, "trainlab.study", best.study_name)
+            client.set_tag(self.parent_run_id, STUDY_TAG, best.study_name)
             for key, value in best.best_params.items():
                 client.set_tag(self.parent_run_id, f"best.{key}", value)
             client.log_artifact(self.parent_run_id, str(results))
@@ -306,20 +330,32 @@ def sweep_key(config: DictConfig, sweep_dir: Path, optuna: bool) -> str:
     return hashlib.sha1(where.encode()).hexdigest()[:16]
 
 
-def open_parent(experiment_id: str, key: str, tags: dict[str, str], name: str) -> str:
+def open_parent(experiment_id: str, key: str, tags: dict[str, str],
+                held_by: tuple[str, str], name: str) -> str:
     """The parent run with ``key``, reopened, or a new one.
 
+    Reopened only by the command that started it: ``held_by`` names what holds the sweep
+    (its sweep dir or study) and the option that would start another, for the refusal.
     Processes that start one sweep together may each create a parent; all of them then
     agree on the oldest and the others delete theirs.
     """
     from mlflow.tracking import MlflowClient
 
+    from trainlab.errors import TrainlabError
 
     client = MlflowClient()
     query = f"tags.`{SWEEP_KEY_TAG}` = '{key}'"
     found = client.search_runs([experiment_id], query, order_by=["attributes.start_time ASC"])
     if found:
         run_id = found[0].info.run_id
+        changed = changed_overrides(found[0].data.tags.get("trainlab.overrides", "").split(),
+                                    tags["trainlab.overrides"].split())
+        if changed:
+            where, option = held_by
+            raise TrainlabError(
+                f"{where} holds the sweep {found[0].info.run_name!r} (MLflow run "
+                f"{run_id[:8]}) of other overrides ({changed}); rerun its own command to "
+                f"resume it, or give this one a new {option}")
         client.update_run(run_id, status="RUNNING", name=name)
         log.info("MLflow sweep run %s reopened: %s", run_id, tags["trainlab.command"])
         return run_id

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 DIRECTIONS = {"max": "maximize", "min": "minimize", "maximize": "maximize",
               "minimize": "minimize"}
 PRUNED_ATTR = "pruned_at_epoch"
+OVERRIDES_ATTR = "trainlab.overrides"  # a study's command-line overrides: resumed only by them
 _trials: dict[tuple[str, int], Any] = {}  # (study, number) → trial, for in-process jobs
 
 
@@ -129,10 +130,11 @@ class OptunaSweeper(Sweeper):
         space, fixed = search_space(self.params, arguments)
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         study = load_study(self.sampler, self.pruner, self.study_name,
                            rdb_storage(self.storage, self.heartbeat_s), self.direction,
                            create=True)
+        same_command(study, list(arguments))
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         fail_stale_trials(study)
         budget = self.n_trials - counted(study)
         if counted(study):
@@ -252,6 +254,22 @@ def rdb_storage(url: str | None, heartbeat_s: int):
             # database (PostgreSQL's CREATE TYPE is not idempotent): theirs will do
             time.sleep(0.5 * attempt)
     return open_storage()  # the last try reports what it meets
+
+
+def same_command(study, overrides: list[str]) -> None:
+    """A study goes on only under the overrides it started with: trials of another config
+    (``model=cnn`` instead of ``mlp``, more epochs) would be ranked with its own. Refused
+    in one line naming what changed, before any trial is asked."""
+    from trainlab.errors import TrainlabError
+    from trainlab.sweeps import changed_overrides, refuse
+
+    before = study.user_attrs.get(OVERRIDES_ATTR)
+    if before is None:
+        study.set_user_attr(OVERRIDES_ATTR, overrides)
+    elif changed := changed_overrides(before, overrides):
+        refuse(TrainlabError(
+            f"study {study.study_name} was run with other overrides ({changed}); rerun its "
+            "own command to resume it, or give this one a new hydra.sweeper.study_name"))
 
 
 def within_n_trials(study, trials: list, n_trials: int) -> list:
