@@ -160,6 +160,25 @@ def test_csv_images_map_class_names(compose, tmp_path):
         build_data(compose, *args, "data.num_classes=3")
 
 
+def test_csv_images_refuse_labels_unlike_the_others_and_read_a_bom(compose, tmp_path):
+    rng = np.random.default_rng(0)
+    lines = ["file,label"]
+    for i in range(8):
+        write_png(tmp_path / "img" / f"{i}.png", rng.integers(0, 256, (10, 10)))
+        lines.append(f"{i}.png,{i % 3}")
+    table = tmp_path / "labels.csv"
+    args = ["data=csv_images", f"data.dataset.root={tmp_path / 'img'}", f"data.dataset.csv={table}",
+            "data.image_size=[12,12]", "data.dataset.val_fraction=0.5"]
+    table.write_text("\n".join(lines), encoding="utf-8-sig")  # as Excel saves it
+    _, splits = build_data(compose, *args)
+    assert splits.class_names == ["0", "1", "2"]
+    table.write_text("\n".join([*lines[:-2], "6.png,", "7.png,cat"]))
+    with pytest.raises(TrainlabError, match=r"^data: .*labels.csv lines 8 \(''\), 9 \('cat'\): "
+                                            r"each label must be an integer, as the others are; "
+                                            r"fix or remove those lines$"):
+        build_data(compose, *args)
+
+
 def write_carvana(root: Path, n=6, size=(40, 30), mask_size=None, values=(0, 255), ext="gif"):
     """Carvana's layout: train/NAME.jpg and train_masks/NAME_mask.gif, masks 0/255."""
     rng = np.random.default_rng(0)

@@ -150,7 +150,7 @@ def load_pixel_csv(
 
 def _read_pixel_csv(path, image_size, label_column):
     path = _existing(path, "CSV file")
-    with path.open() as handle:
+    with path.open(encoding="utf-8-sig") as handle:
         header = handle.readline().strip().split(",")
     if label_column not in header:
         raise TrainlabError(
@@ -257,7 +257,7 @@ def load_csv_images(
 
     def read(path: str) -> tuple[Path, list[dict], list[str]]:
         table = _existing(path, "CSV file")
-        with table.open(newline="") as handle:
+        with table.open(newline="", encoding="utf-8-sig") as handle:  # Excel writes a BOM
             rows = list(csv_module.DictReader(handle))
         if not rows or file_column not in rows[0] or label_column not in rows[0]:
             found = list(rows[0]) if rows else "no rows"
@@ -268,7 +268,8 @@ def load_csv_images(
 
     folder = _existing(root, "image folder")
     table, rows, raw = read(csv)
-    if all(value.lstrip("-").isdigit() for value in raw):
+    integers = _check_csv_labels(table, raw)
+    if integers:
         labels = [int(value) for value in raw]
         names = [str(i) for i in range(num_classes or max(labels) + 1)]
     else:
@@ -298,6 +299,23 @@ def load_csv_images(
         ImageFiles(val, image_size, channels, cache, cache_dir),
         names, test,
     )
+
+
+def _check_csv_labels(table: Path, raw: list[str]) -> bool:
+    """Whether the labels are integers (most of them are), else class names; a blank
+    label, or a name among integers, would become a class of its own: refused, naming
+    every such line."""
+    integer = [value.lstrip("-").isdigit() for value in raw]
+    integers = sum(integer) * 2 > len(raw)
+    bad = [(line, value) for line, (value, ok) in enumerate(zip(raw, integer, strict=True), 2)
+           if (not ok if integers else not value)]
+    if bad:
+        listed = ", ".join(f"{line} ({value!r})" for line, value in bad[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        kind = "an integer, as the others are" if integers else "a class name"
+        raise TrainlabError(f"data: {table} lines {listed}{more}: each label must be {kind}; "
+                            "fix or remove those lines")
+    return integers
 
 
 # ------------------------------------------------------------------ segmentation
