@@ -298,6 +298,16 @@ def test_missing_and_mismatched_masks_are_listed_and_skipped(compose, tmp_path):
         assert len([line for line in message.splitlines() if mask in line]) == 1
 
 
+def test_segmentation_images_are_the_image_files_of_the_folder(compose, tmp_path):
+    root = write_masks(tmp_path / "n", [three_class_mask()] * 2)
+    (root / "train" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (root / "train" / "README.txt").write_text("cars, photographed in 2017")
+    data = prepare_data(compose(*seg(root, "data.num_classes=3")), {})
+    assert "no problems found" in data.report.text()
+    assert sorted(image.name for image, _ in data.splits.train.pairs + data.splits.val.pairs) \
+        == ["car0.jpg", "car1.jpg"]
+
+
 def test_sixteen_bit_images_and_exif_orientation(compose, tmp_path):
     """A 16-bit grey ramp is scaled by 65535, not clipped at 255; a photo stored sideways
     with an EXIF orientation tag is turned upright, and so is its size check."""

@@ -25,7 +25,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 SOURCE_TAG = "trainlab.source_run_id"
 
 
@@ -301,7 +300,7 @@ def predict(options: dict[str, str], overrides: list[str]) -> Path:
     from tqdm.auto import tqdm
 
     from trainlab.data.check import counted
-    from trainlab.data.images import BadFile, ImageFiles
+    from trainlab.data.images import IMAGE_SUFFIXES, BadFile, ImageFiles
 
     if "tracking_uri" in options:
         mlflow.set_tracking_uri(options["tracking_uri"])

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from trainlab.data.images import ImageFiles, MaskClasses, SegmentationFiles
+from trainlab.data.images import IMAGE_SUFFIXES, ImageFiles, MaskClasses, SegmentationFiles
 from trainlab.errors import TrainlabError
 
 log = logging.getLogger(__name__)
@@ -351,10 +351,12 @@ def load_segmentation_folder(
     pairs = [
         (image, mask_folder / mask_name.format(stem=image.stem, name=image.name,
                                                suffix=image.suffix))
-        for image in sorted(p for p in image_folder.iterdir() if p.is_file())
+        for image in sorted(p for p in image_folder.iterdir()
+                            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     ]
     if not pairs:
-        raise TrainlabError(f"data: no images in {image_folder}")
+        raise TrainlabError(f"data: no images in {image_folder} "
+                            f"({', '.join(sorted(IMAGE_SUFFIXES))})")
     classes = MaskClasses(
         None if num_classes is None else int(num_classes), binarize, int(mask_threshold),
         label_map, palette, ignore_index,

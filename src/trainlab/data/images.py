@@ -21,6 +21,9 @@ from trainlab.data.cache import build_cache
 from trainlab.errors import TrainlabError
 
 SKIP_HINT = "fix or remove it, or set data.skip_bad_files=true to skip such files"
+# Files read as images where a folder is listed (segmentation images, predict's input), as
+# torchvision's ImageFolder does for image_folder: notes and .DS_Store are no images.
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535}
 # What PIL raises on a file it cannot read; a decompression bomb (more pixels than PIL's
 # limit) is a bad file like any other, not a crash.
