@@ -357,6 +357,10 @@ def test_augmentation_fills_masks_outside_the_image_with_ignore_index():
      "segmentation", r"^augment: RandAugment changes images only .* segmentation data"),
     ({"_target_": "imgaug.augmenters.pillike.Affine", "rotate": [-5, 5]}, "segmentation",
      r"^augment: pillike.Affine .* use imgaug.augmenters.Affine"),
+    ({"_target_": "imgaug.augmenters.Sometimes", "p": 0.02, "then_list": [  # rarely: mid-run
+        {"_target_": "imgaug.augmenters.Affine", "rotate": [-30, 30], "fit_output": True}]},
+     "classification", r"^augment: Affine changes the image size.*; set fit_output: false, or "
+                       r"wrap it in imgaug.augmenters.KeepSizeByResize$"),
     ({"_target_": "imgaug.augmenters.Resize", "size": 0.5}, "segmentation",
      r"^augment: Resize changes the image size.*; wrap it in imgaug.augmenters.KeepSizeByResize"),
 ])

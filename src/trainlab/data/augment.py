@@ -75,10 +75,12 @@ def check_pipeline(augmenter: Any, task: str, inside_keep_size: bool = False) ->
     keeps = isinstance(augmenter, iaa.KeepSizeByResize)
     if not (inside_keep_size or keeps):
         sizing = type(augmenter).__module__.rsplit(".", 1)[-1] in ("size", "pooling")
-        if getattr(augmenter, "keep_size", None) is False or (
-            sizing and not hasattr(augmenter, "keep_size")
-        ):
-            fix = "set keep_size: true, or " if hasattr(augmenter, "keep_size") else ""
+        keep_size = getattr(augmenter, "keep_size", None)
+        # fit_output grows the image to hold all of it, unless keep_size resizes it back
+        fits = getattr(augmenter, "fit_output", False) and keep_size is not True
+        if keep_size is False or fits or (sizing and keep_size is None):
+            fix = ("set fit_output: false, or " if fits and keep_size is None
+                   else "set keep_size: true, or " if keep_size is False else "")
             raise TrainlabError(
                 f"augment: {name} changes the image size, but every image of a batch (and "
                 f"its mask) keeps data.image_size; {fix}wrap it in "
