@@ -74,6 +74,7 @@ def test_the_average_of_a_gradually_unfrozen_net_is_what_validates_and_ships(
     assert any(not torch.equal(logged[key], value) for key, value in best["raw_model"].items()
                if value.is_floating_point())  # the average, not the weights that trained
     assert not any("Frozen" in type(layer).__name__ for layer in model.modules())
+    assert all(p.requires_grad for p in model.parameters())  # fine-tunable further
 
     images, labels = load_digits(seed=42).val.tensors
     with torch.no_grad():

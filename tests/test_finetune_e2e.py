@@ -48,6 +48,51 @@ def test_finetune_digits_trains_only_the_new_head(compose, tracking_uri, tmp_pat
     assert run.data.metrics["val/acc"] > 0.6  # even/odd learnt by the head alone
 
 
+UNFROZEN_GROUPS = {
+    "head lr and no decay on biases": (
+        ["model=cnn", "optimizer=adamw", "optimizer.lr=1e-4", "optimizer.head_lr=1e-2",
+         "optimizer.head=[classifier.*]", "optimizer.weight_decay=0.05",
+         "optimizer.no_decay_norm_bias=true"],
+        {"unfrozen": (1e-4, 0.05), "unfrozen_backbone_no_decay": (1e-4, 0.0)}),
+    "layer-wise decay": (
+        ["model=timm", "model.name=test_resnet", "optimizer.lr=1e-3",
+         "optimizer.layer_decay=0.5"], None),
+}
+
+
+@pytest.mark.parametrize("case", UNFROZEN_GROUPS)
+def test_unfrozen_layers_train_with_the_lr_and_decay_their_config_gives_them(
+        trainlab_in_process, mlflow_client, tmp_path, case):
+    """The layers a run unfreezes join the optimizer as if they had trained from the start:
+    the backbone's lr (not the head's), no weight decay where the config says none, the
+    layer-wise lrs of their depth."""
+    from trainlab.app import compose
+    from trainlab.checkpoint import load_checkpoint
+    from trainlab.models.finetune import build_model
+    from trainlab.optim import build_optimizer
+
+    overrides, expected = UNFROZEN_GROUPS[case]
+    trainlab_in_process("train", *overrides, "model.freeze=backbone",
+                        "model.unfreeze_at_epoch=1", "trainer.max_epochs=2",
+                        "debug.train_batches=3", "debug.val_batches=1", *FAST)
+    (run,) = runs_of(mlflow_client)
+    last = load_checkpoint(Path(run.data.tags["trainlab.checkpoints"]) / "last.pt")
+    joined = {g["name"]: (g["lr"], g["weight_decay"])
+              for g in last["optimizer"]["param_groups"] if g["name"].startswith("unfrozen")}
+    if expected is None:  # as the optimizer groups the whole net from the start
+        cfg = compose("train", overrides)
+        whole = build_optimizer(cfg.optimizer, build_model(cfg.model, None)[0])
+        expected = {g["name"]: (g["lr"], g["weight_decay"]) for g in whole.param_groups}
+        expected = {f"unfrozen_{name}": lrs for name, lrs in expected.items()
+                    if name != max(expected)}  # the last layer, the head, trained from the start
+    assert sorted(joined) == sorted(expected)
+    for name, (lr, weight_decay) in expected.items():
+        assert joined[name] == (pytest.approx(lr), weight_decay), name
+    history = mlflow_client.get_metric_history(run.info.run_id, f"lr/{min(expected)}")
+    assert history and all(m.value == pytest.approx(expected[min(expected)][0])
+                           for m in history)  # the lr it trained at, logged as such
+
+
 def test_eval_and_predict_a_run_from_mlflow(compose, tracking_uri, tmp_path, mlflow_client,
                                             run_trainlab, monkeypatch):
     import mlflow

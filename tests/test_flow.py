@@ -36,6 +36,9 @@ BAD_VALUES = [
     ("model.freeze=true", "model.freeze=True: must be none, backbone, or a list of name "
                           "patterns like [conv1.*, layer1.*]"),
     ("model.unfreeze_at_epoch=0", "model.unfreeze_at_epoch=0: must be an integer >= 1"),
+    ("model.freeze=backbone model.unfreeze_at_epoch=3 trainer.max_epochs=3",
+     "model.unfreeze_at_epoch=3: the layers would unfreeze after the last epoch "
+     "(trainer.max_epochs=3); choose an epoch from 1 to 2"),
     ("model.image_size=[4,4]", "model=mlp cannot take a batch of data=digits (in_channels=1, "
                                "image_size=[8, 8], num_classes=10), shaped 4×1×8×8:"),
     ("model.num_classes=5", "model=mlp gives 5 outputs per sample but data.num_classes=10"),

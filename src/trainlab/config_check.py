@@ -323,10 +323,25 @@ def unset_problems(cfg: DictConfig, reported: Sequence[str]) -> list[str]:
     ]
 
 
+def relation_problems(cfg: DictConfig, reported: Sequence[str]) -> list[str]:
+    """Values each fine alone that do not fit together, once neither was reported."""
+    unfreeze = OmegaConf.select(cfg, "model.unfreeze_at_epoch")
+    epochs = OmegaConf.select(cfg, "trainer.max_epochs")
+    if any(line.startswith(("model.unfreeze_at_epoch=", "trainer.max_epochs="))
+           for line in reported) or unfreeze is None or not isinstance(epochs, int):
+        return []
+    if unfreeze < epochs:
+        return []
+    allowed = f"an epoch from 1 to {epochs - 1}" if epochs > 1 else "null (one epoch trains frozen)"
+    return [f"model.unfreeze_at_epoch={unfreeze}: the layers would unfreeze after the last epoch "
+            f"(trainer.max_epochs={epochs}); choose {allowed}"]
+
+
 def check_config(cfg: DictConfig, choices: dict) -> None:
     """Raise a :class:`ConfigError` listing every problem of ``cfg``; return when none."""
     problems = schema_problems(cfg)
     problems += unset_problems(cfg, problems)
+    problems += relation_problems(cfg, problems)
     typed = not any(p.startswith(("trainer.", "precision.")) for p in problems)
     if typed and (stated := stated_hardware_problems(cfg)):
         # answered before the component imports (torch, mlflow: seconds); the keys of the

@@ -12,6 +12,7 @@ Frozen parameters (``requires_grad=False``) are never handed to the optimizer.
 from __future__ import annotations
 
 from fnmatch import fnmatch
+from functools import partial
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -70,29 +71,33 @@ def param_groups(
     return list(groups.values())
 
 
+# The optimizer's attribute holding its grouping rule (model → groups), so parameters that
+# become trainable mid-run (gradual unfreezing) join the group their config gives them.
+GROUPING = "trainlab_grouping"
+
+
 def build_optimizer(
     node: DictConfig, model: nn.Module, choice: str | None = None
 ) -> torch.optim.Optimizer:
     """The optimizer of config ``node`` over ``model``'s trainable parameters, in groups."""
     options = OmegaConf.to_container(node, resolve=True)
     ours = {key: options.pop(key) for key in OUR_KEYS if key in options}
-    if ours.get("layer_decay") is not None:
-        groups = layer_decay_groups(
-            model, float(ours["layer_decay"]), lr=options.get("lr", 1e-3),
-            weight_decay=options.get("weight_decay", 0.0),
-            no_decay_norm_bias=bool(ours.get("no_decay_norm_bias", False)),
-            head_lr=ours.get("head_lr"),
-        )
-        return build(OmegaConf.create(options), "optimizer", choice)(groups)
-    groups = param_groups(
-        model,
-        lr=options.get("lr", 1e-3),
-        weight_decay=options.get("weight_decay", 0.0),
-        head_lr=ours.get("head_lr"),
-        head=ours.get("head") or (),
-        no_decay_norm_bias=bool(ours.get("no_decay_norm_bias", False)),
-    )
-    return build(OmegaConf.create(options), "optimizer", choice)(groups)
+    grouping = partial(_groups, lr=options.get("lr", 1e-3),
+                       weight_decay=options.get("weight_decay", 0.0), **ours)
+    optimizer = build(OmegaConf.create(options), "optimizer", choice)(grouping(model))
+    setattr(optimizer, GROUPING, grouping)
+    return optimizer
+
+
+def _groups(model: nn.Module, lr: float, weight_decay: float, head_lr: float | None = None,
+            head: list[str] | None = None, no_decay_norm_bias: bool = False,
+            layer_decay: float | None = None) -> list[dict]:
+    """``model``'s trainable parameters in the groups the optimizer config asks for."""
+    if layer_decay is not None:
+        return layer_decay_groups(model, float(layer_decay), lr=lr, weight_decay=weight_decay,
+                                  no_decay_norm_bias=bool(no_decay_norm_bias), head_lr=head_lr)
+    return param_groups(model, lr=lr, weight_decay=weight_decay, head_lr=head_lr,
+                        head=head or (), no_decay_norm_bias=bool(no_decay_norm_bias))
 
 
 def layer_decay_groups(

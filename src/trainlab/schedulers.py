@@ -107,18 +107,26 @@ def _peaks_per_group(options: dict, optimizer: torch.optim.Optimizer) -> None:
 _NOT_PER_GROUP = {"_schedulers", "_milestones", "milestones", "_schedule_phases"}
 
 
+# lrs a param group and a scheduler keep per group, which scale with the group's own lr (a
+# floor such as ReduceLROnPlateau's min_lrs is the same for every group)
+_GROUP_LRS = ("lr", "initial_lr", "max_lr", "min_lr")
+_SCHEDULER_LRS = {"base_lrs", "_last_lr", "max_lrs"}
+
 JOINED_MID_RUN = "joined_mid_run"  # marks a param group added after the optimizer was built
 
 
 def add_param_group(
-    optimizer: torch.optim.Optimizer, scheduler: object | None, group: dict, like: int = 0
+    optimizer: torch.optim.Optimizer, scheduler: object | None, group: dict, like: int = 0,
+    lr_scale: float = 1.0,
 ) -> None:
     """Add ``group`` to the optimizer as a copy of group ``like``'s schedule: its current
     lr and the scheduler's per-group state (``initial_lr``, OneCycleLR's ``max_lr``, the
-    ``base_lrs``, ``lr_lambdas``, … lists), so the new group follows the same curve."""
+    ``base_lrs``, ``lr_lambdas``, … lists), so the new group follows the same curve, its
+    lrs ``lr_scale`` times ``like``'s (a group configured with another lr)."""
     reference = optimizer.param_groups[like]
     n_groups = len(optimizer.param_groups)
     new = {key: copy.deepcopy(value) for key, value in reference.items() if key != "params"}
+    new.update({key: new[key] * lr_scale for key in _GROUP_LRS if key in new})
     optimizer.add_param_group({**new, **group, JOINED_MID_RUN: True})
     pending = [scheduler] if scheduler is not None else []
     while pending:
@@ -126,7 +134,8 @@ def add_param_group(
         pending += getattr(current, "_schedulers", [])
         for name, value in vars(current).items():
             if name not in _NOT_PER_GROUP and isinstance(value, list) and len(value) == n_groups:
-                value.append(copy.copy(value[like]))
+                entry = copy.copy(value[like])
+                value.append(entry * lr_scale if name in _SCHEDULER_LRS else entry)
 
 
 def warmup_cosine(

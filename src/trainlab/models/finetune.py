@@ -299,8 +299,10 @@ def freeze_layers(
 class GradualUnfreeze:
     """Runner callback: after ``at_epoch`` epochs every layer trains.
 
-    Newly trainable parameters join the optimizer as a group named ``unfrozen`` that
-    follows the first group's schedule (its lr and the scheduler's state for it).
+    Newly trainable parameters join the optimizer in the groups its config gives them
+    (backbone lr, no decay on norms and biases, layer-wise decay), named ``unfrozen`` (or
+    ``unfrozen_<group>``), and follow the schedule the first group has been on so far,
+    scaled to their own configured lr.
     """
 
     def __init__(self, model: nn.Module, at_epoch: int) -> None:
@@ -324,15 +326,42 @@ class GradualUnfreeze:
 
         device = next(self.model.parameters()).device
         unfreeze_batch_norm_2d(self.model).to(device)
-        if getattr(runner, "ema", None) is not None:  # the average keeps the same layers
-            unfreeze_batch_norm_2d(runner.ema.module).to(device)
         optimizer = runner.optimizer
         known = {id(p) for group in optimizer.param_groups for p in group["params"]}
         new = [p for p in self.model.parameters() if id(p) not in known]
-        if not new:
-            return
         for param in new:
             param.requires_grad_(True)
+        ema = getattr(runner, "ema", None)
+        if ema is not None:  # the average keeps the same layers, as trainable as the model's
+            unfreeze_batch_norm_2d(ema.module).to(device)
+            pairs = zip(ema.module.parameters(), self.model.parameters(), strict=True)
+            for averaged, param in pairs:
+                averaged.requires_grad_(param.requires_grad)
+        if not new:
+            return
         scheduler = getattr(getattr(runner, "scheduler", None), "scheduler", None)
-        add_param_group(optimizer, scheduler, {"params": new, "name": "unfrozen"})
+        for group, lr_scale in _joining_groups(optimizer, self.model, new):
+            add_param_group(optimizer, scheduler, group, lr_scale=lr_scale)
         log.info("epoch %d: unfroze %d parameter tensors", after_epoch, len(new))
+
+
+def _joining_groups(optimizer, model: nn.Module, new: list) -> list[tuple[dict, float]]:
+    """The groups ``new`` parameters join, each with its lr relative to the first group's:
+    as the optimizer's grouping rule places them among every trainable parameter."""
+    from trainlab.optim import GROUPING
+
+    grouping = getattr(optimizer, GROUPING, None)
+    placed = grouping(model) if grouping is not None else []
+    reference = optimizer.param_groups[0]["params"][0]
+    base_lr = next((g["lr"] for g in placed if any(p is reference for p in g["params"])), None)
+    if base_lr is None:  # an optimizer built elsewhere: one group on the first one's lr
+        return [({"params": new, "name": "unfrozen"}, 1.0)]
+    joining = {id(p) for p in new}
+    groups = []
+    for target in placed:
+        params = [p for p in target["params"] if id(p) in joining]
+        if params:
+            name = "unfrozen" if target["name"] == "backbone" else f"unfrozen_{target['name']}"
+            groups.append(({"params": params, "name": name,
+                            "weight_decay": target["weight_decay"]}, target["lr"] / base_lr))
+    return groups
