@@ -429,3 +429,39 @@ def test_an_optuna_study_resumes_only_under_its_own_command(trainlab_in_process,
               and r.info.run_id != parent.info.run_id]
     assert new.data.tags["trainlab.study"].startswith("train-reproduce-")
     assert new.data.tags["best.optimizer.lr"] in ("0.01", "0.02")
+
+
+def test_a_grid_with_a_misspelt_option_or_an_unfitting_loss_is_refused_before_any_job(
+        trainlab_in_process, mlflow_client, tmp_path):
+    refused = trainlab_in_process("train", "-m", "model=mlp,nosuch", "loss=ce,dice",
+                                  *ONE_EPOCH[1:], check=False)
+    assert refused.returncode == 1
+    assert sorted(refused.stderr.splitlines()) == [
+        "error: model=nosuch: no such option; choose one of cnn, mlp, timm, torchvision, "
+        "unet (2 of 4 jobs; none was run)",
+        "error: loss=dice does not fit data.task=classification with 10 classes "
+        "(classification); losses that fit: ce, nll, focal, bce_logits, bce, l1, mse, "
+        "smooth_l1, huber, kl_div (1 of 4 jobs; none was run)"][::-1]
+    assert not (tmp_path / "outputs").exists()
+    assert mlflow_client.search_runs([e.experiment_id for e in
+                                      mlflow_client.search_experiments()]) == []
+
+
+def test_a_job_failing_before_its_run_opens_is_counted_and_listed(trainlab_in_process,
+                                                                  mlflow_client):
+    # classes inferred from the data: the loss misfit shows only when the job builds it
+    sweep = trainlab_in_process("train", "-m", "hydra.sweep.dir=grid", "loss=ce,dice",
+                                "data.num_classes=null", *ONE_EPOCH, check=False)
+    assert sweep.returncode == 1
+    misfit = "loss=dice does not fit data.task=classification with 10 classes"
+    assert sweep.stderr.count(misfit) == 1, sweep.stderr
+    assert "Sweep summary (2 jobs" in sweep.stdout
+    assert "overrides of every job: data.num_classes=null model=mlp" in sweep.stdout
+    assert "loss=dice: FAILED loss=dice does not fit" in sweep.stdout
+    parent, children = split_sweep(runs_of(mlflow_client))
+    failed = [r for r in children if r.info.status == "FAILED"]
+    assert [r.info.run_name for r in failed] == ["loss=dice"]
+    assert failed[0].data.tags["trainlab.error"].startswith(misfit)
+    summary = mlflow_client.download_artifacts(parent.info.run_id, "summary.csv",
+                                               parent.data.tags["trainlab.sweep_dir"])
+    assert [row["status"] for row in csv.DictReader(open(summary))] == ["FINISHED", "FAILED"]

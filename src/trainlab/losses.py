@@ -245,12 +245,33 @@ CONTRACTS: dict[type, Contract] = {
 }
 
 
+def declared_contract(loss_type: type) -> Contract | None:
+    """The contract of ``loss_type`` or a class it derives from (None: the user's own)."""
+    return next((CONTRACTS[cls] for cls in loss_type.__mro__ if cls in CONTRACTS), None)
+
+
 def contract_of(loss: Any) -> Contract:
     """The declared contract of ``loss``; a loss of the user's takes logits and labels."""
-    for cls in type(loss).__mro__:
-        if cls in CONTRACTS:
-            return CONTRACTS[cls]
-    return Contract(getattr(loss, "__name__", type(loss).__name__))
+    return declared_contract(type(loss)) or Contract(
+        getattr(loss, "__name__", type(loss).__name__))
+
+
+def misfit(loss_type: type, name: str, task: str, num_classes: int) -> str | None:
+    """Why a loss of ``loss_type`` cannot train on ``task`` (None: it can, as far as its
+    declared contract says). Needs the config alone: a sweep checks every job with it."""
+    kind = task_kind(task, num_classes)
+    contract = declared_contract(loss_type)
+    if contract is None or kind in contract.kinds:
+        return None
+    return f"loss={name} does not fit {_described(task, num_classes)} ({kind}); {_fits(kind)}"
+
+
+def _described(task: str, num_classes: int) -> str:
+    return f"data.task={task} with {num_classes} class{'es' * (num_classes > 1)}"
+
+
+def _fits(kind: str) -> str:
+    return f"losses that fit: {', '.join(fitting(kind))}"
 
 
 def fitting(kind: str) -> list[str]:
@@ -315,10 +336,10 @@ def build_loss(node: DictConfig, choice: str | None, data: DictConfig) -> Any:
     kind = task_kind(data.task, num_classes)
     name = choice or str(node.get("_target_"))
     contract = contract_of(loss)
-    described = f"data.task={data.task} with {num_classes} class{'es' * (num_classes > 1)}"
-    fits = f"losses that fit: {', '.join(fitting(kind))}"
-    if kind not in contract.kinds:
-        raise TrainlabError(f"loss={name} does not fit {described} ({kind}); {fits}")
+    described, fits = _described(data.task, num_classes), _fits(kind)
+    problem = misfit(type(loss), name, data.task, num_classes)
+    if problem:
+        raise TrainlabError(problem)
     if contract.targets == "dense" and data.get("ignore_index") is not None:
         labelled = [c.name for c in CONTRACTS.values()
                     if kind in c.kinds and c.targets == "indices"]

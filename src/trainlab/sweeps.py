@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hydra.errors import CompactHydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -123,8 +124,9 @@ def check_every_job(config: DictConfig) -> None:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import MissingConfigException
 
-    from trainlab.config_check import ConfigError, check_config, resume_as_typed
+    from trainlab.config_check import ConfigError
 
     loader = GlobalHydra.instance().config_loader()
     params = [f"{key}={value}" for key, value in (config.hydra.sweeper.get("params") or {}).items()]
@@ -137,16 +139,14 @@ def check_every_job(config: DictConfig) -> None:
         jobs = [[o.input_line for o in parsed if not o.is_sweep_override()]]
     affected: dict[str, int] = {}  # each problem, in the order found: how many jobs have it
     for job in jobs:
-        job_cfg = loader.load_sweep_config(config, list(job))
-        choices = OmegaConf.to_container(job_cfg.hydra.runtime.choices)
-        with open_dict(job_cfg):  # what the job itself gets: its config without Hydra's
-            del job_cfg["hydra"]
-        resume_as_typed(job_cfg, list(job))
         try:
-            check_config(job_cfg, choices)
-        except ConfigError as err:
-            for problem in err.problems:
-                affected[problem] = affected.get(problem, 0) + 1
+            job_cfg = loader.load_sweep_config(config, list(job))
+        except MissingConfigException as err:
+            problems = [missing_option(err)]
+        else:
+            problems = job_problems(job_cfg, list(job))
+        for problem in problems:
+            affected[problem] = affected.get(problem, 0) + 1
     if affected:
         raise ConfigError([
             f"{problem} ({f'{count} of {len(jobs)} jobs' if grid else 'every trial'}; "
@@ -172,6 +172,46 @@ def refuse(err: Exception) -> None:
     raise SystemExit(1) from None
 
 
+def job_problems(job_cfg: DictConfig, overrides: list[str]) -> list[str]:
+    """What a single run of this job's config would refuse before training: the config
+    check, then whether the loss fits the task (known from the config when it names
+    ``data.num_classes``; else the data check infers it in the job)."""
+    from hydra.utils import get_class
+
+    from trainlab.config_check import ConfigError, check_config, resume_as_typed
+    from trainlab.errors import TrainlabError
+    from trainlab.losses import misfit
+
+    choices = OmegaConf.to_container(job_cfg.hydra.runtime.choices)
+    with open_dict(job_cfg):  # what the job itself gets: its config without Hydra's
+        del job_cfg["hydra"]
+    resume_as_typed(job_cfg, overrides)
+    try:
+        check_config(job_cfg, choices)
+    except ConfigError as err:
+        return list(err.problems)
+    if job_cfg.data.get("num_classes") is None:
+        return []
+    try:
+        loss_type = get_class(job_cfg.loss._target_)
+    except (ImportError, ValueError):  # a function building the loss: its job checks it
+        return []
+    try:
+        problem = misfit(loss_type, choices.get("loss") or job_cfg.loss._target_,
+                         job_cfg.data.task, int(job_cfg.data.num_classes))
+    except TrainlabError as err:
+        problem = str(err)
+    return [problem] if problem else []
+
+
+def missing_option(err) -> str:
+    """Hydra's MissingConfigException (a misspelt ``model=nosuch``) as one line."""
+    group, _, option = err.missing_cfg_file.rpartition("/")
+    if not group:
+        return str(err).splitlines()[0]
+    return f"{group}={option}: no such option; choose one of {', '.join(err.options or [])}"
+
+
 class MlflowSweep(Callback):
     """Opens (or reopens) a sweep's parent run, nests the jobs under it, summarises into it.
 
@@ -186,6 +226,7 @@ class MlflowSweep(Callback):
         self.monitor = ("val/acc", "max")
         self.register_model: str | None = None  # its best job's version becomes the champion
         self.logger_cfg: dict[str, Any] = {}  # how the jobs log: log_model=best is logged here
+        self.job_started_ms = 0  # in a job's process: when it started (its run opens after)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         """Check every job, then open the parent run; a refusal is one line per problem and
@@ -232,6 +273,35 @@ class MlflowSweep(Callback):
         os.environ[PARENT_RUN_ENV] = self.parent_run_id
         _swept.clear()
         _swept.update(self.swept)
+        self.job_started_ms = int(time.time() * 1000)
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        """A job that failed before its MLflow run opened (a data file it cannot read, an
+        error in its own code) becomes a FAILED child run holding its error line, so the
+        summary counts and lists it like any failed job."""
+        from hydra.core.utils import JobStatus
+        from mlflow.tracking import MlflowClient
+
+        if self.parent_run_id is None or job_return.status != JobStatus.FAILED:
+            return
+        client = MlflowClient()
+        output_dir = str(Path(config.hydra.runtime.output_dir).resolve())
+        experiment = client.get_run(self.parent_run_id).info.experiment_id
+        opened = client.search_runs([experiment], " and ".join([
+            f"tags.mlflow.parentRunId = '{self.parent_run_id}'",
+            f"tags.`trainlab.output_dir` = '{output_dir}'",
+            f"attributes.start_time >= {self.job_started_ms}"]))
+        if opened:
+            return
+        err = job_return._return_value  # Hydra's getter would raise it
+        line = str(err).removeprefix("error: ") if isinstance(err, CompactHydraException) \
+            else f"{type(err).__name__}: {err}"
+        overrides = list(config.hydra.overrides.task)
+        run = client.create_run(experiment, run_name=run_name(overrides), tags={
+            "mlflow.parentRunId": self.parent_run_id, "trainlab.error": line[:5000],
+            "trainlab.overrides": " ".join(overrides) or "(none)",
+            "trainlab.output_dir": output_dir})
+        client.set_terminated(run.info.run_id, "FAILED")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.parent_run_id is not None:  # None: logger=none, nothing to summarise

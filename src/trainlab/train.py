@@ -291,9 +291,9 @@ def main(cfg: DictConfig) -> float:
     try:
         return run(cfg)
     except TrainlabError as err:
-        for line in str(err).splitlines():
-            print(f"error: {line}", file=sys.stderr)
         if HydraConfig.get().mode == RunMode.RUN:
+            for line in str(err).splitlines():
+                print(f"error: {line}", file=sys.stderr)
             remove_refused_output_dir(HydraConfig.get())
             raise SystemExit(1) from None
         raise JobFailed(f"error: {err}") from None  # in a sweep: the others go on
