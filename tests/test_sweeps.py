@@ -465,3 +465,24 @@ def test_a_job_failing_before_its_run_opens_is_counted_and_listed(trainlab_in_pr
     summary = mlflow_client.download_artifacts(parent.info.run_id, "summary.csv",
                                                parent.data.tags["trainlab.sweep_dir"])
     assert [row["status"] for row in csv.DictReader(open(summary))] == ["FINISHED", "FAILED"]
+
+
+def test_runs_plot_draws_each_jobs_latest_attempt(mlflow_client, tmp_path):
+    from trainlab.compare import plot_curves, select_runs
+
+    experiment = mlflow_client.create_experiment("cmp")
+    parent = mlflow_client.create_run(experiment, run_name="sweep",
+                                      tags={"trainlab.role": "sweep"}).info.run_id
+    # seed 1 was killed after its first epoch and rerun to its end
+    for seed, values, status in ((1, [0.1], "KILLED"), (1, [0.5, 0.6, 0.7], "FINISHED"),
+                                 (2, [0.4, 0.5, 0.6], "FINISHED")):
+        run = mlflow_client.create_run(experiment, run_name=f"lr=0.1,seed={seed}", tags={
+            "mlflow.parentRunId": parent, "trainlab.overrides": f"lr=0.1 seed={seed}"})
+        for epoch, value in enumerate(values):
+            mlflow_client.log_metric(run.info.run_id, "val/acc", value, step=epoch + 1)
+            mlflow_client.log_metric(run.info.run_id, "epoch", epoch, step=epoch + 1)
+        mlflow_client.set_terminated(run.info.run_id, status)
+    runs = select_runs(mlflow_client, experiment, parent[:8])
+    assert len(runs) == 3
+    assert plot_curves(mlflow_client, runs, "val/acc", str(tmp_path / "curves.png")) == [
+        "lr=0.1 (mean of 2 seeds)"]

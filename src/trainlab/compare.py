@@ -18,6 +18,7 @@ import statistics
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from trainlab.errors import TrainlabError
 from trainlab.store import SWEEP_ROLE_TAG, existing_store, find_run
@@ -219,6 +220,18 @@ def format_csv(rows: Sequence[Row], metric: str) -> str:
     return out.getvalue()
 
 
+def latest_attempts(runs: Sequence) -> list:
+    """One run per sweep job: a job rerun after a failure or a kill replaces its earlier
+    attempt (same parent, same overrides); runs outside a sweep are each their own."""
+    latest: dict[tuple[str, str], Any] = {}
+    for run in sorted(runs, key=lambda r: r.info.start_time):
+        tags = run.data.tags
+        parent = tags.get("mlflow.parentRunId")
+        job = tags.get("trainlab.overrides", run.info.run_id) if parent else run.info.run_id
+        latest[(parent or "", job)] = run
+    return list(latest.values())
+
+
 def epochs_of(client, run_id: str, steps: Sequence[int]) -> list[float]:
     """Steps as epochs: the run logs ``epoch`` at each epoch's last step; steps in between
     are placed proportionally."""
@@ -230,16 +243,17 @@ def epochs_of(client, run_id: str, steps: Sequence[int]) -> list[float]:
     return list(np.interp(steps, [0, *(s for s, _ in ends)], [0, *(e for _, e in ends)]))
 
 
-def plot_curves(client, runs: Sequence, metric: str, path: str) -> None:
-    """``metric`` against epochs for every run; runs that differ only by their seed are
-    drawn as their mean with a band from lowest to highest, the legend beside the axes."""
+def plot_curves(client, runs: Sequence, metric: str, path: str) -> list[str]:
+    """``metric`` against epochs for every job's latest attempt; runs that differ only by
+    their seed are drawn as their mean with a band from lowest to highest, the legend
+    beside the axes. Returns the legend's labels."""
     import numpy as np
 
     from trainlab.plots import pyplot, save_figure
 
     plt = pyplot()
     groups: dict[str, list] = {}
-    for run in runs:
+    for run in latest_attempts(runs):
         words = run.data.tags.get("trainlab.overrides", run.info.run_id).split()
         groups.setdefault(" ".join(w for w in words if not SEED_OVERRIDE.match(w)),
                           []).append(run)
@@ -269,8 +283,9 @@ def plot_curves(client, runs: Sequence, metric: str, path: str) -> None:
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    legend = ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     save_figure(fig, path, dpi=120)
+    return [text.get_text() for text in legend.get_texts()]
 
 
 # ------------------------------------------------------------------ commands

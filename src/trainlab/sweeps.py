@@ -323,7 +323,7 @@ class MlflowSweep(Callback):
         os.environ.pop(PARENT_RUN_ENV, None)
         client = MlflowClient()
         parent = client.get_run(self.parent_run_id)
-        children = latest_attempts(client.search_runs(
+        children = compare.latest_attempts(client.search_runs(
             [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{self.parent_run_id}'"
         ))
         if not children:
@@ -437,14 +437,6 @@ def open_parent(experiment_id: str, key: str, tags: dict[str, str],
         client.delete_run(mine.info.run_id)
     log.info("MLflow sweep run %s: %s", oldest.info.run_id, tags["trainlab.command"])
     return oldest.info.run_id
-
-
-def latest_attempts(children: list) -> list:
-    """One run per job: a job rerun after a failure replaces its earlier attempt."""
-    latest: dict[str, Any] = {}
-    for run in sorted(children, key=lambda r: r.info.start_time):
-        latest[run.data.tags.get("trainlab.overrides", run.info.run_id)] = run
-    return list(latest.values())
 
 
 def log_parent_results(client, parent_id: str, rows, seeds, metric: str) -> str | None:
