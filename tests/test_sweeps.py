@@ -486,3 +486,27 @@ def test_runs_plot_draws_each_jobs_latest_attempt(mlflow_client, tmp_path):
     assert len(runs) == 3
     assert plot_curves(mlflow_client, runs, "val/acc", str(tmp_path / "curves.png")) == [
         "lr=0.1 (mean of 2 seeds)"]
+
+
+def test_runs_and_ui_refuse_bad_options_in_one_line_before_doing_anything(
+        trainlab_in_process, mlflow_client, tmp_path):
+    mlflow_client.create_experiment("trainlab")
+    for args, error in [
+        (["runs", "--plot", "curves.xyz"], "error: --plot curves.xyz: matplotlib cannot write "
+                                           ".xyz files; end the name with one of "),
+        (["runs", "--plot", "curves"], "error: --plot curves: no file type; end the name "
+                                       "with one of "),
+        (["ui", "--port", "99999"], "error: --port 99999: not a port; choose one from 1 to "
+                                    "65535"),
+        (["ui", "--port", "-1"], "error: --port -1: not a port; choose one from 1 to 65535"),
+        (["ui", "--experiment", "nosuch"], "error: no MLflow experiment 'nosuch' in the store; "
+                                           "choose one with --experiment: Default, trainlab"),
+        (["ui", "--tracking-uri", f"sqlite:///{tmp_path}/missing.db"],
+         f"error: no MLflow store at sqlite:///{tmp_path}/missing.db: nothing was tracked"),
+    ]:
+        refused = trainlab_in_process(*args, check=False)
+        assert refused.returncode == 1 and refused.stdout == "", args
+        (line,) = refused.stderr.splitlines()
+        assert line.startswith(error), line
+        assert ".png" in line or "--plot" not in line
+    assert not (tmp_path / "missing.db").exists()

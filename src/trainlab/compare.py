@@ -18,6 +18,7 @@ import statistics
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import PurePath
 from typing import Any
 
 from trainlab.errors import TrainlabError
@@ -288,6 +289,17 @@ def plot_curves(client, runs: Sequence, metric: str, path: str) -> list[str]:
     return [text.get_text() for text in legend.get_texts()]
 
 
+def check_plot_path(path: str) -> None:
+    """A file type matplotlib cannot write is refused before the table, not after it."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    kinds = ", ".join(f".{k}" for k in sorted(FigureCanvasBase.get_supported_filetypes()))
+    suffix = PurePath(path).suffix
+    if suffix.lower().lstrip(".") not in FigureCanvasBase.get_supported_filetypes():
+        what = f"matplotlib cannot write {suffix} files" if suffix else "no file type"
+        raise TrainlabError(f"--plot {path}: {what}; end the name with one of {kinds}")
+
+
 # ------------------------------------------------------------------ commands
 def _cleanup(client, experiment: str | None, stale_after_min: float) -> int:
     """`trainlab runs --cleanup`: one line per RUNNING run, dead ones marked KILLED."""
@@ -295,7 +307,7 @@ def _cleanup(client, experiment: str | None, stale_after_min: float) -> int:
 
     if not stale_after_min > 0:
         raise TrainlabError(f"--stale-after {stale_after_min:g}: must be a number of minutes > 0")
-    ids = ([_experiment(client, experiment).experiment_id] if experiment
+    ids = ([experiment_named(client, experiment).experiment_id] if experiment
            else [e.experiment_id for e in client.search_experiments()])
     lines = cleanup(client, ids, stale_after_min * 60)
     print("\n".join(lines) if lines else "no RUNNING runs")
@@ -305,7 +317,7 @@ def _cleanup(client, experiment: str | None, stale_after_min: float) -> int:
 DEFAULT_EXPERIMENT = "trainlab"
 
 
-def _experiment(client, name: str | None):
+def experiment_named(client, name: str | None):
     """The experiment ``name``; without a name, ``trainlab``, or else the store's only
     experiment besides MLflow's ``Default`` (a project's own, such as `trainlab init`'s)."""
     experiment = client.get_experiment_by_name(name or DEFAULT_EXPERIMENT)
@@ -424,10 +436,12 @@ def runs_cli(args: list[str]) -> int:
                         "is this old (10)")
     opts = parser.parse_args(args)
     try:
+        if opts.plot:
+            check_plot_path(opts.plot)
         client = existing_store("--tracking-uri", opts.tracking_uri)
         if opts.cleanup:
             return _cleanup(client, opts.experiment, opts.stale_after)
-        experiment = _experiment(client, opts.experiment)
+        experiment = experiment_named(client, opts.experiment)
         if opts.diff:
             runs = [find_run(client, p, [experiment.experiment_id]) for p in opts.diff]
             print(format_diff(client, *runs))

@@ -22,14 +22,14 @@ from trainlab.errors import TrainlabError
 START_TIMEOUT_S = 180  # the first start on a new store runs its migrations
 
 
-def run_table_page(experiment_id: str | None) -> str:
+def run_table_page(experiment_id: str) -> str:
     """The UI's model-training run table; its default landing page is a GenAI view."""
-    if experiment_id is None:
-        return ""
     return f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def check_port_free(host: str, port: int) -> None:
+    if not 1 <= port <= 65535:
+        raise TrainlabError(f"--port {port}: not a port; choose one from 1 to 65535")
     with socket.socket() as sock:
         try:
             sock.bind((host, port))
@@ -72,7 +72,8 @@ def stop(server: subprocess.Popen) -> None:
 def ui_cli(args: list[str]) -> int:
     """`trainlab ui`: serve the MLflow UI on the configured store until Ctrl-C."""
     parser = argparse.ArgumentParser(prog="trainlab ui", description=ui_cli.__doc__)
-    parser.add_argument("--experiment", default="trainlab", help="experiment to open")
+    parser.add_argument("--experiment", help="experiment to open (trainlab, or the store's "
+                        "only one)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=5000)
     parser.add_argument("--workers", type=int, default=1,
@@ -81,17 +82,19 @@ def ui_cli(args: list[str]) -> int:
                         "or sqlite:///mlflow.db)")
     opts = parser.parse_args(args)
     import mlflow
-    from mlflow.tracking import MlflowClient
 
-    if opts.tracking_uri:
-        mlflow.set_tracking_uri(opts.tracking_uri)
-    uri = mlflow.get_tracking_uri()
+    from trainlab.compare import experiment_named
+    from trainlab.store import existing_store
+
     try:
         check_port_free(opts.host, opts.port)
-        experiment = MlflowClient().get_experiment_by_name(opts.experiment)
+        client = existing_store("--tracking-uri", opts.tracking_uri)
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the URL
+            experiment = experiment_named(client, opts.experiment)
     except TrainlabError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    uri = mlflow.get_tracking_uri()
     base_url = f"http://{opts.host}:{opts.port}"
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
@@ -104,7 +107,7 @@ def ui_cli(args: list[str]) -> int:
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         wait_until_answering(server, base_url)
-        page = run_table_page(experiment.experiment_id if experiment else None)
+        page = run_table_page(experiment.experiment_id)
         print(f"MLflow UI on {uri}: {base_url}/{page}", flush=True)
         return server.wait()
     except TrainlabError as err:
