@@ -467,7 +467,8 @@ def test_a_job_failing_before_its_run_opens_is_counted_and_listed(trainlab_in_pr
     assert [row["status"] for row in csv.DictReader(open(summary))] == ["FINISHED", "FAILED"]
 
 
-def test_runs_plot_draws_each_jobs_latest_attempt(mlflow_client, tmp_path):
+def test_runs_plot_draws_each_jobs_latest_attempt_and_diff_refuses_a_parent(mlflow_client, tmp_path,
+                                                  trainlab_in_process):
     from trainlab.compare import plot_curves, select_runs
 
     experiment = mlflow_client.create_experiment("cmp")
@@ -486,6 +487,15 @@ def test_runs_plot_draws_each_jobs_latest_attempt(mlflow_client, tmp_path):
     assert len(runs) == 3
     assert plot_curves(mlflow_client, runs, "val/acc", str(tmp_path / "curves.png")) == [
         "lr=0.1 (mean of 2 seeds)"]
+
+    # a sweep's parent has no config to diff: one line says so
+    diff = trainlab_in_process("runs", "--experiment", "cmp", "--diff", parent[:8],
+                               runs[0].info.run_id[:8], check=False)
+    assert diff.returncode == 1 and diff.stdout == ""
+    assert diff.stderr == (f"error: --diff: run {parent[:8]} is the parent of the sweep 'sweep' "
+                           "and trained nothing itself; `trainlab runs --sweep "
+                           f"{parent[:8]}` lists its jobs; a sweep's parent has no config of "
+                           "its own to compare\n")
 
 
 def test_runs_and_ui_refuse_bad_options_in_one_line_before_doing_anything(
@@ -510,3 +520,21 @@ def test_runs_and_ui_refuse_bad_options_in_one_line_before_doing_anything(
         assert line.startswith(error), line
         assert ".png" in line or "--plot" not in line
     assert not (tmp_path / "missing.db").exists()
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_job_says_to_rerun_the_sweep(run_trainlab, mlflow_client):
+    sweep = ["train", "-m", "hydra.sweep.dir=grid", "optimizer.lr=1e-3", *QUICK,
+             "logger.log_model=none", "trainer.callbacks=[{_target_:ctrl_c_once.CtrlCOnce,"
+             "marker:ctrl_c_pressed,below_lr:0.01}]"]
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS),
+                                                       os.environ.get("PYTHONPATH")]))}
+    proc = run_trainlab(*sweep, env=env, check=False)
+    assert proc.returncode == 130
+    out = proc.stdout + proc.stderr
+    assert "interrupted at epoch 1" in out and "trainer.resume=" not in out
+    assert "rerun the sweep's command: it runs the jobs not finished again" in out
+    run_trainlab(*sweep, env=env)
+    parent, children = split_sweep(runs_of(mlflow_client))
+    assert [r.info.status for r in children] == ["KILLED", "FINISHED"]
+    assert parent.info.status == "FINISHED"

@@ -22,7 +22,7 @@ from pathlib import PurePath
 from typing import Any
 
 from trainlab.errors import TrainlabError
-from trainlab.store import SWEEP_ROLE_TAG, existing_store, find_run
+from trainlab.store import SWEEP_ROLE_TAG, best_job_hint, existing_store, find_run
 
 COLUMNS = ("id", "run", "status", "overrides", "best", "last", "duration")
 ID_CHARS = 8  # run ids are shown (and accepted) as prefixes this long
@@ -444,6 +444,10 @@ def runs_cli(args: list[str]) -> int:
         experiment = experiment_named(client, opts.experiment)
         if opts.diff:
             runs = [find_run(client, p, [experiment.experiment_id]) for p in opts.diff]
+            for run in runs:
+                if run.data.tags.get(SWEEP_ROLE_TAG) == "sweep":
+                    raise TrainlabError(f"--diff: {best_job_hint(run)}; a sweep's parent has "
+                                        "no config of its own to compare")
             print(format_diff(client, *runs))
             return 0
         runs = select_runs(client, experiment.experiment_id, opts.sweep, opts.filter)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from trainlab.models.batchnorm import EpochStatistics
 from trainlab.precision import Precision
 from trainlab.schedulers import LrLog, ScheduledLR
 from trainlab.signals import StopRequest
+from trainlab.tracker import PARENT_RUN_ENV
 
 log = logging.getLogger(__name__)
 
@@ -400,10 +402,10 @@ class Runner:
     def _interrupted(self) -> None:
         if distributed.is_main_process():
             last = self.checkpoints.last
-            tqdm.write(
-                f"interrupted at epoch {self.epoch + 1}, step {self.global_step}; checkpoint "
-                f"{last}; continue with trainer.resume={last}"
-            )
+            go_on = ("rerun the sweep's command: it runs the jobs not finished again"
+                     if os.environ.get(PARENT_RUN_ENV) else f"continue with trainer.resume={last}")
+            tqdm.write(f"interrupted at epoch {self.epoch + 1}, step {self.global_step}; "
+                       f"checkpoint {last}; {go_on}")
         raise KeyboardInterrupt
 
     def _print_epoch(self, epoch: int, metrics: dict, seconds: float, improved: bool) -> None:
