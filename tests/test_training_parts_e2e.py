@@ -57,6 +57,19 @@ def test_lr_plot_writes_the_curve_of_any_scheduler(trainlab_in_process, tmp_path
     assert not (tmp_path / "outputs").exists()  # a plot leaves no run folder behind
 
 
+@pytest.mark.parametrize("override, message", [
+    ("trainer.max_epochs=-2", "trainer.max_epochs=-2: must be an integer >= 1"),
+    ("trainer.max_epochs=0", "trainer.max_epochs=0: must be an integer >= 1"),
+    ("optimizer.lr=abc", "optimizer.lr=abc: must be a number > 0"),
+])
+def test_lr_plot_checks_the_values_as_train_does(trainlab_in_process, tmp_path, override,
+                                                 message):
+    proc = trainlab_in_process("lr-plot", "scheduler=onecycle", override, "+out=curve.png",
+                               check=False)
+    assert proc.returncode == 1 and proc.stderr == f"error: {message}\n"
+    assert not (tmp_path / "curve.png").exists()
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

@@ -337,12 +337,14 @@ def relation_problems(cfg: DictConfig, reported: Sequence[str]) -> list[str]:
             f"(trainer.max_epochs={epochs}); choose {allowed}"]
 
 
-def check_config(cfg: DictConfig, choices: dict) -> None:
-    """Raise a :class:`ConfigError` listing every problem of ``cfg``; return when none."""
+def check_config(cfg: DictConfig, choices: dict, hardware: bool = True) -> None:
+    """Raise a :class:`ConfigError` listing every problem of ``cfg``; return when none.
+    ``hardware=False`` leaves out what this machine lacks (for a command that trains
+    nothing)."""
     problems = schema_problems(cfg)
     problems += unset_problems(cfg, problems)
     problems += relation_problems(cfg, problems)
-    typed = not any(p.startswith(("trainer.", "precision.")) for p in problems)
+    typed = hardware and not any(p.startswith(("trainer.", "precision.")) for p in problems)
     if typed and (stated := stated_hardware_problems(cfg)):
         # answered before the component imports (torch, mlflow: seconds); the keys of the
         # components are checked on the next try, once the hardware fits

@@ -19,6 +19,7 @@ from trainlab.errors import TrainlabError
 
 
 def plot(cfg: DictConfig, out: Path) -> Path:
+    from trainlab.config_check import check_config
     from trainlab.data.check import prepare_data
     from trainlab.data.loaders import build_loaders
     from trainlab.models.finetune import build_model
@@ -26,6 +27,7 @@ def plot(cfg: DictConfig, out: Path) -> Path:
     from trainlab.schedulers import build_scheduler, optimizer_steps, plot_lr, simulate
 
     choices = HydraConfig.get().runtime.choices
+    check_config(cfg, choices, hardware=False)  # a curve needs no GPU, only sound values
     epochs = int(cfg.trainer.max_epochs)
     splits = prepare_data(cfg, choices).splits  # the classes the model needs, bad files out
     train_loader, _ = build_loaders(splits, cfg.data, int(cfg.seed), "cpu")
@@ -50,7 +52,8 @@ def main(cfg: DictConfig) -> None:
     try:
         path = plot(cfg, out)
     except TrainlabError as err:
-        print(f"error: {err}", file=sys.stderr)
+        for line in str(err).splitlines():
+            print(f"error: {line}", file=sys.stderr)
         raise SystemExit(1) from None
     print(f"wrote {path}")
 

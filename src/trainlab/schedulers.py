@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import copy
 import math
+import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -309,7 +310,7 @@ def plot_lr(
             "top", functions=(lambda s: s / steps_per_epoch, lambda e: e * steps_per_epoch)
         ).set_xlabel("epoch")
     ax.set(xlabel="step", ylabel="lr")
-    fig.suptitle(title)
+    fig.suptitle(textwrap.fill(title, 80))  # a long title wraps instead of leaving the frame
     if len(names) > 1:
         ax.legend()
     return save_figure(fig, path)
