@@ -422,6 +422,8 @@ def test_an_optuna_study_resumes_only_under_its_own_command(trainlab_in_process,
                            "model=mlp logger.log_model=none; now: model=cnn logger=none)"), line
     study = optuna.load_study(study_name="train", storage=f"sqlite:///{tmp_path}/search/optuna.db")
     assert len(study.trials) == 1
+    # another seed is the same study (each process sharing one may seed its sampler)
+    trainlab_in_process(*search, *ONE_EPOCH, "seed=7")
 
     # reproduce runs a new study: every trial again
     trainlab_in_process("reproduce", parent.info.run_id[:8], "--run")

@@ -153,10 +153,15 @@ def check_every_job(config: DictConfig) -> None:
             "none was run)" for problem, count in affected.items()])
 
 
-def changed_overrides(before: list[str], now: list[str]) -> str:
+STUDY_FREE_KEYS = ("seed",)  # each process of one study may seed its sampler its own way
+
+
+def changed_overrides(before: list[str], now: list[str], free: tuple[str, ...] = ()) -> str:
     """How a sweep's overrides ``now`` differ from the ones it started with ('' when they
-    are the same): a sweep resumes only under its own command, so that no summary or study
-    ranks jobs of two configs together."""
+    are the same, but for keys in ``free``): a sweep resumes only under its own command, so
+    that no summary or study ranks jobs of two configs together."""
+    before, now = ([o for o in overrides if override_key(o) not in free]
+                   for overrides in (before, now))
     if before == now:
         return ""
     gone, new = [o for o in before if o not in now], [o for o in now if o not in before]
@@ -259,9 +264,10 @@ class MlflowSweep(Callback):
         if optuna:  # `trainlab reproduce` starts a new study rather than resuming this one
             tags[STUDY_TAG] = config.hydra.sweeper.study_name
             held_by = (f"study {config.hydra.sweeper.study_name} in "
-                       f"{config.hydra.sweeper.storage}", "hydra.sweeper.study_name")
+                       f"{config.hydra.sweeper.storage}", "hydra.sweeper.study_name",
+                       STUDY_FREE_KEYS)
         else:
-            held_by = (f"hydra.sweep.dir={config.hydra.sweep.dir}", "hydra.sweep.dir")
+            held_by = (f"hydra.sweep.dir={config.hydra.sweep.dir}", "hydra.sweep.dir", ())
         self.parent_run_id = open_parent(
             experiment_id, key, tags, held_by,
             name=sweep_title(self.swept, sweep_size(overrides, config.hydra.sweeper), optuna))
@@ -401,11 +407,12 @@ def sweep_key(config: DictConfig, sweep_dir: Path, optuna: bool) -> str:
 
 
 def open_parent(experiment_id: str, key: str, tags: dict[str, str],
-                held_by: tuple[str, str], name: str) -> str:
+                held_by: tuple[str, str, tuple[str, ...]], name: str) -> str:
     """The parent run with ``key``, reopened, or a new one.
 
     Reopened only by the command that started it: ``held_by`` names what holds the sweep
-    (its sweep dir or study) and the option that would start another, for the refusal.
+    (its sweep dir or study) and the option that would start another, for the refusal,
+    and the override keys that may differ.
     Processes that start one sweep together may each create a parent; all of them then
     agree on the oldest and the others delete theirs.
     """
@@ -418,10 +425,10 @@ def open_parent(experiment_id: str, key: str, tags: dict[str, str],
     found = client.search_runs([experiment_id], query, order_by=["attributes.start_time ASC"])
     if found:
         run_id = found[0].info.run_id
+        where, option, free = held_by
         changed = changed_overrides(found[0].data.tags.get("trainlab.overrides", "").split(),
-                                    tags["trainlab.overrides"].split())
+                                    tags["trainlab.overrides"].split(), free)
         if changed:
-            where, option = held_by
             raise TrainlabError(
                 f"{where} holds the sweep {found[0].info.run_name!r} (MLflow run "
                 f"{run_id[:8]}) of other overrides ({changed}); rerun its own command to "

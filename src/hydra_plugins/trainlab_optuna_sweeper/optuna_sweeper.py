@@ -257,16 +257,16 @@ def rdb_storage(url: str | None, heartbeat_s: int):
 
 
 def same_command(study, overrides: list[str]) -> None:
-    """A study goes on only under the overrides it started with: trials of another config
-    (``model=cnn`` instead of ``mlp``, more epochs) would be ranked with its own. Refused
-    in one line naming what changed, before any trial is asked."""
+    """A study goes on only under the overrides it started with (``seed`` aside): trials of
+    another config (``model=cnn`` instead of ``mlp``, more epochs) would be ranked with its
+    own. Refused in one line naming what changed, before any trial is asked."""
     from trainlab.errors import TrainlabError
-    from trainlab.sweeps import changed_overrides, refuse
+    from trainlab.sweeps import STUDY_FREE_KEYS, changed_overrides, refuse
 
     before = study.user_attrs.get(OVERRIDES_ATTR)
     if before is None:
         study.set_user_attr(OVERRIDES_ATTR, overrides)
-    elif changed := changed_overrides(before, overrides):
+    elif changed := changed_overrides(before, overrides, STUDY_FREE_KEYS):
         refuse(TrainlabError(
             f"study {study.study_name} was run with other overrides ({changed}); rerun its "
             "own command to resume it, or give this one a new hydra.sweeper.study_name"))
