@@ -444,6 +444,11 @@ def test_a_grid_with_a_misspelt_option_or_an_unfitting_loss_is_refused_before_an
         "error: loss=dice does not fit data.task=classification with 10 classes "
         "(classification); losses that fit: ce, nll, focal, bce_logits, bce, l1, mse, "
         "smooth_l1, huber, kl_div (1 of 4 jobs; none was run)"][::-1]
+    unknown = trainlab_in_process("train", "-m", "nosuch=1,2", *ONE_EPOCH, check=False)
+    assert unknown.returncode == 1
+    assert unknown.stderr.splitlines()[0] == ("error: Could not override 'nosuch'. To append "
+                                              "to your config use +nosuch=1 (1 of 2 jobs; "
+                                              "none was run)")
     assert not (tmp_path / "outputs").exists()
     assert mlflow_client.search_runs([e.experiment_id for e in
                                       mlflow_client.search_experiments()]) == []

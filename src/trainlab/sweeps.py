@@ -18,7 +18,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from hydra.errors import CompactHydraException
 from hydra.experimental.callback import Callback
@@ -124,7 +124,7 @@ def check_every_job(config: DictConfig) -> None:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import MissingConfigException
+    from hydra.errors import ConfigCompositionException
 
     from trainlab.config_check import ConfigError
 
@@ -141,8 +141,8 @@ def check_every_job(config: DictConfig) -> None:
     for job in jobs:
         try:
             job_cfg = loader.load_sweep_config(config, list(job))
-        except MissingConfigException as err:
-            problems = [missing_option(err)]
+        except ConfigCompositionException as err:
+            problems = [composition_problem(err)]
         else:
             problems = job_problems(job_cfg, list(job))
         for problem in problems:
@@ -170,7 +170,7 @@ def changed_overrides(before: list[str], now: list[str], free: tuple[str, ...] =
     return f"before: {' '.join(gone) or '(none)'}; now: {' '.join(new) or '(none)'}"
 
 
-def refuse(err: Exception) -> None:
+def refuse(err: Exception) -> NoReturn:
     """End the sweeping command with ``err``, one ``error:`` line per problem, before any job."""
     for line in str(err).splitlines():
         print(f"error: {line}", file=sys.stderr)
@@ -209,12 +209,13 @@ def job_problems(job_cfg: DictConfig, overrides: list[str]) -> list[str]:
     return [problem] if problem else []
 
 
-def missing_option(err) -> str:
-    """Hydra's MissingConfigException (a misspelt ``model=nosuch``) as one line."""
-    group, _, option = err.missing_cfg_file.rpartition("/")
-    if not group:
-        return str(err).splitlines()[0]
-    return f"{group}={option}: no such option; choose one of {', '.join(err.options or [])}"
+def composition_problem(err) -> str:
+    """A job config Hydra cannot compose (a misspelt ``model=nosuch``, an unknown key) as
+    one line, naming the options there are."""
+    group, _, option = (getattr(err, "missing_cfg_file", None) or "").rpartition("/")
+    if group and getattr(err, "options", None):
+        return f"{group}={option}: no such option; choose one of {', '.join(err.options)}"
+    return " ".join(str(err).split())
 
 
 class MlflowSweep(Callback):
@@ -413,6 +414,7 @@ def open_parent(experiment_id: str, key: str, tags: dict[str, str],
     Reopened only by the command that started it: ``held_by`` names what holds the sweep
     (its sweep dir or study) and the option that would start another, for the refusal,
     and the override keys that may differ.
+
     Processes that start one sweep together may each create a parent; all of them then
     agree on the oldest and the others delete theirs.
     """
