@@ -78,6 +78,9 @@ def test_lr_plot_checks_the_values_as_train_does(trainlab_in_process, tmp_path, 
         (["trainer.monitor=val/dice", "scheduler=plateau"],
          "trainer.monitor='val/dice' is never computed for data.task=classification"),
         (["optimizer.head_lr=0.1", "optimizer.head=[fc.*]"], "matches no trainable parameter"),
+        (["loss.label_smoothing=abc"], "loss=ce fails on data.task=classification with 10 "
+         "classes with its arguments (loss.ignore_index=-100, loss.label_smoothing=abc, "
+         "loss.reduction=mean): cross_entropy_loss(): argument 'label_smoothing'"),
     ],
 )
 def test_bad_input_stops_before_the_first_step(compose, tmp_path, overrides, message):

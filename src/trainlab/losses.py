@@ -350,7 +350,13 @@ def build_loss(node: DictConfig, choice: str | None, data: DictConfig) -> Any:
     _check_class_weights(loss, name, num_classes, described)
     if contract.takes != "logits" or contract.targets != "indices":
         loss = ModelOutputLoss(loss, contract, num_classes)
-    check_loss(loss, name, kind, num_classes, f"{described}; {fits}")
+    if declared_contract(type(loss)) is None:  # ours to find out whether it fits
+        check_loss(loss, name, kind, num_classes, f"does not fit {described}; {fits}")
+    else:  # it fits the task: a failure comes from its arguments
+        arguments = ", ".join(f"loss.{key}={value}" for key, value in options.items()
+                              if not key.startswith("_") and value is not None) or "none set"
+        check_loss(loss, name, kind, num_classes,
+                   f"fails on {described} with its arguments ({arguments})")
     return loss
 
 
@@ -377,7 +383,7 @@ def check_loss(loss: Any, name: str, kind: str, num_classes: int, context: str) 
         value = loss(logits, targets)
     except (RuntimeError, ValueError, IndexError, TypeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise TrainlabError(f"loss={name} does not fit {context} ({first})") from err
+        raise TrainlabError(f"loss={name} {context}: {first}") from err
     if not isinstance(value, torch.Tensor) or value.dim() != 0:
         raise TrainlabError(
             f"loss={name} must return one number per batch; set its reduction to 'mean' or 'sum'"
