@@ -28,8 +28,6 @@ WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I"
 # What PIL raises on a file it cannot read; a decompression bomb (more pixels than PIL's
 # limit) is a bad file like any other, not a crash.
 UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-
-
 ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 
 
@@ -110,6 +108,8 @@ class FileDataset(Dataset):
         raise NotImplementedError
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not -len(self) <= index < len(self):  # ends iteration over the dataset
+            raise IndexError(f"sample {index} of {len(self)}")
         for step in range(len(self)):
             item = (index + step) % len(self)
             if self.found_bad is not None and self.found_bad[item]:
