@@ -205,6 +205,33 @@ def test_reproduce_names_an_unknown_run(run_trainlab, mlflow_client):  # the sto
         "error: no run of the store has an id starting with '0123456789abcdef'")
 
 
+def test_reproduce_elsewhere_uses_or_names_the_config_folder_the_run_read(
+        run_trainlab, project, mlflow_client, tmp_path):
+    elsewhere, conf = tmp_path / "elsewhere", project / "conf"
+    elsewhere.mkdir()
+    run_trainlab("train", "--config-dir", str(conf), "experiment=mine", "debug=fast",
+                 "trainer.progress_bar=false", "logger.log_system_metrics=false", cwd=elsewhere)
+    (run,) = runs_of(mlflow_client, "debug")
+    command = f"trainlab train --config-dir {conf} experiment=mine debug=fast"
+    assert run.data.tags["trainlab.command"].startswith(command)
+    report = run_trainlab("reproduce", run.info.run_id, cwd=elsewhere).stdout.splitlines()
+    assert report[-2:] == ["config:   today's configs give the same values",
+                           f"command:  {command} trainer.progress_bar=false "
+                           "logger.log_system_metrics=false"]
+
+    moved = conf.rename(project / "moved")  # the project's configs are somewhere else now
+    proc = run_trainlab("reproduce", run.info.run_id, cwd=elsewhere, check=False)
+    assert proc.returncode == 1
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith("error: experiment=mine: no experiment/mine.yaml on the config "
+                           "search path; experiment options there: carvana_unet, ")
+    assert line.endswith(f"; the run read configs from {conf}; name that folder (or a copy of "
+                         f"it) with `trainlab reproduce --config-dir DIR {run.info.run_id[:8]}`")
+    report = run_trainlab("reproduce", "--config-dir", str(moved), run.info.run_id,
+                          cwd=elsewhere).stdout
+    assert f"command:  trainlab train --config-dir {moved} experiment=mine" in report
+
+
 # -------------------------------------------------------------------------- init
 def test_init_names_the_package_after_the_folder_and_refuses_to_overwrite(run_trainlab, tmp_path):
     run_trainlab("init", "My-Cats")

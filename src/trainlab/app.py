@@ -35,6 +35,7 @@ _HERE = Path(__file__).resolve().parent
 # An installed wheel carries the configs inside the package; a clone has them at its root.
 CONFIG_DIR = str(_HERE / "conf" if (_HERE / "conf").is_dir() else _HERE.parents[1] / "conf")
 CONFIG_DIR_ENV = "TRAINLAB_CONFIG_DIR"
+CONFIG_DIRS_TAG = "trainlab.config_dirs"  # a run's --config-dir folders, for its command
 SCHEME = "trainlab"
 EXPERIMENT_GROUP = "experiment"
 
@@ -50,6 +51,18 @@ def user_config_dirs() -> list[Path]:
             seen.add(resolved)
             found.append(resolved)
     return found
+
+
+def given_config_dirs() -> list[str]:
+    """The folders ``--config-dir`` / ``$TRAINLAB_CONFIG_DIR`` name (not ./conf), absolute:
+    a command repeated in another folder needs them named again."""
+    listed = os.environ.get(CONFIG_DIR_ENV, "").split(os.pathsep)
+    return list(dict.fromkeys(str(Path(p).expanduser().resolve()) for p in listed if p))
+
+
+def config_dir_args(dirs: list[str]) -> list[str]:
+    """``--config-dir DIR`` for each of ``dirs``."""
+    return [arg for folder in dirs for arg in ("--config-dir", folder)]
 
 
 def config_groups() -> set[str]:
@@ -108,13 +121,31 @@ def run_hydra_app(app, name: str, args: list[str]) -> int:
 
 def compose(config_name: str = "train", overrides: list[str] | tuple[str, ...] = ()):
     """The config ``trainlab train overrides…`` would run (without Hydra's own keys), on the
-    same search path, running nothing: for tools that need a config outside a Hydra app."""
+    same search path, running nothing: for tools that need a config outside a Hydra app.
+    A group option found nowhere on the path is refused in one line (Hydra itself drops an
+    optional group's, ``experiment=NAME``, without a word)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import ConfigCompositionException
+
+    from trainlab.errors import TrainlabError
+    from trainlab.sweeps import composition_problem
 
     make_user_code_importable()
+    groups = config_groups()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return hydra_compose(config_name, overrides=list(overrides))
+        loader = GlobalHydra.instance().config_loader()
+        for override in overrides:
+            group, _, option = override.lstrip("+").partition("=")
+            options = loader.get_group_options(group) if group in groups else [option]
+            if option not in (*options, "null"):
+                raise TrainlabError(f"{group}={option}: no {group}/{option}.yaml on the config "
+                                    f"search path; {group} options there: {', '.join(options)}")
+        try:
+            return hydra_compose(config_name, overrides=list(overrides))
+        except ConfigCompositionException as err:
+            raise TrainlabError(composition_problem(err)) from None
 
 
 class ProjectConfigSource(FileConfigSource):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import shutil
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainlab.app import CONFIG_DIRS_TAG, compose, config_dir_args, take_config_dirs
 from trainlab.errors import TrainlabError
 from trainlab.provenance import (
     COMMIT_TAG,
@@ -58,10 +60,20 @@ class Plan:
     pinned: list[str] = field(default_factory=list)  # overrides restoring changed values
     packages_recorded: bool = True
     sweep: bool = False  # a sweep's parent: its command runs every job again
+    config_dirs: list[str] = field(default_factory=list)  # --config-dir of the command
+    recorded_dirs: list[str] = field(default_factory=list)  # the run's own --config-dir
 
     @property
     def command(self) -> list[str]:
-        return ["trainlab", "train", *self.overrides, *self.pinned]
+        return ["trainlab", "train", *config_dir_args(self.config_dirs), *self.overrides,
+                *self.pinned]
+
+    def where_configs(self) -> str:
+        """How to give this command the run's configs."""
+        ran = (f"the run read configs from {', '.join(self.recorded_dirs)}" if
+               self.recorded_dirs else "the run read configs from its working folder's conf/")
+        return (f"{ran}; name that folder (or a copy of it) with `trainlab reproduce "
+                f"--config-dir DIR {self.run_id[:8]}`")
 
     @property
     def fresh_keys(self) -> list[str]:
@@ -107,8 +119,9 @@ def _download(run_id: str, path: str, into: Path) -> Path | None:
         return None
 
 
-def plan_for(run_id: str, workdir: Path) -> Plan:
-    """Read the run from MLflow and compare it with this environment and today's configs.
+def plan_for(run_id: str, workdir: Path, config_dirs: list[str] = ()) -> Plan:
+    """Read the run from MLflow and compare it with this environment and today's configs,
+    on ``config_dirs`` (else the run's own ``--config-dir`` folders, where they exist).
 
     A sweep's parent is repeated by its own command line (``-m`` and its ``hydra.``
     overrides included); its code and packages are those its best job recorded."""
@@ -126,7 +139,7 @@ def plan_for(run_id: str, workdir: Path) -> Plan:
                                 "records the code and packages it ran with")
         plan = _plan_from(client.get_run(tags[BEST_RUN_TAG]), workdir, run_id,
                           fresh_sweep(shlex.split(tags["trainlab.command"])[2:],
-                                      tags.get(STUDY_TAG)))
+                                      tags.get(STUDY_TAG)), config_dirs)
         plan.sweep = True
         return plan
     overrides_file = _download(run_id, ".hydra/overrides.yaml", workdir)
@@ -136,12 +149,15 @@ def plan_for(run_id: str, workdir: Path) -> Plan:
         overrides = [o for o in tags.get("trainlab.overrides", "").split() if o != "(none)"]
     # a resumed run is repeated from its start, not from a checkpoint of the original
     overrides = [o for o in overrides if _pinned_key(o) not in RESUME_KEYS]
-    plan = _plan_from(run, workdir, run_id, overrides)
+    plan = _plan_from(run, workdir, run_id, overrides, config_dirs)
     config = _download(run_id, "config.yaml", workdir)
     if config is not None:
         logged = flatten(OmegaConf.to_container(OmegaConf.load(config)))
-        plan.pinned = [pin for pin in pins_for(logged, overrides)
-                       if _pinned_key(pin) not in RESUME_KEYS]
+        try:
+            pins = pins_for(logged, overrides)
+        except TrainlabError as err:  # its configs are not on this search path
+            raise TrainlabError(f"{err}; {plan.where_configs()}") from None
+        plan.pinned = [pin for pin in pins if _pinned_key(pin) not in RESUME_KEYS]
     return plan
 
 
@@ -159,11 +175,18 @@ def fresh_sweep(command: list[str], study: str | None) -> list[str]:
                             ("hydra.sweep.dir", "hydra.sweeper.study_name"))]
 
 
-def _plan_from(recorded: Any, workdir: Path, run_id: str, overrides: list[str]) -> Plan:
-    """A plan with the code and packages the run ``recorded`` ran with."""
+def _plan_from(recorded: Any, workdir: Path, run_id: str, overrides: list[str],
+               config_dirs: list[str]) -> Plan:
+    """A plan with the code and packages the run ``recorded`` ran with, on ``config_dirs``
+    or else the config folders it recorded that exist here (put on the search path)."""
     tags = recorded.data.tags
+    recorded_dirs = [d for d in tags.get(CONFIG_DIRS_TAG, "").split(os.pathsep) if d]
+    if not config_dirs:
+        config_dirs = [d for d in recorded_dirs if Path(d).is_dir()]
+        take_config_dirs(config_dir_args(config_dirs))
     plan = Plan(run_id=run_id, overrides=overrides, commit=tags.get(COMMIT_TAG),
-                dirty=tags.get(DIRTY_TAG) == "true")
+                dirty=tags.get(DIRTY_TAG) == "true", config_dirs=list(config_dirs),
+                recorded_dirs=recorded_dirs)
     if plan.dirty:
         plan.diff_file = _download(recorded.info.run_id, DIFF_ARTIFACT, workdir)
     packages = _download(recorded.info.run_id, PACKAGES_ARTIFACT, workdir)
@@ -179,7 +202,6 @@ def pins_for(logged: dict[str, Any], overrides: list[str]) -> list[str]:
     follow them (``data.dataset.seed: ${seed}`` is right again once ``seed`` is)."""
     from omegaconf import OmegaConf
 
-    from trainlab.app import compose
     from trainlab.tracking import flatten
 
     def differences(extra: list[str]) -> tuple[list[str], dict[str, Any]]:
@@ -256,7 +278,12 @@ def reproduce_cli(args: list[str]) -> int:
                         "or sqlite:///mlflow.db)")
     parser.add_argument("--into", type=Path, help="keep the downloaded files (config, diff, "
                         "packages) in this folder")
+    parser.add_argument("--config-dir", "-cd", action="append", default=[], metavar="DIR",
+                        help="the run's config folder here (repeatable; default: the ones "
+                        "it was trained with, where they exist)")
     opts = parser.parse_args(args)
+    take_config_dirs(config_dir_args(opts.config_dir))
+    config_dirs = [str(Path(d).expanduser().resolve()) for d in opts.config_dir]
     if opts.tracking_uri:
         import mlflow
 
@@ -264,7 +291,7 @@ def reproduce_cli(args: list[str]) -> int:
     workdir = opts.into or Path(tempfile.mkdtemp(prefix=f"reproduce-{opts.run_id[:8]}-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        plan = plan_for(opts.run_id, workdir)
+        plan = plan_for(opts.run_id, workdir, config_dirs)
     except TrainlabError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -277,4 +304,4 @@ def reproduce_cli(args: list[str]) -> int:
         return 0
     from trainlab.train import cli as train
 
-    return train([*plan.overrides, *plan.pinned])
+    return train(plan.command[2:])

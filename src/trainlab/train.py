@@ -27,16 +27,21 @@ log = logging.getLogger(__name__)
 
 
 def run_name_and_tags(hydra_cfg: DictConfig) -> tuple[str, dict[str, str]]:
-    """A run is named by its overrides (``loss=dice,optimizer.lr=0.01``), or ``default``."""
+    """A run is named by its overrides (``loss=dice,optimizer.lr=0.01``), or ``default``;
+    its command names the config folders it read (``--config-dir``) to run anywhere."""
+    from trainlab.app import CONFIG_DIRS_TAG, config_dir_args, given_config_dirs
     from trainlab.sweeps import run_name
 
     overrides = list(hydra_cfg.overrides.task)
     name = run_name(overrides) or hydra_cfg.job.override_dirname or "default"
+    dirs = given_config_dirs()
     tags = {
         "trainlab.overrides": " ".join(overrides) or "(none)",
         "trainlab.output_dir": str(Path(hydra_cfg.runtime.output_dir).resolve()),
-        "trainlab.command": " ".join(["trainlab", "train", *overrides]),
+        "trainlab.command": " ".join(["trainlab", "train", *config_dir_args(dirs), *overrides]),
     }
+    if dirs:
+        tags[CONFIG_DIRS_TAG] = os.pathsep.join(dirs)
     return name, tags
 
 
