@@ -220,3 +220,33 @@ def test_reading_commands_refuse_a_store_that_does_not_exist_and_create_none(
         f"error: no MLflow store at {missing}: nothing was tracked there; run this where you "
         f"trained, or name the store with {option} or MLFLOW_TRACKING_URI"]
     assert list(elsewhere.iterdir()) == [elsewhere / "a.png"]
+
+
+def test_eval_and_predict_refuse_bad_values_a_missing_file_and_too_large_a_top_k(
+        trainlab_in_process, mlflow_client, tmp_path):
+    trainlab_in_process("train", "model=mlp", "trainer.max_epochs=1", "trainer.progress_bar=false",
+                        "logger.log_model=none")
+    (trained,) = runs_of(mlflow_client)
+    run = f"run_id={trained.info.run_id}"
+    bad = trainlab_in_process("eval", run, "data.batch_size=-1", "optimizer.lr=abc", check=False)
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines()[-2:] == [
+        "error: data.batch_size=-1: must be an integer >= 1",
+        "error: optimizer.lr=abc: must be a number > 0"]
+    missing = trainlab_in_process("eval", f"ckpt={tmp_path / 'none.pt'}", check=False)
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == (f"error: ckpt={tmp_path / 'none.pt'}: no such file; pass a "
+                                      "checkpoint (outputs/runs/<run>/checkpoints/best.pt) or "
+                                      "run_id=ID")
+    assert len(runs_of(mlflow_client)) == 1  # no eval run left behind
+
+    Image.new("L", (8, 8)).save(tmp_path / "a.png")
+    images = [f"input={tmp_path}", f"output={tmp_path / 'preds'}"]
+    too_many = trainlab_in_process("predict", run, *images, "top_k=11", check=False)
+    assert too_many.returncode == 1
+    assert too_many.stderr.strip().splitlines()[-1] == (
+        "error: top_k='11'; choose a whole number from 1 to 10")
+    assert not (tmp_path / "preds").exists()
+    trainlab_in_process("predict", run, *images, "top_k=10")
+    with open(tmp_path / "preds" / "predictions.csv") as f:
+        assert next(csv.reader(f))[-1] == "top10"

@@ -60,14 +60,29 @@ def parse_args(args: list[str], allowed: set[str]) -> tuple[dict[str, str], list
 
 
 def find_source(options: dict[str, str], overrides: list[str], workdir: Path) -> Source:
-    """The config and checkpoint of ``run_id=`` or ``ckpt=``, overrides applied. With a
-    group choice among the overrides the config is composed from them, as `trainlab train`
-    would (on the same search path), instead of read from the run."""
+    """The config and checkpoint of ``run_id=`` or ``ckpt=``, overrides applied, its values
+    checked as training checks them. With a group choice among the overrides the config is
+    composed from them, as `trainlab train` would (on the same search path), instead of read
+    from the run."""
+    from trainlab.config_check import ConfigError, schema_problems
+
+    source = _found_source(options, overrides, workdir)
+    # types and ranges only: an older run's config may lack keys added since
+    problems = schema_problems(source.cfg)
+    if problems:
+        raise ConfigError(problems)
+    return source
+
+
+def _found_source(options: dict[str, str], overrides: list[str], workdir: Path) -> Source:
     from trainlab.app import compose, config_groups, make_user_code_importable
 
     make_user_code_importable()
     which = options.get("checkpoint", "best")
     groups = config_groups()
+    if "ckpt" in options and not Path(options["ckpt"]).is_file():
+        raise TrainlabError(f"ckpt={options['ckpt']}: no such file; pass a checkpoint "
+                            "(outputs/runs/<run>/checkpoints/best.pt) or run_id=ID")
     if any(o.partition("=")[0] in groups for o in overrides):
         if "ckpt" not in options and "run_id" not in options:
             raise TrainlabError("say which model: run_id=MLFLOW_RUN_ID or ckpt=PATH")
@@ -321,12 +336,12 @@ def predict(options: dict[str, str], overrides: list[str]) -> Path:
     size = OmegaConf.to_object(cfg.data).get("image_size")
     size = (size, size) if isinstance(size, int) else size
     images = ImageFiles([(path, 0) for path in files], size, int(cfg.data.in_channels))
+    top_k = None if cfg.data.task == "segmentation" else _top_k(options.get("top_k"), len(names))
     output = Path(options.get("output", Path("predictions") / (source.run_id or
                                                                 source.checkpoint.stem)))
     output.mkdir(parents=True, exist_ok=True)
-    task = cfg.data.task
-    writer = MaskWriter(output) if task == "segmentation" else ClassWriter(
-        output / "predictions.csv", names, _top_k(options.get("top_k", "5"), len(names)))
+    writer = MaskWriter(output) if top_k is None else ClassWriter(
+        output / "predictions.csv", names, top_k)
     batch_size = int(cfg.data.get("batch_size", 64))
     skipped: list[tuple[Path, str]] = []
     with writer, torch.inference_mode():
@@ -359,10 +374,13 @@ def _flag(value: str, key: str) -> bool:
     return value.lower() == "true"
 
 
-def _top_k(value: str, classes: int) -> int:
-    if not value.isdigit() or int(value) < 1:
+def _top_k(value: str | None, classes: int) -> int:
+    """The ``top_k=`` asked for, or 5 (at most the model's classes)."""
+    if value is None:
+        return min(5, classes)
+    if not value.isdigit() or not 1 <= int(value) <= classes:
         raise TrainlabError(f"top_k={value!r}; choose a whole number from 1 to {classes}")
-    return min(int(value), classes)
+    return int(value)
 
 
 class ClassWriter:
@@ -436,6 +454,7 @@ def _guarded(action, usage: str, args: list[str]) -> int:
     try:
         action()
     except TrainlabError as err:
-        print(f"error: {err}", file=sys.stderr)
+        for line in str(err).splitlines():  # a config's problems: one line each
+            print(f"error: {line}", file=sys.stderr)
         return 1
     return 0
