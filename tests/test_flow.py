@@ -23,6 +23,8 @@ BAD_VALUES = [
     ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val=-1: must be a number > 0"),
     ("+trainer.foo=1", "trainer.foo: not a setting of trainlab.runner.Runner (conf/trainer/"
                        "default.yaml); accepted: accelerator, accumulate_grad_batches,"),
+    ("+data.batchsize=3", "data.batchsize: not a setting trainlab reads (added with +); data "
+                          "has: batch_size, check, dataset,"),
     ("logger.experiment_name=123", "logger.experiment_name=123: must be a non-empty string"),
     ("trainer.early_stopping.patience=0", "trainer.early_stopping.patience=0: must be an"),
     ("precision=fp16", "precision.mode=fp16 (precision=fp16) needs a GPU"),

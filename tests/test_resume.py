@@ -31,7 +31,7 @@ def snapshot(client, run_id):
 def test_refused_resumes_leave_the_run_as_it_was_and_new_run_branches_off(
     run_trainlab, mlflow_client, tmp_path
 ):
-    run_trainlab("train", *RUN, "trainer.max_epochs=2", "hydra.run.dir=first")
+    run_trainlab("train", *RUN, "trainer.max_epochs=2", "seed=7", "hydra.run.dir=first")
     ckpts = tmp_path / "first" / "checkpoints"
     shutil.copy(ckpts / "last.pt", tmp_path / "old.pt")
     run_trainlab("train", *RUN, "trainer.max_epochs=3", "trainer.resume=last",
@@ -39,6 +39,18 @@ def test_refused_resumes_leave_the_run_as_it_was_and_new_run_branches_off(
     (run,) = runs_of(mlflow_client)
     before = snapshot(mlflow_client, run.info.run_id)
     assert len(before[3]["val/acc"]) == 3 and before[0] == "FINISHED"
+    # the run stands for what it started with, updated by the resume: a resume command
+    # that does not repeat seed=7 trains on with it (the checkpoint's random streams)
+    assert before[2]["trainlab.command"].endswith(" trainer.max_epochs=3 seed=7")
+    assert "seed" not in before[2]["trainlab.resume_command"]
+    config = mlflow_client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
+    assert {"max_epochs: 3", "seed: 7"} <= {line.strip() for line in open(config)}
+    (resumed,) = mlflow_client.list_artifacts(run.info.run_id, "resumes")
+    second_epoch_end = sorted(before[3]["val/acc"])[1][0]  # where the resume went on
+    assert resumed.path == f"resumes/step_{second_epoch_end}"
+    assert {a.path.rsplit("/", 1)[-1]
+            for a in mlflow_client.list_artifacts(run.info.run_id, resumed.path)} == {
+        "config.yaml", ".hydra"}
 
     behind = run_trainlab("train", *RUN, "trainer.max_epochs=5", "trainer.resume=old.pt",
                           check=False)
@@ -48,7 +60,21 @@ def test_refused_resumes_leave_the_run_as_it_was_and_new_run_branches_off(
                          f"trainer.resume={ckpts / 'last.pt'}", check=False)
     assert fewer.returncode == 1
     assert "3 epoch(s) done; trainer.max_epochs=2 leaves nothing to train" in fewer.stderr
-    assert "Traceback" not in behind.stderr + fewer.stderr
+    other = run_trainlab("train", *RUN, "optimizer=sgd", "trainer.max_epochs=5",
+                         f"trainer.resume={ckpts / 'last.pt'}", check=False)
+    assert other.stderr.strip().splitlines() == [
+        f"error: trainer.resume={ckpts / 'last.pt'} holds another optimizer's state (without "
+        "the dampening, momentum, nesterov that SGD keeps): resume with the optimizer it "
+        f"trained with, or start SGD from its weights with model.weights_path={ckpts / 'last.pt'}"]
+    mid_epoch = torch.load(ckpts / "last.pt", weights_only=True)
+    mid_epoch.update(epoch=2, batches_done=5, batch_size=64)
+    torch.save(mid_epoch, ckpts / "last.pt")  # as a stop inside epoch 3 leaves it
+    smaller = run_trainlab("train", *RUN, "trainer.max_epochs=5", "data.batch_size=32",
+                           f"trainer.resume={ckpts / 'last.pt'}", check=False)
+    assert smaller.stderr.strip().endswith(
+        "stopped inside epoch 3 after 5 batches of 64; data.batch_size=32 would go on from "
+        "other samples: resume with data.batch_size=64")
+    assert "Traceback" not in behind.stderr + fewer.stderr + other.stderr + smaller.stderr
     assert snapshot(mlflow_client, run.info.run_id) == before
     assert len(runs_of(mlflow_client)) == 1
 

@@ -143,6 +143,8 @@ def test_runner_steps_each_scheduler_as_torch_does(compose, tmp_path, option, ac
         logged = tracker.metrics["lr"]
         assert {(step, lrs["lr"]) for step, lrs in runner.lr.history} <= set(logged)
         assert len({step for step, _ in logged}) == len(logged)
+        assert max(logged)[1] == pytest.approx(expected[-1], rel=1e-9)  # the last step's lr,
+        # not the one a scheduler stepped past the run's end would give a step never taken
     if option != "plateau":  # lr-plot steps the same schedule, unfreezing included
         cfg = compose(f"scheduler={option}", f"trainer.max_epochs={EPOCHS}", *overrides)
         model, unfreezing = finetune(tiny_model(), freeze=["body.*"] if unfreeze_at else None,

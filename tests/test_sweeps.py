@@ -32,7 +32,7 @@ def test_grid_sweep_nests_jobs_and_summarises_failures_and_seeds(run_trainlab, m
                                                                  tmp_path):
     note = "x" * 300  # a long override: job dirs must stay within filesystem limits
     grid = ["train", "-m", "hydra.sweep.dir=grid", "optimizer=sgd",
-            "optimizer.lr=0.0512345678,1e10", "seed=1,2", f"+data.note={note}", *FAST]
+            "optimizer.lr=0.0512345678,1e10", "seed=1,2", f"++data.note={note}", *FAST]
     proc = run_trainlab(*grid, check=False)
     assert proc.returncode == 1, "a failed job fails the sweep, after all jobs ran"
     runs = runs_of(mlflow_client)
@@ -41,7 +41,7 @@ def test_grid_sweep_nests_jobs_and_summarises_failures_and_seeds(run_trainlab, m
     assert parent.info.run_name == "optimizer.lr × seed, 4 jobs"
     assert parent.data.tags["trainlab.command"] == (
         "trainlab train -m hydra.sweep.dir=grid optimizer=sgd optimizer.lr=0.0512345678,1e10 "
-        f"seed=1,2 +data.note={note} " + " ".join(FAST))
+        f"seed=1,2 ++data.note={note} " + " ".join(FAST))
     sweep_dir = Path(parent.data.tags["trainlab.sweep_dir"])
     assert (sweep_dir / "multirun.yaml").is_file()
     job_dirs = [d.name for d in sweep_dir.iterdir() if d.is_dir()]
@@ -70,7 +70,7 @@ def test_grid_sweep_nests_jobs_and_summarises_failures_and_seeds(run_trainlab, m
     out = proc.stdout
     assert "Sweep summary (4 jobs" in out
     assert "overrides of every job: hydra.sweep.dir=grid" not in out
-    assert "overrides of every job: optimizer=sgd +data.note=" in out
+    assert "overrides of every job: optimizer=sgd ++data.note=" in out
     table = out[out.index("Sweep summary"):].splitlines()
     assert table[4].split()[1].startswith("optimizer.lr=0.05123,seed="), "best job first"
     assert max(map(len, table[1:9])) <= 80, "fits the terminal"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
@@ -285,6 +285,35 @@ def unknown_key_problems(cfg: DictConfig, choices: dict) -> list[str]:
     return problems
 
 
+# sections whose keys trainlab reads by name (not passed to a constructor): a key added to
+# one with ``+`` is read by nothing
+CLOSED_SECTIONS = ("", "data", "debug", "paths", "trainer.early_stopping")
+
+
+def added_key_problems(cfg: DictConfig, overrides: Sequence[str]) -> list[str]:
+    """``+data.batchsize=3`` (after Hydra said data has no such key) would train as if never
+    typed: a key added to a section trainlab reads by name is refused, with the keys it has.
+    Components are checked against their constructors instead; ``+group=option`` appends
+    a config group."""
+    problems = []
+    for override in overrides:
+        if not override.startswith("+") or override.startswith("++"):
+            continue
+        key = override_key(override)
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if parent not in CLOSED_SECTIONS or "/" in key or not isinstance(node, DictConfig):
+            continue
+        if parent in SCHEMAS and leaf in {f.name for f in fields(SCHEMAS[parent])}:
+            continue  # read when present (data.ignore_index on a source without one)
+        if not parent and not isinstance(node.get(leaf), (int, float, str, bool, type(None))):
+            continue  # a config group appended at the top (+experiment=…, +debug=fast)
+        where = parent or "the config's top level"
+        problems.append(f"{key}: not a setting trainlab reads (added with +); {where} has: "
+                        + ", ".join(sorted(k for k in node if k != leaf)))
+    return problems
+
+
 def _fp16_on_cpu(cfg: DictConfig) -> str:
     return (
         f"precision.mode=fp16 (precision=fp16) needs a GPU (float16 autocast with loss "
@@ -337,11 +366,12 @@ def relation_problems(cfg: DictConfig, reported: Sequence[str]) -> list[str]:
             f"(trainer.max_epochs={epochs}); choose {allowed}"]
 
 
-def check_config(cfg: DictConfig, choices: dict, hardware: bool = True) -> None:
-    """Raise a :class:`ConfigError` listing every problem of ``cfg``; return when none.
-    ``hardware=False`` leaves out what this machine lacks (for a command that trains
-    nothing)."""
-    problems = schema_problems(cfg)
+def check_config(cfg: DictConfig, choices: dict, hardware: bool = True,
+                 overrides: Sequence[str] = ()) -> None:
+    """Raise a :class:`ConfigError` listing every problem of ``cfg`` (composed with
+    ``overrides``); return when none. ``hardware=False`` leaves out what this machine lacks
+    (for a command that trains nothing)."""
+    problems = schema_problems(cfg) + added_key_problems(cfg, overrides)
     problems += unset_problems(cfg, problems)
     problems += relation_problems(cfg, problems)
     typed = hardware and not any(p.startswith(("trainer.", "precision.")) for p in problems)
@@ -354,6 +384,14 @@ def check_config(cfg: DictConfig, choices: dict, hardware: bool = True) -> None:
         problems += hardware_problems(cfg)
     if problems:
         raise ConfigError(problems)
+
+
+RESUME_KEYS = ("trainer.resume", "trainer.resume_as")
+
+
+def override_key(override: str) -> str:
+    """``optimizer.lr`` of ``+optimizer.lr=0.1`` (and of ``~optimizer.lr``)."""
+    return override.lstrip("+~").partition("=")[0]
 
 
 def resume_as_typed(cfg: DictConfig, overrides: list[str]) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from trainlab.app import CONFIG_DIRS_TAG, compose, config_dir_args, take_config_dirs
+from trainlab.config_check import RESUME_KEYS, override_key
 from trainlab.errors import TrainlabError
 from trainlab.provenance import (
     COMMIT_TAG,
@@ -43,7 +44,6 @@ from trainlab.store import (
 )
 
 MISSING = object()
-RESUME_KEYS = ("trainer.resume", "trainer.resume_as")
 PLAIN = re.compile(r"^[\w./:+@-]+$")  # a string Hydra's override grammar takes unquoted
 
 
@@ -119,7 +119,8 @@ def _download(run_id: str, path: str, into: Path) -> Path | None:
         return None
 
 
-def plan_for(run_id: str, workdir: Path, config_dirs: list[str] = ()) -> Plan:
+def plan_for(run_id: str, workdir: Path, config_dirs: list[str] = (),
+             tracking_uri: str | None = None) -> Plan:
     """Read the run from MLflow and compare it with this environment and today's configs,
     on ``config_dirs`` (else the run's own ``--config-dir`` folders, where they exist).
 
@@ -129,7 +130,7 @@ def plan_for(run_id: str, workdir: Path, config_dirs: list[str] = ()) -> Plan:
 
     from trainlab.tracking import flatten
 
-    client = existing_store("--tracking-uri")
+    client = existing_store("--tracking-uri", tracking_uri)
     run = find_run(client, run_id)
     run_id = run.info.run_id
     tags = run.data.tags
@@ -148,7 +149,7 @@ def plan_for(run_id: str, workdir: Path, config_dirs: list[str] = ()) -> Plan:
     else:
         overrides = [o for o in tags.get("trainlab.overrides", "").split() if o != "(none)"]
     # a resumed run is repeated from its start, not from a checkpoint of the original
-    overrides = [o for o in overrides if _pinned_key(o) not in RESUME_KEYS]
+    overrides = [o for o in overrides if override_key(o) not in RESUME_KEYS]
     plan = _plan_from(run, workdir, run_id, overrides, config_dirs)
     config = _download(run_id, "config.yaml", workdir)
     if config is not None:
@@ -157,15 +158,13 @@ def plan_for(run_id: str, workdir: Path, config_dirs: list[str] = ()) -> Plan:
             pins = pins_for(logged, overrides)
         except TrainlabError as err:  # its configs are not on this search path
             raise TrainlabError(f"{err}; {plan.where_configs()}") from None
-        plan.pinned = [pin for pin in pins if _pinned_key(pin) not in RESUME_KEYS]
+        plan.pinned = [pin for pin in pins if override_key(pin) not in RESUME_KEYS]
     return plan
 
 
 def fresh_sweep(command: list[str], study: str | None) -> list[str]:
     """A sweep's command that starts a new sweep: a sweep dir (and for Optuna a study) of
     its own, where the recorded ones would reopen the old sweep and skip every job."""
-    from trainlab.sweeps import override_key
-
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     fresh = [f"hydra.sweep.dir=${{paths.outputs}}/multiruns/reproduce-{stamp}"]
     if study:
@@ -210,14 +209,10 @@ def pins_for(logged: dict[str, Any], overrides: list[str]) -> list[str]:
         return config_pins(logged, resolved), flatten(OmegaConf.to_container(cfg))
 
     pins, raw = differences([])
-    direct = [pin for pin in pins if "${" not in str(raw.get(_pinned_key(pin), ""))]
+    direct = [pin for pin in pins if "${" not in str(raw.get(override_key(pin), ""))]
     if direct == pins:
         return pins
     return direct + differences(direct)[0]
-
-
-def _pinned_key(pin: str) -> str:
-    return pin.lstrip("+~").partition("=")[0]
 
 
 def report(plan: Plan, here_commit: str | None, here_dirty: bool) -> str:
@@ -274,8 +269,8 @@ def reproduce_cli(args: list[str]) -> int:
     )
     parser.add_argument("run_id", help="the MLflow run id")
     parser.add_argument("--run", action="store_true", help="run the command now, here")
-    parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI "
-                        "or sqlite:///mlflow.db)")
+    parser.add_argument("--tracking-uri", help="MLflow store (default: the one `trainlab "
+                        "train` here logs to)")
     parser.add_argument("--into", type=Path, help="keep the downloaded files (config, diff, "
                         "packages) in this folder")
     parser.add_argument("--config-dir", "-cd", action="append", default=[], metavar="DIR",
@@ -284,14 +279,10 @@ def reproduce_cli(args: list[str]) -> int:
     opts = parser.parse_args(args)
     take_config_dirs(config_dir_args(opts.config_dir))
     config_dirs = [str(Path(d).expanduser().resolve()) for d in opts.config_dir]
-    if opts.tracking_uri:
-        import mlflow
-
-        mlflow.set_tracking_uri(opts.tracking_uri)
     workdir = opts.into or Path(tempfile.mkdtemp(prefix=f"reproduce-{opts.run_id[:8]}-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        plan = plan_for(opts.run_id, workdir, config_dirs)
+        plan = plan_for(opts.run_id, workdir, config_dirs, opts.tracking_uri)
     except TrainlabError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -10,7 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig, OmegaConf, open_dict
+
 from trainlab.checkpoint import CHECKPOINTS_TAG, load_checkpoint, resolve_resume
+from trainlab.config_check import RESUME_KEYS, override_key
 from trainlab.errors import TrainlabError
 from trainlab.liveness import judge
 from trainlab.runner import EarlyStopping
@@ -27,6 +30,7 @@ class ResumePlan:
     run_id: str | None  # the run to continue; None: a new run (``resume_as=new_run``)
     output_dir: Path  # where the fit writes checkpoints: the original run's folder
     tags: dict[str, str] = field(default_factory=dict)
+    started_with: list[str] = field(default_factory=list)  # the reopened run's overrides
 
 
 def plan_resume(trainer: Any, output_dir: Path, tracker: Any) -> ResumePlan | None:
@@ -69,7 +73,7 @@ def plan_resume(trainer: Any, output_dir: Path, tracker: Any) -> ResumePlan | No
             tags["trainlab.origin_run_id"] = origin
         _carry_best(path, Path(output_dir) / "checkpoints")
         return ResumePlan(path, None, Path(output_dir), tags)
-    logged, run_dir, status = _run_record(tracker, origin, path)
+    logged, run_dir, status, started_with = _run_record(tracker, origin, path)
     if max_epochs == done and status == "FINISHED":
         raise nothing_to_train  # else its run was stopped after training: it is finished now
     if path.parent.name == "checkpoints":
@@ -83,7 +87,7 @@ def plan_resume(trainer: Any, output_dir: Path, tracker: Any) -> ResumePlan | No
             ", or add trainer.resume_as=new_run to branch off into a new run"
         )
     tags["trainlab.output_dir"] = str(run_dir)
-    return ResumePlan(path, origin, run_dir, tags)
+    return ResumePlan(path, origin, run_dir, tags, started_with)
 
 
 def resume_checkpoint(value: Any, output_dir: Path, tracker: Any) -> Path | None:
@@ -131,10 +135,10 @@ def unsent_metrics(checkpoint: Path) -> list[tuple[int, dict[str, float]]]:
 
 
 def _run_record(tracker: Any, run_id: str,
-                path: Path) -> tuple[int | None, Path | None, str]:
-    """The step of the last epoch the run logged (None before its first), its output dir and
-    its status; a run still RUNNING in a live process is refused (two processes would write
-    one run)."""
+                path: Path) -> tuple[int | None, Path | None, str, list[str]]:
+    """The step of the last epoch the run logged (None before its first), its output dir,
+    its status and the overrides it started with; a run still RUNNING in a live process is
+    refused (two processes would write one run)."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -160,8 +164,39 @@ def _run_record(tracker: Any, run_id: str,
         log.warning("MLflow run %s was left RUNNING, %s; continuing it", run_id,
                     verdict.reason)
     folder = run.data.tags.get("trainlab.output_dir")
+    started_with = [o for o in run.data.tags.get("trainlab.overrides", "").split()
+                    if o != "(none)"]
     return (max((m.step for m in history), default=None), Path(folder) if folder else None,
-            run.info.status)
+            run.info.status, started_with)
+
+
+def resumed_overrides(started_with: list[str], attempt: list[str]) -> list[str]:
+    """The overrides a resumed run stands for: those it started with, updated by the ones
+    the resume gave (``trainer.max_epochs=20``), its ``trainer.resume*`` keys left out."""
+    given = {override_key(o): o for o in attempt if override_key(o) not in RESUME_KEYS}
+    merged = [given.pop(override_key(o), o) for o in started_with]
+    return merged + list(given.values())
+
+
+def resumed_config(cfg: DictConfig, started_with: list[str], attempt: list[str]) -> DictConfig:
+    """The config a resumed run trains with: the resume's, with the values the run started
+    with that the resume did not give again (``seed=7``, ``optimizer.lr=0.01``). A resume
+    command need not repeat them; its config records what the run really is."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from trainlab.app import config_groups
+
+    given = {override_key(o) for o in attempt}
+    groups = config_groups()
+    effective = cfg.copy()
+    parsed = OverridesParser.create().parse_overrides(
+        [o for o in started_with if override_key(o) not in given])
+    with open_dict(effective):
+        for override in parsed:
+            if override.key_or_group.split("/")[0] in groups or override.is_delete():
+                continue  # a group the resume composes itself (a misfit is refused)
+            OmegaConf.update(effective, override.key_or_group, override.value(), merge=False)
+    return effective
 
 
 def _carry_best(checkpoint: Path, folder: Path) -> None:

@@ -193,9 +193,11 @@ class Runner:
             self.epoch = epoch
             started = time.perf_counter()
             metrics = {**self.train_epoch(epoch), **self.validate()}
+            last_epoch = epoch + 1 == self.max_epochs  # the lrs it steps to train nothing
             if self.scheduler is not None and self.scheduler.interval == "epoch":
                 self.scheduler.step(metrics[self.monitor])
-                self.lr.record(self.global_step)
+                if not last_epoch:
+                    self.lr.record(self.global_step)
             improved = self.checkpoints.note(metrics[self.monitor], epoch)
             if improved:
                 self.best_confusion = self.confusion
@@ -209,7 +211,8 @@ class Runner:
             self._print_epoch(epoch, metrics, time.perf_counter() - started, improved)
             for callback in self.callbacks:
                 callback.on_epoch_end(self, epoch, metrics)
-            self.lr.record(self.global_step)  # a callback may have added a group (unfreezing)
+            if not last_epoch:  # a callback may have added a group (unfreezing)
+                self.lr.record(self.global_step)
             if distributed.any_rank(self.stop.requested):
                 self._interrupted()
             if self.should_stop:
@@ -262,8 +265,9 @@ class Runner:
                     per_batch_scheduler.step()
             totals.update(loss, logits, targets)
             self.global_step += 1
-            if per_batch_scheduler is not None:
-                self.lr.record(self.global_step)
+            if per_batch_scheduler is not None and not (
+                    epoch + 1 == self.max_epochs and index + 1 == n_batches):
+                self.lr.record(self.global_step)  # the lr of the next step, if there is one
             at_log_step = self.global_step % self.log_every == 0
             if at_log_step:  # the only place the step waits for the device
                 window_loss = distributed.reduce_mean({"loss": totals.window()})["loss"]
@@ -300,6 +304,7 @@ class Runner:
         """Continue from a checkpoint: weights, optimizer, scheduler, loss scale, counters,
         random generators, and the position inside an epoch an interruption left."""
         state = load_checkpoint(path)
+        self._check_same_batches(state, path)
         epochs_done = int(state["epoch"]) + (1 if state.get("batches_done") is None else 0)
         for callback in self.callbacks:  # the model and optimizer as the checkpoint left them
             if hasattr(callback, "on_resume"):
@@ -309,6 +314,7 @@ class Runner:
             if self.ema is not None and state.get("raw_model") is not None:
                 self.ema.module.load_state_dict(state["model"])
                 self.ema.n_averaged.fill_(int(state["ema_updates"]))
+            _check_same_optimizer(self.optimizer, state["optimizer"], path)
             self.optimizer.load_state_dict(state["optimizer"])
             if self.scheduler is not None and state.get("scheduler") is not None:
                 self.scheduler.scheduler.load_state_dict(state["scheduler"])
@@ -334,6 +340,16 @@ class Runner:
         return state
 
     # ----------------------------------------------------------------- helpers
+    def _check_same_batches(self, state: dict, path: str | Path) -> None:
+        """A checkpoint taken inside an epoch goes on after the batches it had done: with
+        another batch size those would be other samples (some trained twice, some never)."""
+        saved, now = state.get("batch_size"), getattr(self.train_loader, "batch_size", None)
+        if state.get("batches_done") and None not in (saved, now) and saved != now:
+            raise TrainlabError(
+                f"trainer.resume={path} stopped inside epoch {int(state['epoch']) + 1} after "
+                f"{state['batches_done']} batches of {saved}; data.batch_size={now} would "
+                f"go on from other samples: resume with data.batch_size={saved}")
+
     def _state(self, metrics: dict[str, float], batches_done: int | None = None,
                totals: Any = None) -> dict:
         """Everything a resumed run needs; ``batches_done`` marks a checkpoint taken inside
@@ -349,6 +365,7 @@ class Runner:
             "scaler": self.precision.state_dict(),
             "epoch": self.epoch,
             "batches_done": batches_done,
+            "batch_size": getattr(self.train_loader, "batch_size", None),
             "global_step": self.global_step,
             "metrics": metrics,
             "rng": rng_state(),
@@ -455,3 +472,21 @@ class EarlyStopping:
                     f"early stopping: {runner.monitor} has not improved for {self.patience} "
                     f"epochs (best {runner.best:.4f} at epoch {runner.best_epoch + 1})"
                 )
+
+
+# hyperparameters torch keeps in every optimizer's groups: the others tell optimizers apart
+_SHARED_OPTIMIZER_KEYS = {"lr", "weight_decay", "maximize", "foreach", "capturable",
+                          "differentiable", "fused", "decoupled_weight_decay", "initial_lr"}
+
+
+def _check_same_optimizer(optimizer: torch.optim.Optimizer, saved: dict, path) -> None:
+    """torch loads another optimizer's state without a word and fails at the first step
+    (SGD after Adam: KeyError 'momentum'), after the run was reopened: refuse it here."""
+    needed = set(optimizer.defaults) - _SHARED_OPTIMIZER_KEYS
+    held = set(saved["param_groups"][0]) if saved.get("param_groups") else needed
+    if needed - held:
+        kind = type(optimizer).__name__
+        raise TrainlabError(
+            f"trainer.resume={path} holds another optimizer's state (without the "
+            f"{', '.join(sorted(needed - held))} that {kind} keeps): resume with the optimizer "
+            f"it trained with, or start {kind} from its weights with model.weights_path={path}")

@@ -25,6 +25,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from trainlab.compare import short_numbers
+from trainlab.config_check import override_key
 from trainlab.store import BEST_RUN_TAG, STUDY_TAG, SWEEP_ROLE_TAG
 from trainlab.tracker import PARENT_RUN_ENV
 
@@ -37,11 +38,6 @@ JOB_DIR_LIMIT = 120  # bytes of a job dir name; filesystems allow 255
 VALUE_LIMIT = 24  # longer override values are cut in job dir names
 _swept: set[str] = set()  # keys swept by the sweep this job belongs to
 _open: list[MlflowSweep] = []  # sweeps not summarised yet (Hydra skips the end on errors)
-
-
-def override_key(override: str) -> str:
-    """``+optimizer.lr=0.1`` → ``optimizer.lr``."""
-    return override.split("=", 1)[0].lstrip("+~")
 
 
 def swept_keys(overrides: list[str], sweeper: DictConfig | None) -> set[str]:
@@ -192,7 +188,7 @@ def job_problems(job_cfg: DictConfig, overrides: list[str]) -> list[str]:
         del job_cfg["hydra"]
     resume_as_typed(job_cfg, overrides)
     try:
-        check_config(job_cfg, choices)
+        check_config(job_cfg, choices, overrides=overrides)
     except ConfigError as err:
         return list(err.problems)
     if job_cfg.data.get("num_classes") is None:

@@ -221,7 +221,8 @@ def run(cfg: DictConfig) -> float:
         return done
     choices = OmegaConf.to_container(hydra_cfg.runtime.choices)
     resume_as_typed(cfg, hydra_cfg.overrides.task)
-    check_config(cfg, choices)  # before anything is built, read or tracked
+    # before anything is built, read or tracked
+    check_config(cfg, choices, overrides=hydra_cfg.overrides.task)
 
     from trainlab import distributed
     from trainlab.components import build
@@ -229,7 +230,13 @@ def run(cfg: DictConfig) -> float:
     from trainlab.late_model import log_model_if_owed
     from trainlab.outbox import SPOOL_DIR
     from trainlab.provenance import record as record_provenance
-    from trainlab.resume import plan_resume, resume_checkpoint, unsent_metrics
+    from trainlab.resume import (
+        plan_resume,
+        resume_checkpoint,
+        resumed_config,
+        resumed_overrides,
+        unsent_metrics,
+    )
     from trainlab.seeding import seed_everything
     from trainlab.sync import sync_before_resume
     from trainlab.tracker import NullTracker
@@ -263,6 +270,15 @@ def run(cfg: DictConfig) -> float:
         return float("nan")
     run_name, tags = run_name_and_tags(hydra_cfg)
     run_id = plan.run_id if plan else None
+    logged_cfg, attempt_dir = cfg, ""
+    if run_id:  # the run stands for what it started with, updated by this resume
+        attempt = list(hydra_cfg.overrides.task)
+        overrides = resumed_overrides(plan.started_with, attempt)
+        logged_cfg = resumed_config(cfg, plan.started_with, attempt)
+        tags.update({"trainlab.overrides": " ".join(overrides) or "(none)",
+                     "trainlab.command": " ".join(["trainlab", "train", *overrides]),
+                     "trainlab.resume_command": tags["trainlab.command"]})
+        attempt_dir = f"resumes/step_{prepared.runner.global_step}/"
     if plan:
         tags.update(plan.tags)
     if run_id:
@@ -271,9 +287,11 @@ def run(cfg: DictConfig) -> float:
         record_provenance(tracker, hydra_cfg.runtime.cwd)
         tracker.log_datasets(data.splits, OmegaConf.to_container(cfg.data, resolve=True),
                              choices.get("data") or "data")
-        tracker.log_params(comparable_params(cfg, choices))
-        tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-        tracker.log_artifacts(hydra_dir, ".hydra")
+        tracker.log_params(comparable_params(logged_cfg, choices))
+        tracker.log_text(OmegaConf.to_yaml(logged_cfg, resolve=True), "config.yaml")
+        if attempt_dir:  # the resume's own config and Hydra records, beside the run's
+            tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), f"{attempt_dir}config.yaml")
+        tracker.log_artifacts(hydra_dir, f"{attempt_dir}.hydra")
         log_to_run(data.report, tracker)
         if run_id:
             tracker.log_metric_series(unsent_metrics(resume))
