@@ -174,6 +174,11 @@ def test_a_run_id_resumes_the_last_checkpoint_in_the_folder_its_run_names(
     command = trainlab_in_process("reproduce", short).stdout.splitlines()[-1]
     assert "trainer.max_epochs=2" in command and "trainer.resume" not in command  # from scratch
 
+    too_short = trainlab_in_process("train", *RUN, f"trainer.resume={short[:4]}", check=False)
+    assert too_short.stderr.strip() == (
+        f"error: trainer.resume={short[:4]}: no such checkpoint file; a run id (or its "
+        "prefix) needs 8 or more characters")
+
     (tmp_path / "first").rename(tmp_path / "moved")  # another machine: no such folder
     gone = trainlab_in_process("train", *RUN, "trainer.max_epochs=3",
                                f"trainer.resume={run.info.run_id}", check=False)

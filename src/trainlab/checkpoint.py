@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import secrets
 import time
 from pathlib import Path
@@ -224,7 +225,9 @@ def resolve_resume(value: str | None, output_dir: str | os.PathLike) -> Path | N
     if value != "last":
         path = Path(value).expanduser()
         if not path.is_file():
-            raise TrainlabError(f"trainer.resume={value}: no such checkpoint file")
+            short_id = re.fullmatch(r"[0-9a-f]{1,7}", value) is not None
+            raise TrainlabError(f"trainer.resume={value}: no such checkpoint file" + (
+                "; a run id (or its prefix) needs 8 or more characters" if short_id else ""))
         return path
     output_dir = Path(output_dir).resolve()
     own = output_dir / "checkpoints" / "last.pt"
