@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import runs_of
+from conftest import copy_store, runs_of
 from test_data import write_idx
 from test_finetune_e2e import train_in_process
 
@@ -250,3 +250,31 @@ def test_eval_and_predict_refuse_bad_values_a_missing_file_and_too_large_a_top_k
     trainlab_in_process("predict", run, *images, "top_k=10")
     with open(tmp_path / "preds" / "predictions.csv") as f:
         assert next(csv.reader(f))[-1] == "top10"
+
+
+def test_reading_commands_use_the_store_the_local_config_names_as_train_does(
+        trainlab_in_process, tmp_path, empty_store, tracking_uri):
+    """conf/local/default.yaml names the store; as for train, it comes before
+    $MLFLOW_TRACKING_URI (here the test's own store), and an explicit one before both."""
+    from mlflow.tracking import MlflowClient
+
+    local = tmp_path / "local.db"
+    copy_store(empty_store, local, default_artifacts=str(tmp_path / "mlruns" / "0"))
+    (tmp_path / "conf" / "local").mkdir(parents=True)
+    (tmp_path / "conf" / "local" / "default.yaml").write_text(
+        f"paths:\n  store: sqlite:///{local}\n")
+    trainlab_in_process("train", "model=mlp", "trainer.max_epochs=1", "trainer.progress_bar=false",
+                        "logger.log_model=none", "logger.log_system_metrics=false")
+    (run,) = runs_of(MlflowClient(f"sqlite:///{local}"))
+    short = run.info.run_id[:8]
+    assert any(line.startswith(short) for line in trainlab_in_process("runs").stdout.splitlines())
+    assert "val/acc = " in trainlab_in_process("eval", f"run_id={short}").stdout
+    assert "command:  trainlab train model=mlp" in trainlab_in_process("reproduce", short).stdout
+    unknown = trainlab_in_process("eval", "run_id=abcdef", check=False)
+    assert unknown.stderr.strip().splitlines()[-1] == (
+        f"error: run_id=abcdef: no run of the store sqlite:///{local} has an id starting with "
+        "'abcdef'")
+    elsewhere = trainlab_in_process("reproduce", short, "--tracking-uri", tracking_uri,
+                                    check=False)
+    assert elsewhere.stderr.strip() == (f"error: no run of the store {tracking_uri} has an id "
+                                        f"starting with '{short}'")

@@ -198,11 +198,11 @@ def test_runs_record_environment_git_state_data_and_system_metrics(
     assert repeated.data.params == dirty.data.params
 
 
-def test_reproduce_names_an_unknown_run(run_trainlab, mlflow_client):  # the store exists
+def test_reproduce_names_an_unknown_run(run_trainlab, mlflow_client, tracking_uri):
     proc = run_trainlab("reproduce", "0123456789abcdef", check=False)
     assert proc.returncode == 1
     assert proc.stderr.splitlines()[-1] == (
-        "error: no run of the store has an id starting with '0123456789abcdef'")
+        f"error: no run of the store {tracking_uri} has an id starting with '0123456789abcdef'")
 
 
 def test_reproduce_elsewhere_uses_or_names_the_config_folder_the_run_read(

@@ -427,8 +427,8 @@ def runs_cli(args: list[str]) -> int:
     parser.add_argument("--plot", metavar="PNG", help="draw the metric's curves to this file")
     parser.add_argument("--diff", nargs=2, metavar=("RUN_A", "RUN_B"),
                         help="the params and config that differ between two runs")
-    parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI "
-                        "or sqlite:///mlflow.db)")
+    parser.add_argument("--tracking-uri", help="MLflow store (default: the one `trainlab "
+                        "train` here logs to)")
     parser.add_argument("--cleanup", action="store_true", help="mark RUNNING runs whose "
                         "process is gone KILLED (every experiment, unless --experiment is given)")
     parser.add_argument("--stale-after", type=float, default=10, metavar="MINUTES",

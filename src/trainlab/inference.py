@@ -88,10 +88,11 @@ def _found_source(options: dict[str, str], overrides: list[str], workdir: Path) 
             raise TrainlabError("say which model: run_id=MLFLOW_RUN_ID or ckpt=PATH")
         cfg = compose("train", overrides)
         if "run_id" in options:
-            return replace(_from_run(options["run_id"], which, workdir), cfg=cfg)
+            return replace(_from_run(options["run_id"], which, workdir,
+                                     options.get("tracking_uri")), cfg=cfg)
         return Source(cfg, Path(options["ckpt"]).resolve())
     if "run_id" in options:
-        source = _from_run(options["run_id"], which, workdir)
+        source = _from_run(options["run_id"], which, workdir, options.get("tracking_uri"))
     elif "ckpt" in options:
         checkpoint = Path(options["ckpt"]).resolve()
         candidates = [Path(options["config"])] if "config" in options else [
@@ -108,11 +109,11 @@ def _found_source(options: dict[str, str], overrides: list[str], workdir: Path) 
     return source
 
 
-def _from_run(run_id: str, which: str, workdir: Path) -> Source:
+def _from_run(run_id: str, which: str, workdir: Path, tracking_uri: str | None) -> Source:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    client = existing_store("tracking_uri=URI")
+    client = existing_store("tracking_uri=URI", tracking_uri)
     try:
         run = find_run(client, run_id)
     except TrainlabError as err:
@@ -202,8 +203,6 @@ def evaluate(options: dict[str, str], overrides: list[str]) -> dict[str, float]:
     from trainlab.runner import loop_settings
     from trainlab.tracking import flatten
 
-    if "tracking_uri" in options:
-        mlflow.set_tracking_uri(options["tracking_uri"])
     split = options.get("split", "val")
     with tempfile.TemporaryDirectory(prefix="trainlab-eval-") as tmp:
         source = find_source(options, overrides, Path(tmp))
@@ -310,15 +309,12 @@ def predict(options: dict[str, str], overrides: list[str]) -> Path:
     """Predict every image of ``input`` in batches: a CSV of classes (file, class, its
     probability, the top k) or one PNG mask per image. Unreadable files are skipped and
     listed. Images go through the training data's own preprocessing."""
-    import mlflow
     import torch
     from tqdm.auto import tqdm
 
     from trainlab.data.check import counted
     from trainlab.data.images import IMAGE_SUFFIXES, BadFile, ImageFiles
 
-    if "tracking_uri" in options:
-        mlflow.set_tracking_uri(options["tracking_uri"])
     if "input" not in options:
         raise TrainlabError("say which images: input=FOLDER")
     folder = Path(options["input"])

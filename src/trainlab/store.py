@@ -1,7 +1,7 @@
 """The MLflow store that reading commands (`trainlab runs`, `eval`/`predict run_id=`,
-`reproduce`, `trainer.resume=RUN_ID`) open: one that does not exist is refused in one line,
-never created empty in whatever folder the command happened to run in; and runs named by
-the short id prefix `trainlab runs` shows."""
+`reproduce`, `trainer.resume=RUN_ID`) open: the one `trainlab train` here would log to; one
+that does not exist is refused in one line, never created empty in whatever folder the
+command happened to run in; and runs named by the short id prefix `trainlab runs` shows."""
 
 from __future__ import annotations
 
@@ -24,12 +24,27 @@ def sqlite_file(uri: str) -> Path | None:
     return Path(uri[len(prefix):].split("?", 1)[0])
 
 
+def configured(*keys: str) -> Any:
+    """The first of ``keys`` set in the config `trainlab train` would run here (./conf,
+    --config-dir, and conf/local/default.yaml, where a machine names its tracking server),
+    or None."""
+    from omegaconf import OmegaConf
+
+    from trainlab.app import compose
+
+    cfg = compose("train")
+    return next(filter(None, (OmegaConf.select(cfg, key, default=None) for key in keys)), None)
+
+
 def existing_store(option: str, tracking_uri: str | None = None) -> Any:
-    """A client of ``tracking_uri`` (else MLflow's current URI) once its store is known to
-    exist; ``option`` is how the command is told another store, named in the refusal."""
+    """A client of ``tracking_uri``, else of the store `trainlab train` here would log to:
+    as there, the config's ``logger.tracking_uri`` (``paths.store``) before MLflow's current
+    URI (``$MLFLOW_TRACKING_URI``, sqlite:///mlflow.db); once the store is known to exist.
+    ``option`` is how the command is told another store, named in the refusal."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    tracking_uri = tracking_uri or configured("logger.tracking_uri", "paths.store")
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     uri = mlflow.get_tracking_uri()
@@ -58,7 +73,7 @@ def find_run(client: Any, prefix: str, experiment_ids: list[str] | None = None) 
         if run is not None and run.info.experiment_id in (experiment_ids or [
                 run.info.experiment_id]):
             return run
-    where = "this experiment" if experiment_ids else "the store"
+    where = "this experiment" if experiment_ids else f"the store {client.tracking_uri}"
     if experiment_ids is None:
         experiment_ids = [e.experiment_id for e in client.search_experiments()]
     found = [run for run in client.search_runs(experiment_ids, max_results=50000)
