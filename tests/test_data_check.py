@@ -243,6 +243,10 @@ def test_lossy_binary_masks_keep_their_area(compose, tmp_path):
     data = prepare_data(compose(*seg(root, "data.image_size=[64,64]", ext="jpg")), {})
     area = all_masks(data).float().sum(dim=(1, 2)) / (32 * 24)
     assert torch.all((area - 1).abs() < 0.03)
+    # classes cannot be read from them: inferring is refused, not 200-odd classes
+    with pytest.raises(TrainlabError, match=r"data.num_classes=null: masks such as .*car\d_mask"
+                       r".jpg are JPEG, whose compression leaves \d+ distinct values"):
+        prepare_data(compose(*seg(root, "data.num_classes=null", ext="jpg")), {})
 
 
 def test_colour_masks_map_through_the_palette(compose, tmp_path):

@@ -205,6 +205,9 @@ def _scan_splits(splits, num_classes, task, mode, source, skip, names) -> DataRe
     return report
 
 
+LOSSY_SUFFIXES = (".jpg", ".jpeg")  # mask values blur at edges: not class indices
+
+
 def _infer_mask_classes(splits, classes) -> None:
     """num_classes null on masks: from the palette, the label map or the masks' values;
     values 0 and 1, or 0 and one value at least the threshold (0/255), are binary. A mask
@@ -221,6 +224,14 @@ def _infer_mask_classes(splits, classes) -> None:
         values.discard(classes.ignore_index)
         found = values - {0}
         binary = found <= {1} or (len(found) == 1 and min(found) >= classes.threshold)
+        lossy = [path for dataset in (splits.train, splits.val) for _, path in dataset.pairs
+                 if Path(path).suffix.lower() in LOSSY_SUFFIXES]
+        if lossy and not binary:
+            raise TrainlabError(
+                f"data.num_classes=null: masks such as {lossy[0]} are JPEG, whose compression "
+                f"leaves {len(values)} distinct values where classes were drawn; set "
+                "data.num_classes=1 for binary masks (split at data.dataset.mask_threshold="
+                f"{classes.threshold}) or the number of classes, or save the masks as PNG")
         classes.num_classes = 1 if binary else max(values) + 1
     else:
         classes.num_classes = classes.allowed
