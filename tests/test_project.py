@@ -232,6 +232,24 @@ def test_reproduce_elsewhere_uses_or_names_the_config_folder_the_run_read(
     assert f"command:  trainlab train --config-dir {moved} experiment=mine" in report
 
 
+def test_runs_shows_the_projects_experiment_beside_the_debug_runs(trainlab_in_process,
+                                                                  mlflow_client, tmp_path):
+    fast = ["model=mlp", "debug=fast", "trainer.progress_bar=false",
+            "logger.log_system_metrics=false"]
+    trainlab_in_process("train", *fast)
+    trainlab_in_process("train", *fast, "logger.experiment_name=mine")
+    (mine,) = runs_of(mlflow_client, "mine")
+    table = trainlab_in_process("runs").stdout.splitlines()
+    assert table[0] == "experiment mine (the store's only one besides debug)"
+    assert table[4].startswith(mine.info.run_id[:8])
+
+    trainlab_in_process("train", *fast, "logger.experiment_name=other")
+    write(tmp_path / "conf" / "local" / "default.yaml", "logger:\n  experiment_name: mine\n")
+    table = trainlab_in_process("runs").stdout.splitlines()
+    assert table[0] == "experiment mine (logger.experiment_name)"
+    assert [line[:8] for line in table[4:]] == [mine.info.run_id[:8]]
+
+
 # -------------------------------------------------------------------------- init
 def test_init_names_the_package_after_the_folder_and_refuses_to_overwrite(run_trainlab, tmp_path):
     run_trainlab("init", "My-Cats")

@@ -22,7 +22,7 @@ from pathlib import PurePath
 from typing import Any
 
 from trainlab.errors import TrainlabError
-from trainlab.store import SWEEP_ROLE_TAG, best_job_hint, existing_store, find_run
+from trainlab.store import SWEEP_ROLE_TAG, best_job_hint, configured, existing_store, find_run
 
 COLUMNS = ("id", "run", "status", "overrides", "best", "last", "duration")
 ID_CHARS = 8  # run ids are shown (and accepted) as prefixes this long
@@ -315,21 +315,30 @@ def _cleanup(client, experiment: str | None, stale_after_min: float) -> int:
 
 
 DEFAULT_EXPERIMENT = "trainlab"
+DEBUG_EXPERIMENT = "debug"  # where debug=fast|overfit|profile runs go (conf/debug/)
 
 
 def experiment_named(client, name: str | None):
-    """The experiment ``name``; without a name, ``trainlab``, or else the store's only
-    experiment besides MLflow's ``Default`` (a project's own, such as `trainlab init`'s)."""
-    experiment = client.get_experiment_by_name(name or DEFAULT_EXPERIMENT)
+    """The experiment ``name``; without a name, the one the config `trainlab train` here
+    runs names (``logger.experiment_name``, ``trainlab``), or else the store's only one
+    besides MLflow's ``Default`` and the debug runs' (a project's own, such as the one a
+    `trainlab init` project's experiment preset names)."""
+    wanted = name or configured("logger.experiment_name") or DEFAULT_EXPERIMENT
+    experiment = client.get_experiment_by_name(wanted)
+    if name is None and experiment is not None and wanted != DEFAULT_EXPERIMENT:
+        print(f"experiment {wanted} (logger.experiment_name)")
     if experiment is None and name is None:
-        own = [e for e in client.search_experiments() if e.name != "Default"]
+        experiments = client.search_experiments()
+        own = [e for e in experiments if e.name not in ("Default", DEBUG_EXPERIMENT)]
         if len(own) == 1:
-            print(f"experiment {own[0].name} (the store's only one)")
+            debug = any(e.name == DEBUG_EXPERIMENT for e in experiments)
+            print(f"experiment {own[0].name} (the store's only one"
+                  + (f" besides {DEBUG_EXPERIMENT})" if debug else ")"))
             return own[0]
     if experiment is None:
         names = sorted(e.name for e in client.search_experiments())
-        raise TrainlabError(f"no MLflow experiment {name or DEFAULT_EXPERIMENT!r} in the "
-                            f"store; choose one with --experiment: {', '.join(names)}")
+        raise TrainlabError(f"no MLflow experiment {wanted!r} in the store; choose one with "
+                            f"--experiment: {', '.join(names)}")
     return experiment
 
 
@@ -414,7 +423,8 @@ def format_diff(client, run_a, run_b) -> str:
 def runs_cli(args: list[str]) -> int:
     """`trainlab runs`: print a comparison table of tracked runs."""
     parser = argparse.ArgumentParser(prog="trainlab runs", description=runs_cli.__doc__)
-    parser.add_argument("--experiment", help="MLflow experiment name (trainlab; with "
+    parser.add_argument("--experiment", help="MLflow experiment name (default: the config's "
+                        "logger.experiment_name, else the store's only one besides debug; with "
                         "--cleanup: every experiment)")
     parser.add_argument("--sweep", metavar="ID", help="a sweep's parent run (an id prefix "
                         "is enough): only its jobs")
