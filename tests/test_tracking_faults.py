@@ -188,7 +188,7 @@ def test_sigint_while_the_server_is_down_stops_at_once_and_sync_delivers_later(
     synced = sync(tmp_path)
     assert synced.returncode == 0, synced.stderr
     again = sync(tmp_path)
-    assert again.returncode == 1 and "nothing waits" in again.stderr
+    assert again.returncode == 0 and again.stdout.startswith("out: nothing to send")
     (run,) = runs_of(server.client())
     assert run.info.status == "KILLED"
     assert_every_epoch_once(server.client(), run.info.run_id, epochs_done)
@@ -246,7 +246,7 @@ def test_resuming_a_run_stopped_while_the_server_was_down_sends_its_spool_first(
     assert run.info.status == "FINISHED"
     assert_every_epoch_once(client, run.info.run_id, epochs_done + 2)
     assert len(run.outputs.model_outputs) == 1
-    assert sync(tmp_path).returncode == 1  # nothing waits
+    assert "nothing to send" in sync(tmp_path).stdout
 
 
 def test_a_model_owed_while_the_server_was_down_is_logged_and_registered_by_sync(
@@ -295,7 +295,7 @@ def test_a_model_owed_while_the_server_was_down_is_logged_and_registered_by_sync
         torch.testing.assert_close(logged.eval()(batch), trained(batch))
 
     again = sync(tmp_path)
-    assert again.returncode == 1 and "nothing waits" in again.stderr
+    assert again.returncode == 0 and again.stdout.startswith("out: nothing to send")
     assert len(client.search_model_versions("name='digits_mlp'")) == 1, "registered twice"
     assert len(client.get_run(run.info.run_id).outputs.model_outputs) == 1, "logged twice"
 
@@ -401,3 +401,17 @@ def test_a_warning_from_the_sender_thread_never_splits_an_epoch_line():
     lines = proc.stdout.splitlines()
     assert len(lines) == 4000
     assert [line for line in lines if not re.fullmatch(r"(warning:|epoch) \d+", line)] == []
+
+
+def test_sync_of_a_run_with_nothing_spooled_says_so_and_refuses_a_folder_of_no_run(
+        trainlab_in_process, tmp_path):
+    trainlab_in_process("train", "model=mlp", "debug=fast", "trainer.progress_bar=false",
+                        "logger.log_system_metrics=false", "hydra.run.dir=out")
+    synced = trainlab_in_process("sync", "out")
+    assert synced.stdout == "out: nothing to send (no MLflow calls or model wait in its " \
+        "mlflow-spool/)\n"
+    (tmp_path / "other").mkdir()
+    refused = trainlab_in_process("sync", "other", check=False)
+    assert refused.returncode == 1
+    assert refused.stderr == "error: other has no mlflow-spool/ to send and is no run's " \
+        "output folder (no .hydra/): nothing waits there\n"

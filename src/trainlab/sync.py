@@ -26,16 +26,22 @@ from trainlab.outbox import (
     spooled_run,
 )
 
+RUN_RECORD = ".hydra"  # what every run's output folder holds: Hydra's record of its config
 
-def sync(output_dir: str | os.PathLike) -> tuple[int, bool]:
+
+def sync(output_dir: str | os.PathLike) -> tuple[int, bool] | None:
     """Send the spool a run left in ``output_dir``; returns how many calls were sent and
-    whether the run's owed model was logged."""
+    whether the run's owed model was logged, or None when nothing waits (a run's spool goes
+    once sent, so a second sync finds none)."""
     from mlflow.tracking import MlflowClient
 
     spool_dir = Path(output_dir) / SPOOL_DIR
     run = spooled_run(spool_dir)
     if run is None:
-        raise TrainlabError(f"{output_dir} has no {SPOOL_DIR}/ to send: nothing waits there")
+        if (Path(output_dir) / RUN_RECORD).is_dir():
+            return None
+        raise TrainlabError(f"{output_dir} has no {SPOOL_DIR}/ to send and is no run's output "
+                            f"folder (no {RUN_RECORD}/): nothing waits there")
     client = MlflowClient(run["tracking_uri"])
     sent = _send_calls(spool_dir, client, run)
     logged = owed_model(spool_dir) is not None and log_owed_model(spool_dir, client, run)
@@ -99,11 +105,16 @@ def sync_cli(args: list[str]) -> int:
     failed = 0
     for folder in args:
         try:
-            sent, logged = sync(folder)
+            result = sync(folder)
         except TrainlabError as err:
             print(f"error: {err}", file=sys.stderr)
             failed += 1
             continue
+        if result is None:
+            print(f"{folder}: nothing to send (no MLflow calls or model wait in its "
+                  f"{SPOOL_DIR}/)")
+            continue
+        sent, logged = result
         print(f"{folder}: sent {sent} spooled MLflow calls"
               + (" and logged the run's model" if logged else ""))
     return 1 if failed else 0
