@@ -439,8 +439,8 @@ def test_a_grid_with_a_misspelt_option_or_an_unfitting_loss_is_refused_before_an
                                   *ONE_EPOCH[1:], check=False)
     assert refused.returncode == 1
     assert sorted(refused.stderr.splitlines()) == [
-        "error: model=nosuch: no such option; choose one of cnn, mlp, timm, torchvision, "
-        "unet (2 of 4 jobs; none was run)",
+        "error: model=nosuch: no model/nosuch.yaml on the config search path; model "
+        "options: cnn, mlp, timm, torchvision, unet (2 of 4 jobs; none was run)",
         "error: loss=dice does not fit data.task=classification with 10 classes "
         "(classification); losses that fit: ce, nll, focal, bce_logits, bce, l1, mse, "
         "smooth_l1, huber, kl_div (1 of 4 jobs; none was run)"][::-1]

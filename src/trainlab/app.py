@@ -111,12 +111,61 @@ def make_user_code_importable() -> None:
 
 def run_hydra_app(app, name: str, args: list[str]) -> int:
     """Call a ``@hydra.main`` function with ``args`` as its command line, on the shared
-    config search path."""
+    config search path. A misspelt group option is one line naming the close ones (Hydra
+    prints a page: every option, the search path, a hint about stack traces)."""
     args = take_config_dirs(args)
     make_user_code_importable()
+    problems = unknown_options([arg for arg in args if not arg.startswith("-")])
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if problems:
+        return 1
     sys.argv = [f"trainlab-{name}", *args]
     app()
     return 0
+
+
+def unknown_options(overrides: list[str]) -> list[str]:
+    """``group=option`` overrides whose option is found nowhere on the config search path,
+    each as one line with the close names and every option of the group. Sweep lists
+    (``loss=ce,dice``) are the sweep check's."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    groups = config_groups()
+    chosen = [(group, option) for group, _, option in
+              (override.lstrip("+").partition("=") for override in overrides)
+              if group in groups and option not in ("", "null") and not set(option) & set(",()[]")]
+    if not chosen:
+        return []
+    problems = []
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        for group, option in chosen:
+            options = loader.get_group_options(group)
+            if option in options:
+                continue
+            problems.append(option_problem(group, option, options))
+    return problems
+
+
+def option_problem(group: str, option: str, options: list[str]) -> str:
+    """One line for a group option that does not exist: the close names, then them all."""
+    from difflib import get_close_matches
+
+    close = get_close_matches(option, options, n=3)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    return (f"{group}={option}: no {group}/{option}.yaml on the config search path; "
+            f"{hint}{group} options: {', '.join(options)}")
+
+
+def composition_problem(err) -> str:
+    """A config Hydra cannot compose (a misspelt ``model=nosuch``, an unknown key) as one
+    line, naming the options there are."""
+    group, _, option = (getattr(err, "missing_cfg_file", None) or "").rpartition("/")
+    if group and getattr(err, "options", None):
+        return option_problem(group, option, list(err.options))
+    return " ".join(str(err).split())
 
 
 def compose(config_name: str = "train", overrides: list[str] | tuple[str, ...] = ()):
@@ -126,22 +175,15 @@ def compose(config_name: str = "train", overrides: list[str] | tuple[str, ...] =
     optional group's, ``experiment=NAME``, without a word)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import ConfigCompositionException
 
     from trainlab.errors import TrainlabError
-    from trainlab.sweeps import composition_problem
 
     make_user_code_importable()
-    groups = config_groups()
+    problems = unknown_options(list(overrides))
+    if problems:
+        raise TrainlabError("\n".join(problems))
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        loader = GlobalHydra.instance().config_loader()
-        for override in overrides:
-            group, _, option = override.lstrip("+").partition("=")
-            options = loader.get_group_options(group) if group in groups else [option]
-            if option not in (*options, "null"):
-                raise TrainlabError(f"{group}={option}: no {group}/{option}.yaml on the config "
-                                    f"search path; {group} options there: {', '.join(options)}")
         try:
             return hydra_compose(config_name, overrides=list(overrides))
         except ConfigCompositionException as err:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 
+from trainlab.app import take_config_dirs
 from trainlab.errors import TrainlabError
 from trainlab.store import SWEEP_ROLE_TAG, best_job_hint, existing_store, find_run
 
@@ -260,7 +261,8 @@ def evaluate(options: dict[str, str], overrides: list[str]) -> dict[str, float]:
 
 def eval_cli(args: list[str]) -> int:
     """`trainlab eval run_id=ID|ckpt=PATH [split=val|train|test] [checkpoint=best|last] [a.b=v]`."""
-    return _guarded(lambda: evaluate(*parse_args(args, EVAL_OPTIONS)), eval_cli.__doc__, args)
+    return _guarded(lambda given: evaluate(*parse_args(given, EVAL_OPTIONS)), eval_cli.__doc__,
+                    args)
 
 
 # ------------------------------------------------------------------------ predict
@@ -437,8 +439,8 @@ class MaskWriter:
 def predict_cli(args: list[str]) -> int:
     """`trainlab predict run_id=ID|ckpt=PATH input=FOLDER [output=DIR] [tta=true] [top_k=5]
     [a.b=value ...]`."""
-    return _guarded(lambda: predict(*parse_args(args, PREDICT_OPTIONS)), predict_cli.__doc__,
-                    args)
+    return _guarded(lambda given: predict(*parse_args(given, PREDICT_OPTIONS)),
+                    predict_cli.__doc__, args)
 
 
 def _guarded(action, usage: str, args: list[str]) -> int:
@@ -448,7 +450,7 @@ def _guarded(action, usage: str, args: list[str]) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        action()
+        action(take_config_dirs(args))  # --config-dir DIR, as every command takes it
     except TrainlabError as err:
         for line in str(err).splitlines():  # a config's problems: one line each
             print(f"error: {line}", file=sys.stderr)

@@ -203,8 +203,8 @@ class Runner:
                 self.best_confusion = self.confusion
             self.checkpoints.save(self._state(metrics), improved)
             metrics["epoch"] = epoch
-            if not self.lr.changed_at(self.global_step):  # else logged as a change just now
-                metrics.update(self.lr.current)
+            if not self.lr.changed_at(self.global_step) and not last_epoch:
+                metrics.update(self.lr.current)  # (a change was logged as such just now)
             self.metric_log.log_metrics(metrics, step=self.global_step)
             self.lr.log_changes(self.metric_log)
             history.append(metrics)
@@ -324,7 +324,7 @@ class Runner:
                 f"trainer.resume={path} does not fit this run's model/optimizer: {err}"
             ) from err
         self.global_step = int(state["global_step"])
-        self.lr.resumed(self.global_step)
+        self.lr.resumed(self.global_step, state.get("lr_logged"))
         self.checkpoints.restore(state)
         batches_done = state.get("batches_done")
         self.epoch = int(state["epoch"]) + (1 if batches_done is None else 0)
@@ -373,6 +373,7 @@ class Runner:
             "train_totals": totals.state_dict() if totals is not None
             and not distributed.is_distributed() else None,
             "logged_rows": self.metric_log.unconfirmed(),
+            "lr_logged": self.lr.current if self.lr.history else None,
         }
 
     def _log_plots(self) -> None:
@@ -433,7 +434,7 @@ class Runner:
             f"epoch {epoch + 1:>3}/{self.max_epochs}  "
             f"train loss {metrics['train/loss_epoch']:.4f} {main} {metrics[f'train/{main}']:6.2%}  "
             f"val loss {metrics['val/loss']:.4f} {main} {metrics[f'val/{main}']:6.2%}  "
-            f"lr {self.optimizer.param_groups[0]['lr']:.2e}  {seconds:5.1f}s"
+            f"lr {next(iter(self.lr.current.values())):.2e}  {seconds:5.1f}s"
             + ("  *best" if improved else "")
         )
         tqdm.write(line)

@@ -239,9 +239,14 @@ class LrLog:
             self.history.append((step, lrs))
             self._unlogged.append((step, lrs))
 
-    def resumed(self, step: int) -> None:
-        """A resumed run logged its lrs before ``step``: note them there, not as a change."""
-        self.history = [(step, current_lrs(self.optimizer))]
+    def resumed(self, step: int, logged: dict[str, float] | None = None) -> None:
+        """A resumed run logged its lrs before ``step``: note them there, and log them as a
+        change when they are not the ``logged`` ones (its last epoch logs none it would not
+        train with; a run going on from there does)."""
+        lrs = current_lrs(self.optimizer)
+        self.history = [(step, lrs)]
+        if logged is not None and logged != lrs:
+            self._unlogged.append((step, lrs))
 
     def log_changes(self, tracker) -> None:
         """Log every change since the last call, each at the step it took effect."""

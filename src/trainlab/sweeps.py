@@ -24,6 +24,7 @@ from hydra.errors import CompactHydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from trainlab.app import composition_problem
 from trainlab.compare import short_numbers
 from trainlab.config_check import override_key
 from trainlab.store import BEST_RUN_TAG, STUDY_TAG, SWEEP_ROLE_TAG
@@ -203,15 +204,6 @@ def job_problems(job_cfg: DictConfig, overrides: list[str]) -> list[str]:
     except TrainlabError as err:
         problem = str(err)
     return [problem] if problem else []
-
-
-def composition_problem(err) -> str:
-    """A job config Hydra cannot compose (a misspelt ``model=nosuch``, an unknown key) as
-    one line, naming the options there are."""
-    group, _, option = (getattr(err, "missing_cfg_file", None) or "").rpartition("/")
-    if group and getattr(err, "options", None):
-        return f"{group}={option}: no such option; choose one of {', '.join(err.options)}"
-    return " ".join(str(err).split())
 
 
 class MlflowSweep(Callback):

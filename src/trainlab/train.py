@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 def run_name_and_tags(hydra_cfg: DictConfig) -> tuple[str, dict[str, str]]:
     """A run is named by its overrides (``loss=dice,optimizer.lr=0.01``), or ``default``;
     its command names the config folders it read (``--config-dir``) to run anywhere."""
-    from trainlab.app import CONFIG_DIRS_TAG, config_dir_args, given_config_dirs
+    from trainlab.app import CONFIG_DIRS_TAG, given_config_dirs
     from trainlab.sweeps import run_name
 
     overrides = list(hydra_cfg.overrides.task)
@@ -38,11 +38,19 @@ def run_name_and_tags(hydra_cfg: DictConfig) -> tuple[str, dict[str, str]]:
     tags = {
         "trainlab.overrides": " ".join(overrides) or "(none)",
         "trainlab.output_dir": str(Path(hydra_cfg.runtime.output_dir).resolve()),
-        "trainlab.command": " ".join(["trainlab", "train", *config_dir_args(dirs), *overrides]),
+        "trainlab.command": train_command(overrides),
     }
     if dirs:
         tags[CONFIG_DIRS_TAG] = os.pathsep.join(dirs)
     return name, tags
+
+
+def train_command(overrides: list[str]) -> str:
+    """The `trainlab train` command line of ``overrides``, naming the config folders this
+    process reads (``--config-dir``) so that it runs anywhere."""
+    from trainlab.app import config_dir_args, given_config_dirs
+
+    return " ".join(["trainlab", "train", *config_dir_args(given_config_dirs()), *overrides])
 
 
 def torchrun_rank_overrides() -> list[str]:
@@ -276,7 +284,7 @@ def run(cfg: DictConfig) -> float:
         overrides = resumed_overrides(plan.started_with, attempt)
         logged_cfg = resumed_config(cfg, plan.started_with, attempt)
         tags.update({"trainlab.overrides": " ".join(overrides) or "(none)",
-                     "trainlab.command": " ".join(["trainlab", "train", *overrides]),
+                     "trainlab.command": train_command(overrides),
                      "trainlab.resume_command": tags["trainlab.command"]})
         attempt_dir = f"resumes/step_{prepared.runner.global_step}/"
     if plan:
