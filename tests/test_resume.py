@@ -5,6 +5,7 @@ step once with the weights of a run never interrupted."""
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -45,6 +46,10 @@ def test_refused_resumes_leave_the_run_as_it_was_and_new_run_branches_off(
     assert "seed" not in before[2]["trainlab.resume_command"]
     config = mlflow_client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
     assert {"max_epochs: 3", "seed: 7"} <= {line.strip() for line in open(config)}
+    repeat = run_trainlab("reproduce", run.info.run_id).stdout.splitlines()
+    assert "config:   today's configs give the same values" in repeat
+    assert shlex.split(repeat[-1].removeprefix("command:  ")) == \
+        before[2]["trainlab.command"].split()
     (resumed,) = mlflow_client.list_artifacts(run.info.run_id, "resumes")
     second_epoch_end = sorted(before[3]["val/acc"])[1][0]  # where the resume went on
     assert resumed.path == f"resumes/step_{second_epoch_end}"

@@ -387,6 +387,7 @@ def check_config(cfg: DictConfig, choices: dict, hardware: bool = True,
 
 
 RESUME_KEYS = ("trainer.resume", "trainer.resume_as")
+RESUME_COMMAND_TAG = "trainlab.resume_command"  # a resumed run's last resume, as typed
 
 
 def override_key(override: str) -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from trainlab.app import CONFIG_DIRS_TAG, compose, config_dir_args, take_config_dirs
-from trainlab.config_check import RESUME_KEYS, override_key
+from trainlab.config_check import RESUME_COMMAND_TAG, RESUME_KEYS, override_key
 from trainlab.errors import TrainlabError
 from trainlab.provenance import (
     COMMIT_TAG,
@@ -143,7 +143,9 @@ def plan_for(run_id: str, workdir: Path, config_dirs: list[str] = (),
                                       tags.get(STUDY_TAG)), config_dirs)
         plan.sweep = True
         return plan
-    overrides_file = _download(run_id, ".hydra/overrides.yaml", workdir)
+    # Hydra's record, quoting kept; a resumed run stands for the tag's merged overrides
+    overrides_file = None if RESUME_COMMAND_TAG in tags else _download(
+        run_id, ".hydra/overrides.yaml", workdir)
     if overrides_file is not None:
         overrides = list(OmegaConf.load(overrides_file))
     else:

@@ -220,7 +220,7 @@ def run(cfg: DictConfig) -> float:
     More than one device: the job spawns the DDP workers (one output dir, one MLflow run
     that rank 0 logs into); under an outside ``torchrun`` each process joins its group.
     """
-    from trainlab.config_check import check_config, resume_as_typed
+    from trainlab.config_check import RESUME_COMMAND_TAG, check_config, resume_as_typed
     from trainlab.sweeps import finished_job, job_callbacks
 
     hydra_cfg = HydraConfig.get()
@@ -285,7 +285,7 @@ def run(cfg: DictConfig) -> float:
         logged_cfg = resumed_config(cfg, plan.started_with, attempt)
         tags.update({"trainlab.overrides": " ".join(overrides) or "(none)",
                      "trainlab.command": train_command(overrides),
-                     "trainlab.resume_command": tags["trainlab.command"]})
+                     RESUME_COMMAND_TAG: tags["trainlab.command"]})
         attempt_dir = f"resumes/step_{prepared.runner.global_step}/"
     if plan:
         tags.update(plan.tags)
