@@ -40,7 +40,8 @@ def log_model_later(client: Any, run_id: str, tracker: Any, example: Path | None
 
     run = client.get_run(run_id)
     with tempfile.TemporaryDirectory() as workdir:
-        source = find_source({"run_id": run_id}, [], Path(workdir))
+        source = find_source({"run_id": run_id, "tracking_uri": client.tracking_uri}, [],
+                             Path(workdir))
         best_epoch = int(load_checkpoint(source.checkpoint)["best_epoch"])
         # the same epoch's model is there already (a resumed run that trained on has not)
         if run.data.tags.get(MODEL_EPOCH_TAG) == str(best_epoch + 1):

@@ -28,10 +28,13 @@ def configured(*keys: str) -> Any:
     """The first of ``keys`` set in the config `trainlab train` would run here (./conf,
     --config-dir, and conf/local/default.yaml, where a machine names its tracking server),
     or None."""
+    from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
     from trainlab.app import compose
 
+    if GlobalHydra.instance().is_initialized():
+        return None  # inside a running app (a run, a sweep): its config chose the store
     cfg = compose("train")
     return next(filter(None, (OmegaConf.select(cfg, key, default=None) for key in keys)), None)
 
