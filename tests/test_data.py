@@ -140,17 +140,24 @@ def test_image_folder_errors_name_the_bad_folder_or_file(compose, tmp_path):
     assert "\n" not in str(err.value)  # the worker's traceback is not part of the message
 
 
-def test_csv_images_map_class_names(compose, tmp_path):
+def csv_images(folder: Path, labels: list) -> tuple[list[str], Path, list[str]]:
+    """``len(labels)`` grey PNGs in ``folder/img`` and the lines of their labels CSV (written
+    by the caller to the returned path), with the overrides that read them."""
     rng = np.random.default_rng(0)
     lines = ["file,label"]
-    for i in range(6):
-        write_png(tmp_path / "img" / f"{i}.png", rng.integers(0, 256, (10, 10)))
-        lines.append(f"{i}.png,{'ship' if i % 2 else 'plane'}")
-    table = tmp_path / "labels.csv"
+    for i, label in enumerate(labels):
+        write_png(folder / "img" / f"{i}.png", rng.integers(0, 256, (10, 10)))
+        lines.append(f"{i}.png,{label}")
+    table = folder / "labels.csv"
+    args = ["data=csv_images", f"data.dataset.root={folder / 'img'}", f"data.dataset.csv={table}",
+            "data.image_size=[12,12]", "data.dataset.val_fraction=0.5"]
+    return lines, table, args
+
+
+def test_csv_images_map_class_names(compose, tmp_path):
+    lines, table, args = csv_images(tmp_path, ["ship" if i % 2 else "plane" for i in range(6)])
     table.write_text("\n".join(lines))
-    args = ["data=csv_images", f"data.dataset.root={tmp_path / 'img'}", f"data.dataset.csv={table}",
-            "data.in_channels=1", "data.image_size=[12,12]",
-            "data.num_workers=0", "data.dataset.val_fraction=0.5"]
+    args += ["data.in_channels=1", "data.num_workers=0"]
     cfg, splits = build_data(compose, *args)
     assert splits.class_names == ["plane", "ship"]
     images, _ = first_batch(splits, cfg)
@@ -161,14 +168,7 @@ def test_csv_images_map_class_names(compose, tmp_path):
 
 
 def test_csv_images_refuse_labels_unlike_the_others_and_read_a_bom(compose, tmp_path):
-    rng = np.random.default_rng(0)
-    lines = ["file,label"]
-    for i in range(8):
-        write_png(tmp_path / "img" / f"{i}.png", rng.integers(0, 256, (10, 10)))
-        lines.append(f"{i}.png,{i % 3}")
-    table = tmp_path / "labels.csv"
-    args = ["data=csv_images", f"data.dataset.root={tmp_path / 'img'}", f"data.dataset.csv={table}",
-            "data.image_size=[12,12]", "data.dataset.val_fraction=0.5"]
+    lines, table, args = csv_images(tmp_path, [i % 3 for i in range(8)])
     table.write_text("\n".join(lines), encoding="utf-8-sig")  # as Excel saves it
     _, splits = build_data(compose, *args)
     assert splits.class_names == ["0", "1", "2"]

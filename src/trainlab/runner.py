@@ -477,7 +477,7 @@ class EarlyStopping:
 
 # hyperparameters torch keeps in every optimizer's groups: the others tell optimizers apart
 _SHARED_OPTIMIZER_KEYS = {"lr", "weight_decay", "maximize", "foreach", "capturable",
-                          "differentiable", "fused", "decoupled_weight_decay", "initial_lr"}
+                          "differentiable", "fused", "decoupled_weight_decay"}
 
 
 def _check_same_optimizer(optimizer: torch.optim.Optimizer, saved: dict, path) -> None:
